@@ -1,0 +1,156 @@
+"""Parameters, FLOPs and memory of a model, counted from its config alone.
+
+Nothing is allocated, so a 46.7B-parameter model is inspected instantly. The counts equal
+``sum(p.numel() for p in model.parameters())`` of the built model (a test holds them to it).
+
+Active parameters follow the publishers' convention: everything a token touches, embedding
+and output matrices included, with k of E routed experts per MoE layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from moekit.config import ModelConfig
+from moekit.layers.mlp import first_proj_width
+
+CATEGORIES = ("embeddings", "lm_head", "attention", "norms", "dense_ffn", "router", "routed_experts", "shared_experts")
+BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "int4": 0.5}
+GPU_BYTES = 80e9  # an "80 GB" accelerator (A100/H100 80GB)
+
+
+@dataclass
+class ParamCount:
+    total: int
+    active: int
+    breakdown: dict[str, int] = field(default_factory=dict)  # total per category
+    active_breakdown: dict[str, int] = field(default_factory=dict)
+
+
+def ffn_params(d_model: int, d_ff: int, activation: str) -> int:
+    return d_model * first_proj_width(d_ff, activation) + d_ff * d_model
+
+
+def attention_params(cfg: ModelConfig) -> int:
+    hd, q_dim, kv_dim = cfg.resolved_head_dim, cfg.n_heads * cfg.resolved_head_dim, cfg.kv_heads * cfg.resolved_head_dim
+    n = cfg.d_model * (q_dim + 2 * kv_dim) + q_dim * cfg.d_model
+    if cfg.qkv_bias:
+        n += q_dim + 2 * kv_dim
+    if cfg.qk_norm == "head":
+        n += 2 * hd
+    elif cfg.qk_norm == "full":
+        n += q_dim + kv_dim
+    return n
+
+
+def _moe_layer_params(cfg: ModelConfig) -> dict[str, int]:
+    m = cfg.moe
+    router = m.num_experts * m.d_model * (2 if m.router == "noisy" else 1)
+    shared = ffn_params(m.d_model, m.shared_width, m.activation) if m.num_shared_experts else 0
+    if m.shared_expert_gate:
+        shared += m.d_model
+    return {
+        "router": router,
+        "routed_experts": m.num_experts * ffn_params(m.d_model, m.d_expert, m.activation),
+        "shared_experts": shared,
+    }
+
+
+def count_params(cfg: ModelConfig) -> ParamCount:
+    """Total and active parameters of ``cfg``, with a per-category breakdown."""
+    total = dict.fromkeys(CATEGORIES, 0)
+    total["embeddings"] = cfg.vocab_size * cfg.d_model
+    total["lm_head"] = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
+    total["norms"] = cfg.d_model * (2 * cfg.n_layers + 1)
+    total["attention"] = cfg.n_layers * attention_params(cfg)
+    n_moe = len(cfg.moe_layer_ids)
+    total["dense_ffn"] = (cfg.n_layers - n_moe) * ffn_params(cfg.d_model, cfg.d_ff, cfg.ffn_activation)
+    active = dict(total)
+    if n_moe:
+        for name, n in _moe_layer_params(cfg).items():
+            total[name] = n_moe * n
+        active.update(total)
+        active["routed_experts"] = total["routed_experts"] * cfg.moe.top_k // cfg.moe.num_experts
+    return ParamCount(sum(total.values()), sum(active.values()), total, active)
+
+
+def attended_context(cfg: ModelConfig, seq_len: int) -> float:
+    """Mean number of keys a query attends to over a causal sequence of ``seq_len`` tokens."""
+    w = cfg.sliding_window or seq_len
+    if w >= seq_len:
+        return (seq_len + 1) / 2
+    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Forward FLOPs per token: 2 per active matmul weight (the output projection counts even
+    when tied; the embedding lookup and norms do not), plus QK^T and AV at the mean causal
+    context of a ``seq_len`` sequence (default max_seq_len)."""
+    seq_len = seq_len or cfg.max_seq_len
+    a = count_params(cfg).active_breakdown
+    matmul_weights = a["attention"] + a["dense_ffn"] + a["router"] + a["routed_experts"] + a["shared_experts"]
+    matmul_weights += cfg.vocab_size * cfg.d_model
+    attn = 2 * 2 * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim * attended_context(cfg, seq_len)
+    return 2.0 * matmul_weights + attn
+
+
+def weight_bytes(n_params: int) -> dict[str, float]:
+    return {name: n_params * b for name, b in BYTES_PER_PARAM.items()}
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: float = 2.0) -> float:
+    return 2 * cfg.n_layers * cfg.kv_heads * cfg.resolved_head_dim * bytes_per_value
+
+
+def summary(cfg: ModelConfig, seq_len: int | None = None) -> dict:
+    """Everything ``moekit inspect`` prints, as plain data (JSON-ready)."""
+    pc = count_params(cfg)
+    seq_len = seq_len or cfg.max_seq_len
+    fwd = forward_flops_per_token(cfg, seq_len)
+    mem = weight_bytes(pc.total)
+    return {
+        "total_params": pc.total,
+        "active_params": pc.active,
+        "active_fraction": pc.active / pc.total,
+        "breakdown": pc.breakdown,
+        "active_breakdown": pc.active_breakdown,
+        "moe_layers": len(cfg.moe_layer_ids),
+        "n_layers": cfg.n_layers,
+        "seq_len": seq_len,
+        "forward_flops_per_token": fwd,
+        "train_flops_per_token": 3 * fwd,
+        "weight_bytes": mem,
+        "gpus_80gb_for_weights": {k: math.ceil(v / GPU_BYTES) for k, v in mem.items()},
+        "kv_cache_bytes_per_token_bf16": kv_cache_bytes_per_token(cfg),
+    }
+
+
+def human(n: float, unit: str = "") -> str:
+    for div, suffix in ((1e12, "T"), (1e9, "B" if not unit else "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def format_report(cfg: ModelConfig, name: str, seq_len: int | None = None) -> str:
+    s = summary(cfg, seq_len)
+    lines = [
+        f"{name}",
+        f"  total parameters   {human(s['total_params']):>10}  ({s['total_params']:,})",
+        f"  active per token   {human(s['active_params']):>10}  ({s['active_params']:,}, "
+        f"{100 * s['active_fraction']:.1f}% of total)",
+        f"  MoE layers         {s['moe_layers']:>10} of {s['n_layers']}",
+        "  breakdown                 total      active",
+    ]
+    for cat in CATEGORIES:
+        if s["breakdown"][cat]:
+            lines.append(f"    {cat:<18} {human(s['breakdown'][cat]):>10}  {human(s['active_breakdown'][cat]):>10}")
+    lines += [
+        f"  forward FLOPs/token {human(s['forward_flops_per_token']):>9}  (context {s['seq_len']}; "
+        f"training ~3x: {human(s['train_flops_per_token'])})",
+        "  weight memory      " + "  ".join(f"{k} {human(v, 'B')}" for k, v in s["weight_bytes"].items()),
+        "  80 GB GPUs (weights only) " + "  ".join(f"{k} {v}" for k, v in s["gpus_80gb_for_weights"].items()),
+        f"  KV cache per token {human(s['kv_cache_bytes_per_token_bf16'], 'B'):>10}  (bf16)",
+    ]
+    return "\n".join(lines)

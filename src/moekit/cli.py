@@ -1,0 +1,135 @@
+"""The ``moekit`` command line: each subcommand is a plain function of its parsed arguments.
+
+Bad input gives one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from moekit.config import ModelConfig
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def resolve_config(target: str) -> tuple[str, ModelConfig]:
+    """A preset name, a moekit config JSON, or a folder holding config.json -> (label, config)."""
+    from moekit.presets import PRESETS, get_preset
+
+    if target in PRESETS:
+        return target, get_preset(target)
+    path = Path(target)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        if path.suffix or "/" in target:
+            raise UsageError(f"no such file: {path}")
+        get_preset(target)  # raises the "unknown preset ..., known presets: ..." error
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"cannot read config {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} does not hold a JSON object")
+    return str(path), ModelConfig.from_dict(data)
+
+
+def cmd_inspect(args) -> int:
+    from moekit.accounting import format_report, summary
+
+    label, cfg = resolve_config(args.target)
+    if args.seq_len is not None and args.seq_len < 1:
+        raise UsageError(f"--seq-len must be >= 1, got {args.seq_len}")
+    if args.json:
+        print(json.dumps({"name": label, "config": cfg.to_dict(), **summary(cfg, args.seq_len)}, indent=2))
+    else:
+        print(format_report(cfg, label, args.seq_len))
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from moekit.accounting import count_params, human
+    from moekit.presets import PRESETS
+
+    for name, (desc, make) in PRESETS.items():
+        pc = count_params(make())
+        print(f"{name:<20} {human(pc.total):>8} total {human(pc.active):>8} active  {desc}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Inspect a preset, then run a few forward/backward/AdamW steps on random tokens."""
+    import torch
+
+    from moekit.accounting import format_report
+    from moekit.model import MoETransformer, lm_loss
+
+    label, cfg = resolve_config(args.preset)
+    print(format_report(cfg, label, args.seq_len))
+    torch.manual_seed(args.seed)
+    model = MoETransformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    seq = min(args.seq_len or 128, cfg.max_seq_len)
+    tokens = torch.randint(0, cfg.vocab_size, (args.batch_size, seq + 1))
+    print(f"\n{args.steps} forward/backward steps, batch {args.batch_size} x {seq} random tokens:")
+    for step in range(1, args.steps + 1):
+        t0 = time.perf_counter()
+        out = model(tokens[:, :-1])
+        loss = lm_loss(out, tokens[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.total.backward()
+        opt.step()
+        model.update_expert_bias()
+        dt = time.perf_counter() - t0
+        print(f"  step {step}: lm loss {loss.lm.item():.4f}  aux {loss.aux.item():.5f}  "
+              f"{args.batch_size * seq / dt:,.0f} tokens/s")
+    for i, s in enumerate(model.routing_stats()):
+        print(f"  MoE layer {i}: tokens/expert {s.tokens_per_expert.tolist()}  max_violation {s.max_violation:.2f}  "
+              f"entropy {s.router_entropy:.3f}  dead {s.dead_experts}  dropped {s.dropped_fraction:.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="moekit", description="Build, inspect, train and analyze Mixture-of-Experts language models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("inspect", help="total vs active parameters, FLOPs per token and memory of a model")
+    s.add_argument("target", help="a preset name (see `moekit presets`), a config JSON, or a folder with config.json")
+    s.add_argument("--seq-len", type=int, default=None, help="context length for attention FLOPs (default: max_seq_len)")
+    s.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("presets", help="list the named presets with their sizes")
+    s.set_defaults(func=cmd_presets)
+
+    s = sub.add_parser("demo", help="inspect a preset and run a short forward/backward demo")
+    s.add_argument("--preset", default="tiny-moe", help="preset to build (default: tiny-moe)")
+    s.add_argument("--steps", type=int, default=5, help="optimizer steps (default: 5)")
+    s.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
+    s.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"moekit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moekit: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,258 @@
+"""Typed, validated configs for the MoE layer and the decoder model.
+
+Configs are plain data (no devices, no callables), validated in ``__post_init__`` so a bad
+value fails where it is written, with a ``ValueError`` naming the field. They round-trip
+through ``to_dict``/``from_dict`` (and so through JSON).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+ROUTERS = ("softmax", "noisy", "sigmoid", "expert_choice")
+ACTIVATIONS = ("swiglu", "gelu", "relu")
+QK_NORMS = ("head", "full")
+
+
+def _check_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_float(name: str, value: Any, minimum: float = 0.0, *, strict: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        op = ">" if strict else ">="
+        raise ValueError(f"{name} must be {op} {minimum}, got {value}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+    return cls(**data)
+
+
+@dataclass
+class MoEConfig:
+    """One mixture-of-experts feed-forward layer: router, experts, balancing."""
+
+    d_model: int
+    d_expert: int  # hidden width of one routed expert (fine-grained experts: just make it small)
+    num_experts: int
+    top_k: int = 2  # experts per token; for expert_choice, the average experts per token
+    router: str = "softmax"  # softmax | noisy (Shazeer 2017) | sigmoid (DeepSeek-V3) | expert_choice
+    activation: str = "swiglu"  # swiglu | gelu | relu
+    # Renormalize the k chosen weights to sum to 1. None picks the published convention:
+    # yes for top_k > 1 (Mixtral); no for top_k == 1, where Switch scales the output by the
+    # chosen probability (renormalizing would make it a constant 1 and cut the router's gradient).
+    norm_topk_prob: bool | None = None
+    routed_scaling_factor: float = 1.0  # DeepSeek-V3 multiplies the routed output by 2.5
+    num_groups: int = 1  # group-limited routing (DeepSeek-V3 n_group): experts in equal groups
+    topk_groups: int = 1  # ...of which each token may use the best topk_groups
+    num_shared_experts: int = 0  # always-on experts (DeepSeekMoE); computed as one dense FFN
+    d_shared: int | None = None  # that FFN's width; default num_shared_experts * d_expert
+    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x . w) scales the shared output
+    # Per-expert capacity = ceil(cf * tokens * top_k / num_experts); None = dropless.
+    # expert_choice needs a capacity: None means 1.0 there (same compute as token-choice top-k).
+    capacity_factor: float | None = None
+    router_jitter: float = 0.0  # multiplicative U(1-eps, 1+eps) noise on the router input (Switch)
+    load_balance_coef: float = 0.01  # Switch aux loss; 0.01 in Switch, 0.02 in Mixtral
+    seq_balance_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss (they use 1e-4)
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss (they use 1e-3)
+    # Auxiliary-loss-free balancing (Wang et al. 2024): bias += rate * sign(mean_load - load).
+    # The bias exists for the sigmoid router always (DeepSeek-V3's e_score_correction_bias)
+    # and for softmax/noisy when rate > 0; the rate DeepSeek-V3 used is 0.001.
+    bias_update_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_expert", "num_experts", "top_k", "num_groups", "topk_groups"):
+            _check_int(name, getattr(self, name))
+        _check_int("num_shared_experts", self.num_shared_experts, minimum=0)
+        _check_choice("router", self.router, ROUTERS)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        if self.norm_topk_prob is not None:
+            _check_bool("norm_topk_prob", self.norm_topk_prob)
+        _check_bool("shared_expert_gate", self.shared_expert_gate)
+        _check_float("routed_scaling_factor", self.routed_scaling_factor, 0.0, strict=True)
+        if self.capacity_factor is not None:
+            _check_float("capacity_factor", self.capacity_factor, 0.0, strict=True)
+        _check_float("router_jitter", self.router_jitter)
+        if self.router_jitter >= 1.0:
+            raise ValueError(f"router_jitter must be < 1, got {self.router_jitter}")
+        for name in ("load_balance_coef", "seq_balance_coef", "z_loss_coef", "bias_update_rate"):
+            _check_float(name, getattr(self, name))
+        self._validate_groups()
+        self._validate_shared()
+        if self.router == "expert_choice" and self.bias_update_rate > 0:
+            raise ValueError("bias_update_rate must be 0 for router='expert_choice' (balanced by construction)")
+
+    def _validate_groups(self) -> None:
+        if self.num_groups == 1:
+            if self.topk_groups != 1:
+                raise ValueError(f"topk_groups ({self.topk_groups}) needs num_groups > 1")
+            return
+        if self.router == "expert_choice":
+            raise ValueError("num_groups > 1 (group-limited routing) does not apply to router='expert_choice'")
+        if self.num_experts % self.num_groups:
+            raise ValueError(f"num_groups ({self.num_groups}) must divide num_experts ({self.num_experts})")
+        if self.num_experts // self.num_groups < 2:
+            raise ValueError("num_groups must leave at least 2 experts per group (a group scores by its top 2)")
+        if self.topk_groups > self.num_groups:
+            raise ValueError(f"topk_groups ({self.topk_groups}) must be <= num_groups ({self.num_groups})")
+        if self.top_k > self.topk_groups * self.group_size:
+            raise ValueError(
+                f"top_k ({self.top_k}) must be <= topk_groups * experts per group "
+                f"({self.topk_groups} * {self.group_size})"
+            )
+
+    def _validate_shared(self) -> None:
+        if self.d_shared is not None:
+            _check_int("d_shared", self.d_shared)
+            if self.num_shared_experts == 0:
+                raise ValueError("d_shared is set but num_shared_experts is 0")
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            raise ValueError("shared_expert_gate needs num_shared_experts >= 1")
+
+    @property
+    def group_size(self) -> int:
+        return self.num_experts // self.num_groups
+
+    @property
+    def renormalize(self) -> bool:
+        return self.top_k > 1 if self.norm_topk_prob is None else self.norm_topk_prob
+
+    @property
+    def shared_width(self) -> int:
+        if self.num_shared_experts == 0:
+            return 0
+        return self.d_shared if self.d_shared is not None else self.num_shared_experts * self.d_expert
+
+    @property
+    def has_selection_bias(self) -> bool:
+        return self.router == "sigmoid" or self.bias_update_rate > 0
+
+    @property
+    def effective_capacity_factor(self) -> float | None:
+        if self.router == "expert_choice" and self.capacity_factor is None:
+            return 1.0
+        return self.capacity_factor
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MoEConfig":
+        return _from_dict(cls, data)
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer whose FFNs are dense or MoE, chosen per layer."""
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads (plain MHA)
+    head_dim: int | None = None  # None = d_model // n_heads
+    d_ff: int = 1024  # hidden width of the dense FFN (dense layers, and the whole dense model)
+    ffn_activation: str = "swiglu"  # dense FFN activation
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 family
+    qk_norm: str | None = None  # RMSNorm on q and k: "head" (per head, Qwen3) or "full" (OLMoE)
+    sliding_window: int | None = None  # Mistral/Mixtral local attention; None = full causal
+    moe: MoEConfig | None = None  # None: a dense model, same class, equal footing
+    moe_every: int = 1  # layer i is MoE when (i + 1) % moe_every == 0 (Qwen decoder_sparse_step)
+    first_dense_layers: int = 0  # DeepSeek-V3 first_k_dense_replace
+    dense_layers: tuple[int, ...] = ()  # explicit dense layers (Qwen mlp_only_layers)
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig.from_dict(self.moe)
+        self.dense_layers = tuple(self.dense_layers)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "moe_every"):
+            _check_int(name, getattr(self, name))
+        _check_int("first_dense_layers", self.first_dense_layers, minimum=0)
+        _check_choice("ffn_activation", self.ffn_activation, ACTIVATIONS)
+        _check_float("rope_theta", self.rope_theta, 0.0, strict=True)
+        _check_float("norm_eps", self.norm_eps, 0.0, strict=True)
+        _check_float("init_std", self.init_std, 0.0, strict=True)
+        _check_bool("tie_embeddings", self.tie_embeddings)
+        _check_bool("qkv_bias", self.qkv_bias)
+        if self.qk_norm is not None:
+            _check_choice("qk_norm", self.qk_norm, QK_NORMS)
+        if self.sliding_window is not None:
+            _check_int("sliding_window", self.sliding_window)
+        self._validate_heads()
+        if self.moe is not None and self.moe.d_model != self.d_model:
+            raise ValueError(f"moe.d_model ({self.moe.d_model}) must equal d_model ({self.d_model})")
+        for i in self.dense_layers:
+            _check_int("dense_layers entry", i, minimum=0)
+            if i >= self.n_layers:
+                raise ValueError(f"dense_layers entry {i} is out of range for n_layers={self.n_layers}")
+
+    def _validate_heads(self) -> None:
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        else:
+            _check_int("head_dim", self.head_dim)
+        if self.n_kv_heads is not None:
+            _check_int("n_kv_heads", self.n_kv_heads)
+            if self.n_heads % self.n_kv_heads:
+                raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        if self.resolved_head_dim % 2:
+            raise ValueError(f"head_dim ({self.resolved_head_dim}) must be even for rotary embeddings")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        if self.moe is None or i < self.first_dense_layers or i in self.dense_layers:
+            return False
+        return (i + 1) % self.moe_every == 0
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["dense_layers"] = list(self.dense_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, dict(data))
+
+
+__all__ = ["MoEConfig", "ModelConfig", "ROUTERS", "ACTIVATIONS", "QK_NORMS"]

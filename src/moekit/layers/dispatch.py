@@ -1,0 +1,117 @@
+"""Dispatch and combine: group routed slots by expert, enforce capacity, scatter results back.
+
+Shape legend: T tokens, D model dim, E experts, K experts per token, C tokens per expert
+(expert choice), N routed slots (T*K for token choice, E*C for expert choice), M kept slots
+(N minus padding and capacity drops).
+
+One sort puts every slot of expert 0 first, then expert 1, ...; the experts then see one
+contiguous slice each, and combine is a single weighted ``index_add``. No loop over tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from moekit.layers.routers import RouterOutput
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Everything combine needs, and the routing counts the statistics report."""
+
+    token_ids: torch.Tensor  # [M] int64 token of each kept slot, grouped by expert in order
+    weights: torch.Tensor  # [M] fp32 combine weight of each kept slot
+    counts: torch.Tensor  # [E] int64 kept slots per expert: the experts' slice lengths
+    routed_counts: torch.Tensor  # [E] int64 slots of real tokens routed per expert, before capacity
+    num_dropped: int  # token choice: slots over capacity; expert choice: tokens no expert took
+    num_routed: int  # token choice: slots of real tokens; expert choice: real tokens
+    capacity: int | None  # per-expert capacity in slots, None when dropless
+
+
+def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
+    """ceil(cf * tokens * k / experts) slots per expert (GShard; Switch Transformer eq. 3)."""
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def plan_dispatch(
+    r: RouterOutput, num_experts: int, capacity_factor: float | None, valid_T: torch.Tensor | None = None
+) -> DispatchPlan:
+    if r.expert_choice:
+        return _plan_expert_choice(r, num_experts, valid_T)
+    return _plan_token_choice(r, num_experts, capacity_factor, valid_T)
+
+
+def _plan_token_choice(
+    r: RouterOutput, E: int, capacity_factor: float | None, valid_T: torch.Tensor | None
+) -> DispatchPlan:
+    T, K = r.ids.shape
+    expert_N = r.ids.reshape(-1)  # [N], slot n belongs to token n // K
+    if valid_T is not None:
+        # Padding goes to a sentinel expert E: sorted last, never computed, never counted.
+        expert_N = expert_N.masked_fill(~valid_T.repeat_interleave(K), E)
+    routed_counts = torch.bincount(expert_N, minlength=E + 1)[:E]  # [E]
+    num_routed = int(routed_counts.sum())
+    if capacity_factor is None:
+        order = torch.argsort(expert_N, stable=True)[:num_routed]  # [M]
+        counts, capacity = routed_counts, None
+    else:
+        n_valid = T if valid_T is None else int(valid_T.sum())
+        capacity = expert_capacity(capacity_factor, n_valid, K, E)
+        order = _keep_within_capacity(expert_N, r.scores.reshape(-1), routed_counts, capacity, E)
+        counts = torch.clamp(routed_counts, max=capacity)
+    return DispatchPlan(
+        token_ids=order // K,
+        weights=r.weights.reshape(-1)[order],
+        counts=counts,
+        routed_counts=routed_counts,
+        num_dropped=num_routed - int(counts.sum()),
+        num_routed=num_routed,
+        capacity=capacity,
+    )
+
+
+def _keep_within_capacity(
+    expert_N: torch.Tensor, score_N: torch.Tensor, routed_counts: torch.Tensor, capacity: int, E: int
+) -> torch.Tensor:
+    """Slot indices grouped by expert, each expert keeping its ``capacity`` highest-scoring
+    slots (overflow is dropped by lowest router score, as in V-MoE's batch priority routing)."""
+    by_score = torch.argsort(score_N, descending=True)  # [N]
+    order = by_score[torch.argsort(expert_N[by_score], stable=True)]  # [N] by expert, then score
+    expert_sorted = expert_N[order]
+    starts = torch.cumsum(routed_counts, 0) - routed_counts  # [E] first position of each expert
+    starts = torch.cat([starts, starts.new_zeros(1)])  # sentinel E: rank irrelevant, masked below
+    rank = torch.arange(order.numel(), device=order.device) - starts[expert_sorted]
+    keep = (rank < capacity) & (expert_sorted < E)
+    return order[keep]
+
+
+def _plan_expert_choice(r: RouterOutput, E: int, valid_T: torch.Tensor | None) -> DispatchPlan:
+    _, C = r.ids.shape
+    T = r.probs.shape[0]
+    token_ids = r.ids.reshape(-1)  # [E*C], already grouped by expert
+    counts = torch.full((E,), C, dtype=torch.int64, device=token_ids.device)
+    taken = torch.zeros(T, dtype=torch.bool, device=token_ids.device)
+    taken[token_ids] = True
+    n_valid = T if valid_T is None else int(valid_T.sum())
+    return DispatchPlan(
+        token_ids=token_ids,
+        weights=r.weights.reshape(-1),
+        counts=counts,
+        routed_counts=counts,
+        num_dropped=n_valid - int(taken.sum()),
+        num_routed=n_valid,
+        capacity=C,
+    )
+
+
+def combine(y_MD: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
+    """Weighted scatter-add of expert outputs back to token order: [M, D] -> [T, D] in fp32.
+
+    Accumulating in fp32 keeps a token's k contributions from rounding against each other in
+    bf16. A token with no kept slot gets zeros: the residual stream carries it.
+    """
+    out_TD = y_MD.new_zeros(num_tokens, y_MD.shape[-1], dtype=torch.float32)
+    return out_TD.index_add_(0, plan.token_ids, y_MD.float() * plan.weights[:, None])

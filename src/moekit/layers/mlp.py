@@ -1,0 +1,41 @@
+"""The dense feed-forward block: SwiGLU (Shazeer 2020) by default, GELU or ReLU FFN as options."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """Apply the FFN nonlinearity to the first projection's output.
+
+    For swiglu, h holds [gate | up] along the last dim and the result is silu(gate) * up, half as wide.
+    """
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "relu":
+        return F.relu(h)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def first_proj_width(d_ff: int, activation: str) -> int:
+    """Output width of the first projection: gate and up fused for swiglu."""
+    return 2 * d_ff if activation == "swiglu" else d_ff
+
+
+class MLP(nn.Module):
+    """x -> down(act(up(x))). For swiglu the gate and up projections are one fused weight."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu"):
+        super().__init__()
+        self.activation = activation
+        self.w_in = nn.Linear(d_model, first_proj_width(d_ff, activation), bias=False)
+        self.w_out = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Compute in the input's dtype, as the routed experts do, so a bf16 activation meets
+        # fp32 master weights without autocast (a no-op when the dtypes already agree).
+        h = F.linear(x, self.w_in.weight.to(x.dtype))
+        return F.linear(activate(h, self.activation), self.w_out.weight.to(x.dtype))

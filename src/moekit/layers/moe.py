@@ -1,0 +1,141 @@
+"""The MoE feed-forward layer: router -> dispatch -> experts -> combine (+ shared experts).
+
+Shape legend: B batch, S sequence, T = B*S tokens, D model dim, E experts, K experts per
+token, M kept slots (sorted by expert).
+
+    x [B, S, D] -> x_TD [T, D]
+    1. router:   x_TD -> RouterOutput (logits/probs [T, E], choices [T, K] or [E, C])
+    2. dispatch: choices -> DispatchPlan (slots grouped by expert, capacity applied)
+    3. experts:  x_TD[plan.token_ids] [M, D] -> y_MD [M, D], one contiguous slice per expert
+    4. combine:  y_MD * weights, index_add -> [T, D]; + shared experts; -> [B, S, D]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moekit.config import MoEConfig
+from moekit.layers.dispatch import DispatchPlan, combine, plan_dispatch
+from moekit.layers.experts import Experts
+from moekit.layers.mlp import MLP
+from moekit.layers.routers import Router, RouterOutput
+from moekit.losses import router_z_loss, sequence_balance_loss, switch_load_balancing_loss
+
+
+@dataclass
+class RoutingStats:
+    """Routing statistics of one forward, over real (non-padding) tokens."""
+
+    tokens_per_expert: torch.Tensor  # [E] int64 slots routed to each expert, before capacity
+    dropped_fraction: float  # routed slots dropped by capacity (expert choice: tokens no expert took)
+    max_violation: float  # max load / mean load - 1 (0 = perfectly balanced)
+    router_entropy: float  # mean entropy of the per-token expert distribution, nats (max ln E)
+    dead_experts: int  # experts that received no token
+    num_tokens: int  # real tokens routed
+    losses: dict[str, float] = field(default_factory=dict)  # unweighted balancing losses
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "tokens_per_expert"}
+        d["tokens_per_expert"] = self.tokens_per_expert.tolist()
+        return d
+
+
+class MoELayer(nn.Module):
+    """A sparse FFN: each token goes to a few of ``num_experts`` experts (see ``MoEConfig``).
+
+    ``forward(x, padding_mask=None)`` maps [B, S, D] to [B, S, D] in x's dtype. After each
+    forward, ``aux_loss`` holds the weighted balancing losses (a scalar tensor in the graph;
+    add it to the training loss) and ``last_stats`` the ``RoutingStats``.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg)
+        self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_expert, cfg.activation)
+        if cfg.num_shared_experts:
+            self.shared = MLP(cfg.d_model, cfg.shared_width, cfg.activation)
+            if cfg.shared_expert_gate:
+                self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False)
+        self.aux_loss = torch.zeros(())
+        self.last_stats: RoutingStats | None = None
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, S, D = x.shape
+        x_TD = x.reshape(B * S, D)
+        valid_T = None if padding_mask is None else padding_mask.reshape(B * S).bool()
+        r = self.router(x_TD, valid_T)
+        plan = plan_dispatch(r, self.cfg.num_experts, self.cfg.effective_capacity_factor, valid_T)
+        y_MD = self.experts(x_TD[plan.token_ids], plan.counts)
+        out_TD = combine(y_MD, plan, B * S)  # [T, D] fp32
+        if self.cfg.num_shared_experts:
+            out_TD = out_TD + self._shared_forward(x_TD)
+        self.aux_loss, losses = self._aux_loss(r, B, S, valid_T)
+        self.last_stats = routing_stats(r, plan, valid_T, losses)
+        if self.training:
+            self.router.record_load(plan.routed_counts)
+        return out_TD.to(x.dtype).view(B, S, D)
+
+    def _shared_forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        y = self.shared(x_TD)
+        if self.cfg.shared_expert_gate:
+            gate = x_TD @ self.shared_gate.weight.to(x_TD.dtype).t()  # [T, 1]
+            y = torch.sigmoid(gate) * y  # Qwen2-MoE's gate on the shared expert
+        return y.float()
+
+    def _aux_loss(
+        self, r: RouterOutput, B: int, S: int, valid_T: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.cfg
+        total = r.logits.new_zeros(())
+        losses: dict[str, float] = {}
+        token_choice = not r.expert_choice  # expert choice is balanced by construction
+        if cfg.load_balance_coef > 0 and token_choice:
+            lb = switch_load_balancing_loss(r.probs, r.ids, valid_T)
+            total, losses["load_balance"] = total + cfg.load_balance_coef * lb, lb.item()
+        if cfg.seq_balance_coef > 0 and token_choice:
+            valid_BS = None if valid_T is None else valid_T.view(B, S)
+            sb = sequence_balance_loss(r.probs.view(B, S, -1), r.ids.view(B, S, -1), valid_BS)
+            total, losses["seq_balance"] = total + cfg.seq_balance_coef * sb, sb.item()
+        if cfg.z_loss_coef > 0:
+            z = router_z_loss(r.logits, valid_T)
+            total, losses["z_loss"] = total + cfg.z_loss_coef * z, z.item()
+        return total, losses
+
+    def update_expert_bias(self) -> None:
+        """Aux-loss-free balancing step; the trainer calls it once per optimizer step."""
+        self.router.update_bias()
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        self.router.reset_parameters(std)
+        self.experts.reset_parameters(std, out_std)
+        if self.cfg.num_shared_experts:
+            nn.init.normal_(self.shared.w_in.weight, std=std)
+            nn.init.normal_(self.shared.w_out.weight, std=out_std)
+            if self.cfg.shared_expert_gate:
+                nn.init.normal_(self.shared_gate.weight, std=std)
+
+
+@torch.no_grad()
+def routing_stats(
+    r: RouterOutput, plan: DispatchPlan, valid_T: torch.Tensor | None, losses: dict[str, float]
+) -> RoutingStats:
+    load = plan.routed_counts.float()  # [E]
+    mean = load.mean()
+    probs = r.probs if valid_T is None else r.probs[valid_T]  # [T_real, E]
+    entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).mean() if probs.numel() else probs.new_zeros(())
+    return RoutingStats(
+        tokens_per_expert=plan.routed_counts.detach().cpu(),
+        dropped_fraction=plan.num_dropped / max(plan.num_routed, 1),
+        max_violation=float(load.max() / mean - 1) if mean > 0 else 0.0,
+        router_entropy=float(entropy),
+        dead_experts=int((plan.routed_counts == 0).sum()),
+        num_tokens=int(probs.shape[0]),
+        losses=losses,
+    )
+
+
+__all__ = ["MoELayer", "RoutingStats", "routing_stats"]

@@ -1,0 +1,91 @@
+"""Named model configs, looked up by exact name.
+
+The tiny presets train on 2 CPU cores in minutes and are matched on active parameters per
+token (every one spends 1024 FFN hidden units per token per layer), so comparisons between
+them are at equal compute. The full-size presets carry published architectures' numbers
+(from their config.json files) for accounting; moekit can build them, given the memory.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from moekit.config import MoEConfig, ModelConfig
+
+_TINY = dict(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256)
+
+
+def _tiny_moe(**moe) -> ModelConfig:
+    return ModelConfig(**_TINY, moe=MoEConfig(d_model=256, z_loss_coef=1e-3, **moe))
+
+
+PRESETS: dict[str, tuple[str, Callable[[], ModelConfig]]] = {
+    "tiny-moe": (
+        "4 layers, d_model 256, 8 experts of 512 top-2 (Mixtral-style)",
+        lambda: _tiny_moe(d_expert=512, num_experts=8, top_k=2),
+    ),
+    "tiny-dense": (
+        "tiny-moe's dense twin: same active parameters per token (FFN 1024)",
+        lambda: ModelConfig(**_TINY, d_ff=1024),
+    ),
+    "tiny-fine": (
+        "fine-grained: 32 experts of 128 top-6 plus 2 shared (DeepSeekMoE-style), tiny-moe's active and total size",
+        lambda: _tiny_moe(d_expert=128, num_experts=32, top_k=6, num_shared_experts=2),
+    ),
+    "tiny-switch": (
+        "Switch-style: 8 experts of 1024 top-1, capacity factor 1.25",
+        lambda: _tiny_moe(d_expert=1024, num_experts=8, top_k=1, capacity_factor=1.25),
+    ),
+    "mixtral-8x7b": (
+        "Mixtral 8x7B (Jiang et al. 2024): 46.7B total, 12.9B active",
+        lambda: ModelConfig(
+            vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, max_seq_len=32768,
+            rope_theta=1e6, moe=MoEConfig(d_model=4096, d_expert=14336, num_experts=8, top_k=2, load_balance_coef=0.02),
+        ),
+    ),
+    "mixtral-8x22b": (
+        "Mixtral 8x22B: 141B total, 39B active",
+        lambda: ModelConfig(
+            vocab_size=32768, d_model=6144, n_layers=56, n_heads=48, n_kv_heads=8, max_seq_len=65536,
+            rope_theta=1e6, moe=MoEConfig(d_model=6144, d_expert=16384, num_experts=8, top_k=2, load_balance_coef=0.001),
+        ),
+    ),
+    "qwen1.5-moe-a2.7b": (
+        "Qwen1.5-MoE-A2.7B: 60 experts top-4 plus a gated shared expert; 14.3B total, 2.7B active",
+        lambda: ModelConfig(
+            vocab_size=151936, d_model=2048, n_layers=24, n_heads=16, d_ff=5632, max_seq_len=8192,
+            rope_theta=1e6, norm_eps=1e-6, qkv_bias=True,
+            moe=MoEConfig(
+                d_model=2048, d_expert=1408, num_experts=60, top_k=4, norm_topk_prob=False,
+                num_shared_experts=1, d_shared=5632, shared_expert_gate=True, load_balance_coef=0.001,
+            ),
+        ),
+    ),
+    "olmoe-1b-7b": (
+        "OLMoE-1B-7B: 64 experts top-8, QK-norm; 6.9B total, 1.3B active",
+        lambda: ModelConfig(
+            vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, d_ff=1024, max_seq_len=4096,
+            qk_norm="full",
+            moe=MoEConfig(
+                d_model=2048, d_expert=1024, num_experts=64, top_k=8, norm_topk_prob=False,
+                load_balance_coef=0.01, z_loss_coef=0.001,
+            ),
+        ),
+    ),
+}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def get_preset(name: str) -> ModelConfig:
+    """The config of preset ``name``; a ValueError listing the known names otherwise."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name][1]()
+
+
+def describe_preset(name: str) -> str:
+    get_preset(name)  # validates the name
+    return PRESETS[name][0]

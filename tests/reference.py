@@ -1,0 +1,51 @@
+"""Plain, obviously-correct references the fast paths are tested against.
+
+The per-expert loop below re-derives the MoE layer's output from the router's decisions with
+masks (as transformers' Mixtral reference does): no sorting, no dispatch plan, no shared code
+with moekit's dispatch or combine.
+"""
+
+import math
+
+import torch
+
+from moekit.layers.mlp import activate
+
+
+def expert_ffn(layer, e, x):
+    w_in, w_out = layer.experts.w_in[e].to(x.dtype), layer.experts.w_out[e].to(x.dtype)
+    return activate(x @ w_in, layer.cfg.activation) @ w_out
+
+
+def reference_moe(layer, x, padding_mask=None):
+    """Loop over experts; for each, find its tokens by mask, apply capacity by score, add."""
+    cfg = layer.cfg
+    B, S, D = x.shape
+    x_TD = x.reshape(B * S, D)
+    valid = None if padding_mask is None else padding_mask.reshape(-1).bool()
+    r = layer.router(x_TD, valid)
+    out = torch.zeros(B * S, D, dtype=torch.float32)
+    n_valid = B * S if valid is None else int(valid.sum())
+    for e in range(cfg.num_experts):
+        if r.expert_choice:
+            tok, w = r.ids[e], r.weights[e]
+        else:
+            tok, kpos = torch.where(r.ids == e)
+            if valid is not None:
+                keep = valid[tok]
+                tok, kpos = tok[keep], kpos[keep]
+            w, score = r.weights[tok, kpos], r.scores[tok, kpos]
+            cf = cfg.capacity_factor
+            if cf is not None:
+                cap = math.ceil(cf * n_valid * cfg.top_k / cfg.num_experts)
+                best = torch.argsort(score, descending=True)[:cap]
+                tok, w = tok[best], w[best]
+        for t, wt in zip(tok.tolist(), w):
+            out[t] += wt * expert_ffn(layer, e, x_TD[t : t + 1])[0].float()
+    if cfg.num_shared_experts:
+        sw_in, sw_out = layer.shared.w_in.weight.to(x.dtype), layer.shared.w_out.weight.to(x.dtype)
+        y = activate(x_TD @ sw_in.t(), cfg.activation) @ sw_out.t()
+        if cfg.shared_expert_gate:
+            y = torch.sigmoid(x_TD @ layer.shared_gate.weight.to(x.dtype).t()) * y
+        out = out + y.float()
+    return out.to(x.dtype).view(B, S, D), r

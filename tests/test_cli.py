@@ -1,0 +1,72 @@
+"""The command line: numbers out, one-line errors with exit status 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moekit.cli import main
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moekit", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_inspect_preset_prints_published_numbers(capsys):
+    assert main(["inspect", "mixtral-8x7b"]) == 0
+    out = capsys.readouterr().out
+    assert "46.70B" in out and "12.88B" in out and "routed_experts" in out
+
+
+def test_inspect_json(capsys):
+    assert main(["inspect", "olmoe-1b-7b", "--json", "--seq-len", "2048"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["seq_len"] == 2048 and 6.9e9 < data["total_params"] < 6.95e9
+    assert data["gpus_80gb_for_weights"]["fp32"] == 1
+
+
+def test_inspect_config_file(tmp_path, capsys):
+    from moekit import get_preset
+
+    (tmp_path / "config.json").write_text(json.dumps(get_preset("tiny-fine").to_dict()))
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "shared_experts" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["inspect", "tiny-mo"], "unknown preset 'tiny-mo'; known presets: tiny-moe"),
+        (["inspect", "/no/such/config.json"], "no such file"),
+        (["inspect", "tiny-moe", "--seq-len", "0"], "--seq-len"),
+        (["inspect"], "the following arguments are required: target"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, needle):
+    p = run(*args)
+    assert p.returncode == 2
+    assert needle in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+def test_invalid_config_file_names_the_field(tmp_path):
+    bad = dict(d_model=64, n_heads=5)
+    (tmp_path / "c.json").write_text(json.dumps(bad))
+    p = run("inspect", str(tmp_path / "c.json"))
+    assert p.returncode == 2 and "d_model (64) must be divisible by n_heads (5)" in p.stderr
+
+
+def test_presets_lists_every_preset(capsys):
+    from moekit import preset_names
+
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in preset_names())
+
+
+def test_demo_runs(capsys):
+    assert main(["demo", "--steps", "2", "--batch-size", "2", "--seq-len", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "step 2" in out and "MoE layer 3" in out
