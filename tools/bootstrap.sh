@@ -26,7 +26,10 @@ fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 
 if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
-    if "${pip[@]}" install -q --no-index "$torch_local" >/dev/null 2>&1; then
+    # --no-index: only a wheel on this disk (pip's find-links) may satisfy it; its own
+    # dependencies then come from the index as usual.
+    if "${pip[@]}" install -q --no-index --no-deps "$torch_local" >/dev/null 2>&1; then
+        "${pip[@]}" install -q "$torch_local"
         echo "bootstrap: installed $torch_local from the local wheel"
     elif command -v nvidia-smi >/dev/null 2>&1; then
         "${pip[@]}" install -q "torch>=2.6"
