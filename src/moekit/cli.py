@@ -12,10 +12,7 @@ import time
 from pathlib import Path
 
 from moekit.config import ModelConfig
-
-
-class UsageError(Exception):
-    """A user mistake: printed as one line, exit status 2."""
+from moekit.errors import UsageError
 
 
 class _Parser(argparse.ArgumentParser):
