@@ -229,7 +229,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, run_dir: str | Path, *, resu
     status "interrupted"): for schedules split over sessions, and for tests of resume.
     Raises ``UsageError`` for bad input and ``NonFiniteLossError`` if training diverges.
     """
-    console = console or Console()
+    console = console or Console(soft_wrap=True)  # long paths stay on one line in logs
     run_dir = Path(run_dir)
     if not resume and (run_dir / "checkpoints").exists():
         raise UsageError(f"{run_dir} already holds a run: resume it with --resume {run_dir}, or choose another --out")
@@ -237,7 +237,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, run_dir: str | Path, *, resu
 
     # 1. Data, model, optimizer; on resume, the run's tokenizer and last checkpoint.
     saved_tok = load_tokenizer(run_dir / TOKENIZER_FILE) if resume else None
-    data = prepare_data(cfg.data, cfg.cache_dir, tokenizer=saved_tok, log=console.print)
+    say = lambda text: console.print(text, markup=False, highlight=False)  # noqa: E731  (paths may hold [ ])
+    data = prepare_data(cfg.data, cfg.cache_dir, tokenizer=saved_tok, log=say)
     check_length(data, cfg.seq_len)
     model_cfg = fit_model_config(model_cfg, data.tokenizer, cfg.seq_len)
     torch.manual_seed(cfg.seed)
@@ -251,11 +252,11 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, run_dir: str | Path, *, resu
         _set_rng_state(saved["rng"], device)
         state = RunState(**saved["run"])
         ckpt_step = state.step
-        console.print(f"resuming {run_dir} from step {state.step} ({last_ckpt.name})")
+        say(f"resuming {run_dir} from step {state.step} ({last_ckpt.name})")
     write_run_files(run_dir, cfg, model_cfg, data.tokenizer)
     val_batches = validation_batches(data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
     log = MetricsLog(run_dir, resume_step=state.step if resume else None)
-    console.print(f"training {model.num_params() / 1e6:.1f}M parameters on {device}, "
+    say(f"training {model.num_params() / 1e6:.1f}M parameters on {device}, "
                   f"{cfg.tokens_per_step:,} tokens/step, into {run_dir}")
 
     # 2. The loop.
@@ -339,7 +340,8 @@ def _print_summary(console: Console, r: TrainResult, plot: Path) -> None:
     if r.routing:
         console.print(routing_table(r.routing))
     if r.status == "interrupted":
-        console.print(f"interrupted at step {r.step}; resume with: moekit train --resume {r.run_dir}")
+        console.print(f"interrupted at step {r.step}; resume with: moekit train --resume {r.run_dir}",
+                      markup=False, highlight=False)
 
 
 def resume_run(run_dir: str | Path, overrides: dict | None = None, console: Console | None = None,

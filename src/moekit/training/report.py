@@ -11,6 +11,7 @@ from typing import Sequence
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from moekit.training.metrics import LayerRouting
 
@@ -43,10 +44,7 @@ class Reporter:
         if self._progress is not None:
             self._progress.update(self._task, completed=rec["step"], info=info)
         elif rec["step"] % self.log_every == 0:
-            self.console.print(f"step {rec['step']:>6}  {info}  lr {rec['lr']:.2e}", highlight=False)
-
-    def print(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+            self.console.print(f"step {rec['step']:>6}  {info}  lr {rec['lr']:.2e}", highlight=False, markup=False)
 
 
 def routing_table(routing: Sequence[LayerRouting], title: str = "routing (validation)") -> Table:
@@ -66,8 +64,8 @@ def summary_table(summary: dict) -> Table:
     table.add_column(justify="left")
     table.add_column(justify="right")
     for key, value in summary.items():
-        table.add_row(key, value if isinstance(value, str) else f"{value:,.4g}" if isinstance(value, float)
-                      else f"{value:,}")
+        text = value if isinstance(value, str) else f"{value:,.4g}" if isinstance(value, float) else f"{value:,}"
+        table.add_row(key, Text(text))  # Text: a path holding [ ] is not markup
     return table
 
 
