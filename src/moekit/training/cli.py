@@ -65,6 +65,7 @@ def build_configs(args):
 
 def _resume_overrides(args) -> dict:
     from moekit.training.config import apply_override
+    from moekit.training.run import read_run_configs
 
     for flag in ("preset", "config"):
         if getattr(args, flag) is not None:
@@ -73,11 +74,12 @@ def _resume_overrides(args) -> dict:
     train_d: dict = {}
     for key, value in given.items():
         _set_dotted(train_d, key, value)
-    model_d: dict = {}
+    _, model_cfg = read_run_configs(args.resume)
+    model_d = model_cfg.to_dict()
     for assignment in args.set or []:
         apply_override(train_d, model_d, assignment)
-    if model_d:
-        raise UsageError(f"cannot change the model ({', '.join(model_d)}) when resuming")
+        if model_d != model_cfg.to_dict():
+            raise UsageError(f"cannot change the model when resuming (--set {assignment})")
     return train_d
 
 
