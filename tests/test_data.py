@@ -10,7 +10,7 @@ import torch
 
 from moekit.data import DataConfig, prepare_data, train_batch, validation_batches
 from moekit.data.dataset import check_length, split_value
-from moekit.data.sources import Corpus, split_parts
+from moekit.data.sources import Corpus, resolve_sources, split_parts
 from moekit.data.tokenizer import TextTokenizer, bytes_tokenizer, load_tokenizer, train_bpe
 from moekit.errors import UsageError
 
@@ -141,6 +141,16 @@ def test_one_big_file_still_gets_a_validation_split(tmp_path):
     big.write_text("".join(_random_doc(rng, i) for i in range(600)))  # > 2 parts of 64K characters
     data = prepare_data(DataConfig(sources=[str(big)], tokenizer="bytes"), tmp_path / "cache", log=lambda s: None)
     assert data.meta["documents"] > 2 and len(data.val) > 0 and len(data.train) > len(data.val)
+
+
+def test_files_folders_and_globs_resolve_to_one_sorted_list(corpus_dir):
+    (corpus_dir / "sub" / "notes.md").write_text("# notes\n")
+    specs = [str(corpus_dir / "sub" / "*.md"), str(corpus_dir / "f00.txt"), str(corpus_dir / "**" / "f0*.txt")]
+    files = resolve_sources(specs)
+    names = [f.path.name for f in files]
+    assert sorted(names) == sorted({"notes.md", "f00.txt", *(f"f0{i}.txt" for i in range(10))})  # f00 once
+    folder = {f.name for f in resolve_sources([str(corpus_dir)])}
+    assert "sub/notes.md" in folder and "f00.txt" in folder and "ignored.bin" not in folder and len(folder) == 41
 
 
 def test_jsonl_documents(tmp_path):

@@ -37,6 +37,11 @@ def files(tmp_path_factory):
     model = ModelConfig(vocab_size=8192, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64,
                         moe=MoEConfig(d_model=32, d_expert=32, num_experts=4, top_k=2))
     (root / "model.json").write_text(json.dumps(model.to_dict()))
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "short.txt").write_text("def f(): pass\n")  # 15 tokens: less than one sequence
+    (bad / "blank.md").write_text("  \n\n")
+    (bad / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     return root
 
 
@@ -94,10 +99,19 @@ def test_config_precedence_file_then_flags_then_set(tmp_path):
         (["--lr", "-1"], "lr must be > 0.0"),
         (["--seq-len", "128"], "exceeds the model's max_seq_len 64"),
         (["--config", "/no/such.yaml"], "cannot read config file"),
+        (["--data", "{bad}/short.txt"], "the corpus is too short: the training split has 15 tokens"),
+        (["--data", "{bad}/blank.md"], "the corpus is empty"),
+        (["--data", "{bad}/latin1.txt", "{bad}/blank.md"], "the corpus is empty: no text in {bad}/latin1.txt, "
+         "{bad}/blank.md; 1 file(s) skipped as not UTF-8"),
     ],
 )
 def test_bad_train_input_is_one_line_exit_2(files, tmp_path, capsys, argv, needle):
-    assert main(["train", *common(files, tmp_path / "r"), *argv]) == 2
+    base = common(files, tmp_path / "r")
+    if "--data" in argv:  # --data extends: drop the good corpus so only the bad input is read
+        i = base.index("--data")
+        del base[i : i + 2]
+    argv, needle = [a.replace("{bad}", str(files / "bad")) for a in argv], needle.replace("{bad}", str(files / "bad"))
+    assert main(["train", *base, *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
 
