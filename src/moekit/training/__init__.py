@@ -4,7 +4,7 @@
     result = train(TrainConfig(max_steps=100), get_preset("tiny-moe"), "runs/x")
     run = load_run("runs/x")          # model, configs, tokenizer; run.validation_batches()
 
-The run folder's layout is in ``moekit/training/run.py``; docs/training.md has the guide.
+The run folder's layout is in ``moekit/training/run.py``; the README's "Training" section has the CLI.
 """
 
 from moekit.data.dataset import DataConfig
