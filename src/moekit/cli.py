@@ -13,6 +13,7 @@ from pathlib import Path
 
 from moekit.config import ModelConfig
 from moekit.errors import UsageError
+from moekit.training import cli as training_cli
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.set_defaults(func=cmd_demo)
+    training_cli.add_parser(sub)  # train, eval, sample
     return p
 
 

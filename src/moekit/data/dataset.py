@@ -1,0 +1,304 @@
+"""Text -> a tokenized, cached, memory-mapped train/validation split, and batches from it.
+
+``prepare_data`` does, for a ``DataConfig``:
+
+1. Scan the corpus once: validate every document and choose its split by a seeded hash of
+   its name (so the split is by document and deterministic for ``split_seed``).
+2. Get the tokenizer: the one given (a run's own, on resume), raw bytes, or a byte-level BPE
+   trained on the training split (cached under ``CACHE/tokenizers/``).
+3. Encode every document, end it with the end-of-text token and append it to ``train.bin``
+   or ``val.bin`` (uint16 when the vocabulary fits, else uint32).
+
+The result lives in ``CACHE/data/KEY/`` where KEY hashes the sources (paths, sizes,
+modification times), the split settings and the tokenizer, so a second run maps the files
+and starts at once. An entry is built in a temporary folder and renamed into place only
+when complete: a failed or interrupted build leaves nothing behind that a later run reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from moekit.config import _check_float, _check_int
+from moekit.data.sources import Corpus, Document
+from moekit.data.tokenizer import TextTokenizer, bytes_tokenizer, load_tokenizer, train_bpe
+from moekit.errors import UsageError
+from moekit.fileio import atomic_write_json, fsync_dir, fsync_file, make_temp_dir
+
+CACHE_VERSION = 1
+_ENCODE_CHUNK = 256  # documents per encode_batch call
+
+
+@dataclass
+class DataConfig:
+    """What text a run trains on and how it is tokenized and split."""
+
+    sources: list[str] = field(default_factory=list)  # files, folders, globs; [] = Python's stdlib source
+    text_field: str = "text"  # the text field of .jsonl lines and the text column of .parquet files
+    tokenizer: str = "bpe"  # bpe (trained on the training split) | bytes (256 symbols + end-of-text) | a tokenizer.json
+    vocab_size: int = 8192  # BPE vocabulary; the model's vocab_size follows the tokenizer
+    tokenizer_train_chars: int = 32_000_000  # BPE trains on at most this many characters of training text
+    val_fraction: float = 0.05  # share of documents held out for validation
+    split_seed: int = 0  # seeds the document split (kept apart from the training seed)
+
+    def __post_init__(self) -> None:
+        self.sources = [str(s) for s in self.sources]
+        if not self.text_field or not isinstance(self.text_field, str):
+            raise ValueError(f"data.text_field must be a non-empty string, got {self.text_field!r}")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise ValueError(f"data.tokenizer must be bpe, bytes or a tokenizer.json path, got {self.tokenizer!r}")
+        _check_int("data.vocab_size", self.vocab_size, minimum=258)
+        _check_int("data.tokenizer_train_chars", self.tokenizer_train_chars)
+        _check_float("data.val_fraction", self.val_fraction, 0.0, strict=True)
+        if self.val_fraction > 1.0:
+            raise ValueError(f"data.val_fraction must be <= 1, got {self.val_fraction}")
+        _check_int("data.split_seed", self.split_seed, minimum=0)
+
+
+@dataclass
+class TokenData:
+    """A prepared corpus: token arrays (memory-mapped, read-only) and the tokenizer that made them."""
+
+    train: np.ndarray  # [N_train] token ids, documents separated by tokenizer.eos_id
+    val: np.ndarray  # [N_val]
+    tokenizer: TextTokenizer
+    meta: dict  # counts: documents, characters, skipped files, tokens per split
+    path: Path  # the cache entry
+
+
+def default_cache_dir() -> Path:
+    """$MOEKIT_CACHE, else $XDG_CACHE_HOME/moekit, else ~/.cache/moekit."""
+    if os.environ.get("MOEKIT_CACHE"):
+        return Path(os.environ["MOEKIT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moekit"
+
+
+def split_value(name: str, split_seed: int) -> float:
+    """A uniform number in [0, 1) fixed by the document name and the seed."""
+    digest = hashlib.sha256(f"{split_seed}\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _scan(corpus: Corpus, cfg: DataConfig) -> tuple[set[str], dict]:
+    """Pass 1: validate all documents and choose the validation set (names)."""
+    names, n_chars, val = [], 0, set()
+    for doc in corpus.documents():
+        names.append(doc.name)
+        n_chars += len(doc.text)
+        if split_value(doc.name, cfg.split_seed) < cfg.val_fraction:
+            val.add(doc.name)
+    if not names:
+        note = f"; {len(corpus.skipped)} file(s) skipped as not UTF-8" if corpus.skipped else ""
+        raise UsageError(f"the corpus is empty: no text in {corpus.description}{note}")
+    if not val and len(names) > 1:  # a small corpus still gets a validation document
+        val.add(min(names, key=lambda n: split_value(n, cfg.split_seed)))
+    stats = dict(documents=len(names), characters=n_chars, val_documents=len(val),
+                 skipped_files=[str(p) for p in corpus.skipped])
+    return val, stats
+
+
+def _training_texts(corpus: Corpus, val: set[str], limit: int) -> Iterator[str]:
+    used = 0
+    for doc in corpus.documents():
+        if doc.name in val:
+            continue
+        if used >= limit:
+            return
+        used += len(doc.text)
+        yield doc.text
+
+
+def _get_tokenizer(cfg: DataConfig, corpus: Corpus, split: "_LazySplit", cache: Path, log) -> TextTokenizer:
+    if cfg.tokenizer == "bytes":
+        return bytes_tokenizer()
+    if cfg.tokenizer != "bpe":
+        return load_tokenizer(cfg.tokenizer)
+    # The split is a function of the corpus and these settings, so they key the trained tokenizer.
+    key = _key(CACHE_VERSION, corpus.fingerprint(), cfg.text_field, cfg.val_fraction, cfg.split_seed,
+               cfg.vocab_size, cfg.tokenizer_train_chars)
+    path = cache / "tokenizers" / f"{key}.json"
+    if path.exists():
+        return load_tokenizer(path)
+    val, _ = split.get()
+    log(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on the training split")
+    t0 = time.perf_counter()
+    tok = train_bpe(_training_texts(corpus, val, cfg.tokenizer_train_chars), cfg.vocab_size)
+    tok.save(path)
+    log(f"  tokenizer trained in {time.perf_counter() - t0:.1f}s: {tok.vocab_size} tokens")
+    return tok
+
+
+class _LazySplit:
+    """Pass 1, run at most once and only when a tokenizer or cache entry must be built."""
+
+    def __init__(self, corpus: Corpus, cfg: DataConfig):
+        self.corpus, self.cfg, self.result = corpus, cfg, None
+
+    def get(self) -> tuple[set[str], dict]:
+        if self.result is None:
+            self.result = _scan(self.corpus, self.cfg)
+        return self.result
+
+
+def _encode_into(folder: Path, corpus: Corpus, val: set[str], tok: TextTokenizer) -> dict:
+    """Pass 3: encode every document into folder/train.bin and folder/val.bin."""
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    counts = {"train": 0, "val": 0}
+    with open(folder / "train.bin", "wb") as f_train, open(folder / "val.bin", "wb") as f_val:
+        files = {"train": f_train, "val": f_val}
+
+        def flush(docs: list[Document]) -> None:
+            for doc, ids in zip(docs, tok.encode_batch([d.text for d in docs])):
+                split = "val" if doc.name in val else "train"
+                arr = np.asarray(ids + [tok.eos_id], dtype=dtype)
+                arr.tofile(files[split])
+                counts[split] += arr.size
+
+        chunk: list[Document] = []
+        for doc in corpus.documents():
+            chunk.append(doc)
+            if len(chunk) == _ENCODE_CHUNK:
+                flush(chunk)
+                chunk = []
+        flush(chunk)
+    for name in ("train.bin", "val.bin"):
+        fsync_file(folder / name)
+    return {"dtype": np.dtype(dtype).name, "train_tokens": counts["train"], "val_tokens": counts["val"]}
+
+
+def _open_entry(folder: Path) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """Map a complete cache entry; None when it is missing or its files disagree with meta.json."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        arrays = []
+        for split in ("train", "val"):
+            n, path = meta[f"{split}_tokens"], folder / f"{split}.bin"
+            if path.stat().st_size != n * np.dtype(meta["dtype"]).itemsize:
+                return None
+            arrays.append(np.memmap(path, dtype=meta["dtype"], mode="r", shape=(n,)) if n else
+                          np.zeros(0, dtype=meta["dtype"]))
+    except (OSError, ValueError, KeyError):
+        return None
+    return arrays[0], arrays[1], meta
+
+
+def prepare_data(
+    cfg: DataConfig,
+    cache_dir: str | Path | None = None,
+    tokenizer: TextTokenizer | None = None,
+    log: Callable[[str], None] = print,
+) -> TokenData:
+    """Tokenize ``cfg``'s corpus (or reuse the cache) -> ``TokenData``. See the module docstring.
+
+    ``tokenizer`` overrides ``cfg.tokenizer`` (a run reuses its own). Raises ``UsageError``
+    for bad input; nothing is written to the cache's data folder unless the entry is complete.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    corpus = Corpus(cfg.sources, cfg.text_field)
+    split = _LazySplit(corpus, cfg)
+    if tokenizer is None:
+        tokenizer = _get_tokenizer(cfg, corpus, split, cache, log)
+    key = _key(CACHE_VERSION, corpus.fingerprint(), cfg.text_field, cfg.val_fraction, cfg.split_seed,
+               tokenizer.fingerprint)
+    folder = cache / "data" / key
+    entry = _open_entry(folder)
+    if entry is None:
+        val, stats = split.get()
+        _build_entry(folder, corpus, val, tokenizer, stats, log)
+        entry = _open_entry(folder)
+        if entry is None:
+            raise UsageError(f"the data cache entry {folder} could not be read back after writing it")
+    train, val_tokens, meta = entry
+    return TokenData(train=train, val=val_tokens, tokenizer=tokenizer, meta=meta, path=folder)
+
+
+def _build_entry(folder: Path, corpus: Corpus, val: set[str], tok: TextTokenizer, stats: dict, log) -> None:
+    log(f"tokenizing {stats['documents']} documents ({stats['characters'] / 1e6:.1f}M characters) "
+        f"of {corpus.description}")
+    if stats["skipped_files"]:
+        log(f"  skipped {len(stats['skipped_files'])} file(s) that are not UTF-8 text, "
+            f"e.g. {stats['skipped_files'][0]}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(folder.parent, f".tmp-{folder.name}-")
+    try:
+        t0 = time.perf_counter()
+        counts = _encode_into(tmp, corpus, val, tok)
+        tok.save(tmp / "tokenizer.json")
+        meta = dict(stats, **counts, tokenizer=tok.kind, vocab_size=tok.vocab_size, sources=corpus.description,
+                    version=CACHE_VERSION)
+        atomic_write_json(tmp / "meta.json", meta)
+        fsync_dir(tmp)
+        if folder.exists():  # a stale entry (failed the checks above): replace it
+            shutil.rmtree(folder)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if _open_entry(folder) is None:  # not a concurrent run that finished first
+                raise
+        fsync_dir(folder.parent)
+        log(f"  {counts['train_tokens']:,} training and {counts['val_tokens']:,} validation tokens "
+            f"in {time.perf_counter() - t0:.1f}s, cached in {folder}")
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_length(data: TokenData, seq_len: int, need_train: bool = True) -> None:
+    """One sequence needs seq_len + 1 tokens (inputs and shifted targets) in each split used."""
+    need = seq_len + 1
+    splits = (("training", data.train), ("validation", data.val)) if need_train else (("validation", data.val),)
+    for name, tokens in splits:
+        if len(tokens) < need:
+            raise UsageError(
+                f"the corpus is too short: the {name} split has {len(tokens)} tokens, fewer than one "
+                f"sequence (seq_len + 1 = {need}); give more text or a smaller --seq-len"
+            )
+
+
+def train_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, index: int) -> torch.Tensor:
+    """Micro-batch number ``index``: [B, S+1] int64 windows at random offsets.
+
+    A pure function of (seed, index): the data position of a run is just its step, so a
+    resumed run reads exactly the batches an uninterrupted one would have.
+    """
+    rng = np.random.default_rng([seed, index])
+    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)  # last valid start: N - S - 1
+    return torch.from_numpy(np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64))
+
+
+def validation_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int) -> list[torch.Tensor]:
+    """Up to ``max_batches`` batches [B, S+1] of non-overlapping windows spread evenly over the
+    validation tokens; the same windows every time, so every evaluation compares like with like."""
+    n_windows = (len(tokens) - 1) // seq_len
+    if n_windows < 1:
+        raise UsageError(f"the validation split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+    k = min(n_windows, max_batches * batch_size)
+    picks = np.unique(np.linspace(0, n_windows - 1, k).round().astype(np.int64))
+    windows = np.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in picks]).astype(np.int64)
+    return [torch.from_numpy(windows[i : i + batch_size]) for i in range(0, len(windows), batch_size)]
+
+
+__all__ = [
+    "DataConfig",
+    "TokenData",
+    "prepare_data",
+    "check_length",
+    "train_batch",
+    "validation_batches",
+    "default_cache_dir",
+    "split_value",
+]

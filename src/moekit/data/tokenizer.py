@@ -1,0 +1,115 @@
+"""Tokenizers: byte-level BPE trained with the ``tokenizers`` library, or raw bytes.
+
+Both end every document with one end-of-text token (``eos_id``). A tokenizer is saved as one
+JSON file (``tokenizer.json`` in a run folder): the ``tokenizers`` format for BPE, a small
+moekit record for bytes. ``fingerprint`` hashes that JSON, so a data cache built with one
+tokenizer is never read with another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from moekit.errors import UsageError
+from moekit.fileio import atomic_write_text
+
+EOS = "<|endoftext|>"
+_BYTES_JSON = {"moekit_tokenizer": "bytes", "version": 1}
+
+
+class TextTokenizer:
+    """Text <-> token ids. ``kind`` is "bpe" or "bytes"; ids are < ``vocab_size``."""
+
+    def __init__(self, kind: str, backend=None):
+        self.kind = kind
+        self._tok = backend  # a tokenizers.Tokenizer for "bpe", None for "bytes"
+        if kind == "bytes":
+            self.vocab_size, self.eos_id = 257, 256  # 256 byte values + end-of-text
+        else:
+            self.vocab_size = backend.get_vocab_size()
+            self.eos_id = backend.token_to_id(EOS)
+            if self.eos_id is None:
+                raise UsageError(f"the BPE tokenizer has no {EOS} token")
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no end-of-text token appended)."""
+        if self._tok is None:
+            return list(text.encode("utf-8"))
+        return self._tok.encode(text).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if self._tok is None:
+            return [list(t.encode("utf-8")) for t in texts]
+        return [e.ids for e in self._tok.encode_batch(list(texts))]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        if self._tok is None:
+            return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        return json.dumps(_BYTES_JSON) if self._tok is None else self._tok.to_str()
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, self.to_json())
+
+    def __repr__(self) -> str:
+        return f"TextTokenizer({self.kind}, vocab_size={self.vocab_size})"
+
+
+def bytes_tokenizer() -> TextTokenizer:
+    return TextTokenizer("bytes")
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 8192) -> TextTokenizer:
+    """Byte-level BPE (GPT-2's scheme: no unknown tokens, any text round-trips) on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 258:
+        raise ValueError(f"vocab_size must be >= 258 for BPE (256 bytes + end-of-text + merges), got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte, so nothing is unknown
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return TextTokenizer("bpe", tok)
+
+
+def tokenizer_from_json(text: str, source: str = "tokenizer") -> TextTokenizer:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{source} is not valid JSON ({e.msg})") from None
+    if data.get("moekit_tokenizer") == "bytes":
+        return bytes_tokenizer()
+    from tokenizers import Tokenizer
+
+    try:
+        return TextTokenizer("bpe", Tokenizer.from_str(text))
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        raise UsageError(f"{source} is not a tokenizers JSON file ({e})") from None
+
+
+def load_tokenizer(path: str | Path) -> TextTokenizer:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot read tokenizer {path}: {e.strerror or e}") from None
+    return tokenizer_from_json(text, str(path))
+
+
+__all__ = ["TextTokenizer", "bytes_tokenizer", "train_bpe", "load_tokenizer", "tokenizer_from_json", "EOS"]

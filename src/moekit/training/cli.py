@@ -1,0 +1,207 @@
+"""``moekit train``, ``moekit eval`` and ``moekit sample``: parsers and their plain functions.
+
+Config precedence for ``train``: the preset (or model config JSON), then ``--config FILE``,
+then the flags, then ``--set KEY=VALUE`` (last wins).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from moekit.errors import UsageError
+
+# flag dest -> dotted TrainConfig key
+TRAIN_FLAGS = {
+    "data": "data.sources", "text_field": "data.text_field", "tokenizer": "data.tokenizer",
+    "vocab_size": "data.vocab_size", "val_fraction": "data.val_fraction",
+    "max_steps": "max_steps", "time_budget": "time_budget", "batch_size": "batch_size", "seq_len": "seq_len",
+    "grad_accum": "grad_accum", "lr": "lr", "warmup_steps": "warmup_steps", "seed": "seed",
+    "precision": "precision", "device": "device", "eval_every": "eval_every", "eval_batches": "eval_batches",
+    "ckpt_every": "ckpt_every", "keep_last": "keep_last", "cache_dir": "cache_dir",
+}
+
+
+def _stderr_log(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def _given_train_values(args) -> dict[str, object]:
+    return {key: getattr(args, dest) for dest, key in TRAIN_FLAGS.items() if getattr(args, dest) is not None}
+
+
+def _set_dotted(d: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+    d[last] = value
+
+
+def build_configs(args):
+    """Preset/model file < --config < flags < --set -> (label, TrainConfig, ModelConfig)."""
+    from moekit.cli import resolve_config
+    from moekit.config import ModelConfig
+    from moekit.training.config import TrainConfig, apply_override, load_config_file, merge
+
+    file = load_config_file(args.config) if args.config else {}
+    label, base = resolve_config(args.preset or file.pop("preset", None) or "tiny-moe")
+    model_over = file.pop("model", None) or {}
+    if not isinstance(model_over, dict):
+        raise UsageError(f"{args.config}: 'model' must be a mapping of model config fields")
+    train_d = merge(TrainConfig().to_dict(), file)
+    for key, value in _given_train_values(args).items():
+        _set_dotted(train_d, key, value)
+    model_d = merge(base.to_dict(), model_over)
+    for assignment in args.set or []:
+        apply_override(train_d, model_d, assignment)
+    if model_d["vocab_size"] != base.vocab_size:
+        raise UsageError("the model's vocab_size follows the tokenizer: set --vocab-size (data.vocab_size) instead")
+    return label, TrainConfig.from_dict(train_d), ModelConfig.from_dict(model_d)
+
+
+def _resume_overrides(args) -> dict:
+    from moekit.training.config import apply_override
+    from moekit.training.run import read_run_configs
+
+    for flag in ("preset", "config"):
+        if getattr(args, flag) is not None:
+            raise UsageError(f"--{flag} cannot be combined with --resume: the run's own config is used")
+    given = _given_train_values(args)
+    train_d: dict = {}
+    for key, value in given.items():
+        _set_dotted(train_d, key, value)
+    _, model_cfg = read_run_configs(args.resume)
+    model_d = model_cfg.to_dict()
+    for assignment in args.set or []:
+        apply_override(train_d, model_d, assignment)
+        if model_d != model_cfg.to_dict():
+            raise UsageError(f"cannot change the model when resuming (--set {assignment})")
+    return train_d
+
+
+def cmd_train(args) -> int:
+    from moekit.training.loop import NonFiniteLossError, resume_run, train
+    from moekit.training.run import is_run_dir
+
+    try:
+        if args.resume:
+            result = resume_run(args.resume, _resume_overrides(args))
+        else:
+            label, cfg, model_cfg = build_configs(args)
+            out = Path(args.out or f"runs/{Path(label).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+            if args.overwrite and out.exists():
+                if not is_run_dir(out):
+                    raise UsageError(f"--overwrite refuses to delete {out}: it is not a moekit run folder")
+                shutil.rmtree(out)
+            result = train(cfg, model_cfg, out)
+    except NonFiniteLossError as e:
+        print(f"moekit train: error: {e}", file=sys.stderr)
+        return 1
+    if result.final_val_loss is not None:
+        start = f" (from {result.initial_val_loss:.3f} at step 0)" if result.initial_val_loss is not None else ""
+        print(f"final validation loss {result.final_val_loss:.4f}{start}, perplexity "
+              f"{math.exp(min(result.final_val_loss, 50)):.1f}, after {result.step} steps; run folder {result.run_dir}")
+    return 130 if result.status == "interrupted" else 0
+
+
+def cmd_eval(args) -> int:
+    from moekit.training.loop import evaluate, resolve_device
+    from moekit.training.report import routing_table
+    from moekit.training.run import load_run
+
+    run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
+    batches = run.validation_batches(batch_size=args.batch_size, max_batches=args.batches,
+                                     sources=args.data or None, log=_stderr_log)
+    ev = evaluate(run.model, batches, run.train_cfg.precision)
+    tokens = sum(b[:, 1:].numel() for b in batches)
+    if args.json:
+        print(json.dumps(dict(checkpoint=str(run.checkpoint), step=run.step, val_loss=ev.loss, val_ppl=ev.ppl,
+                              tokens=tokens, routing=[r.to_dict() for r in ev.routing]), indent=2))
+        return 0
+    print(f"{run.checkpoint} (step {run.step}): validation loss {ev.loss:.4f}, perplexity {ev.ppl:.2f} "
+          f"over {tokens:,} tokens")
+    if ev.routing:
+        from rich.console import Console
+
+        Console().print(routing_table(ev.routing))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from moekit.training.loop import resolve_device
+    from moekit.training.run import load_run
+    from moekit.training.sampling import generate
+
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
+    ids = run.tokenizer.encode(args.prompt) or [run.tokenizer.eos_id]  # empty prompt: a document start
+    new = generate(run.model, ids, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                   eos_id=run.tokenizer.eos_id)
+    print(args.prompt + run.tokenizer.decode(new))
+    return 0
+
+
+def add_parser(sub) -> None:
+    """Register train, eval and sample on the ``moekit`` subparsers."""
+    s = sub.add_parser("train", help="train a model on text (default: tiny-moe on Python's stdlib source)")
+    s.add_argument("--preset", help="preset name or model config JSON (default: tiny-moe)")
+    s.add_argument("--config", help="YAML or JSON file of training fields, plus 'preset' and 'model' overrides")
+    s.add_argument("--data", nargs="+", action="extend", metavar="PATH",
+                   help="files, folders or globs of .txt/.md/.py/.rst/.jsonl/.parquet (default: Python's stdlib source)")
+    s.add_argument("--text-field", help="text field of .jsonl lines / column of .parquet files (default: text)")
+    s.add_argument("--tokenizer", help="bpe (default, trained on the training split), bytes, or a tokenizer.json")
+    s.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default: 8192)")
+    s.add_argument("--val-fraction", type=float, help="share of documents held out for validation (default: 0.05)")
+    s.add_argument("--out", help="run folder (default: runs/PRESET-TIMESTAMP)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing run folder at --out")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint, exactly")
+    s.add_argument("--max-steps", type=int, help="optimizer steps, also the cosine horizon (default: 1000)")
+    s.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop after this many minutes of training")
+    s.add_argument("--batch-size", type=int, help="sequences per micro-batch (default: 8)")
+    s.add_argument("--seq-len", type=int, help="tokens per sequence (default: 128)")
+    s.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: 1)")
+    s.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3)")
+    s.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: 20)")
+    s.add_argument("--seed", type=int, help="seed of initialization, batches and router noise (default: 0)")
+    s.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 = autocast; the router stays fp32")
+    s.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    s.add_argument("--eval-every", type=int, help="validation and routing statistics every N steps (default: 50)")
+    s.add_argument("--eval-batches", type=int, help="validation batches per evaluation (default: 8)")
+    s.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default: 100)")
+    s.add_argument("--keep-last", type=int, help="step checkpoints kept besides the best (default: 2)")
+    s.add_argument("--cache-dir", help="tokenized data cache (default: $MOEKIT_CACHE or ~/.cache/moekit)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any field: moe.top_k=1, lr=1e-3, data.val_fraction=0.1 (repeatable)")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="validation loss, perplexity and routing statistics of a run's checkpoint")
+    _run_args(s)
+    s.add_argument("--data", nargs="+", action="extend", metavar="PATH",
+                   help="evaluate on this text instead (all of it held out; default: the run's validation split)")
+    s.add_argument("--batches", type=int, default=None, help="batches to evaluate (default: the run's eval_batches)")
+    s.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the run's)")
+    s.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("sample", help="continue a prompt with a trained run's model")
+    _run_args(s)
+    s.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    s.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default: 100)")
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    s.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    s.set_defaults(func=cmd_sample)
+
+
+def _run_args(s) -> None:
+    s.add_argument("run_dir", help="a run folder written by moekit train")
+    s.add_argument("--checkpoint", default="last", help="last (default), best, or a step number")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+
+
+__all__ = ["add_parser", "build_configs", "cmd_train", "cmd_eval", "cmd_sample"]

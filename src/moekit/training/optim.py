@@ -1,0 +1,66 @@
+"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedule.
+
+The schedule is a pure function of the step and the training time spent, so it has no state
+of its own to checkpoint: restoring (step, elapsed) restores it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moekit.training.config import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Matrices (linear and expert weights, embeddings) decay; vectors do not.
+
+    Norm gains and biases are 1-D: decaying them pulls them towards 0, which is not a prior
+    anyone wants (GPT-2/nanoGPT convention). The routers' balancing bias is a buffer, not a
+    parameter, so the optimizer never sees it: only ``update_expert_bias`` moves it.
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():  # parameters() yields a tied weight once
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8
+    )
+
+
+def schedule_progress(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
+    """How far through the decay phase, in [0, 1]: steps after warm-up over the steps planned,
+    or the share of the time budget spent, whichever is further along. With a budget, the
+    learning rate thus reaches its floor when the time runs out rather than never."""
+    decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / decay_steps
+    if cfg.time_budget is not None:
+        progress = max(progress, elapsed_s / (cfg.time_budget * 60))
+    return min(max(progress, 0.0), 1.0)
+
+
+def lr_at(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio``
+    (Loshchilov & Hutter 2017, as in GPT-3 and LLaMA). ``step`` counts from 0."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = schedule_progress(step, elapsed_s, cfg)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+__all__ = ["param_groups", "build_optimizer", "lr_at", "schedule_progress", "set_lr"]
