@@ -67,3 +67,29 @@ def test_deepseek_correction_bias_steers_the_choice(tmp_path):
         bias.zero_()
         without = model(ids).logits
     assert max_diff(with_bias, without) > 1e-2
+
+
+def _native(moe: bool) -> moekit.MoETransformer:
+    cfg = moekit.ModelConfig(
+        vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=40, max_seq_len=64, init_std=0.2,
+        moe=moekit.MoEConfig(d_model=32, d_expert=16, num_experts=4, top_k=2) if moe else None,
+    )
+    model = moekit.MoETransformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("arch, moe", [("MixtralForCausalLM", True), ("LlamaForCausalLM", False)])
+def test_native_model_exports_to_a_transformers_architecture(arch, moe, tmp_path):
+    """A model built in moekit (not loaded) exports as a chosen architecture: the path for
+    upcycled or trained-from-scratch models."""
+    model = _native(moe)
+    model.save_pretrained(tmp_path, architecture=arch)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(back).__name__ == arch
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    with torch.no_grad():
+        assert max_diff(back(input_ids=ids).logits, model(ids).logits) <= ATOL

@@ -22,7 +22,7 @@ ARCH = "DeepseekV3ForCausalLM"
 _DEFAULTS = dict(
     rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=4096, n_shared_experts=1, n_routed_experts=256,
     routed_scaling_factor=2.5, kv_lora_rank=512, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128,
-    n_group=1, topk_group=1, num_experts_per_tok=8, first_k_dense_replace=3, norm_topk_prob=True,
+    n_group=8, topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3, norm_topk_prob=True,
 )
 
 

@@ -28,8 +28,9 @@ def llama_hf(cfg: ModelConfig) -> HFConfig:
 
 
 def mistral_config(hf: HFConfig) -> ModelConfig:
-    f = Fields(hf, {**_COMMON, "max_position_embeddings": 131072}, "MistralForCausalLM")
-    return ModelConfig(**llama_fields(f, "MistralForCausalLM"), sliding_window=hf.get("sliding_window"))
+    f = Fields(hf, {**_COMMON, "max_position_embeddings": 131072, "num_key_value_heads": 8}, "MistralForCausalLM")
+    window = hf.get("sliding_window", 4096)  # absent: MistralConfig's default; null: full attention
+    return ModelConfig(**llama_fields(f, "MistralForCausalLM"), sliding_window=window)
 
 
 def mistral_hf(cfg: ModelConfig) -> HFConfig:

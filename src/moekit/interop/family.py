@@ -80,16 +80,20 @@ def llama_fields(f: Fields, arch: str) -> dict[str, Any]:
     """ModelConfig keyword arguments shared by the Llama-lineage families (GQA attention)."""
     if f("hidden_act", "silu") != "silu":
         raise ValueError(f"{f.label}: hidden_act={f('hidden_act')!r} is not supported (moekit's FFNs are SwiGLU)")
-    n_heads = f("num_attention_heads")
-    kv = f("num_key_value_heads", n_heads)
+    n_heads, d_model = f("num_attention_heads"), f("hidden_size")
+    if "num_key_value_heads" in f.hf:  # null means one kv head per q head, as transformers reads it
+        kv = f.hf["num_key_value_heads"] or n_heads
+    else:  # absent: the config class's default (8 for Mixtral/Mistral, 4 for Qwen3-MoE)
+        kv = f.defaults.get("num_key_value_heads", n_heads)
+    head_dim = f.hf.get("head_dim")
     theta, scaling = rope_from_hf(f)
     return dict(
         vocab_size=f("vocab_size"),
-        d_model=f("hidden_size"),
+        d_model=d_model,
         n_layers=f("num_hidden_layers"),
         n_heads=n_heads,
         n_kv_heads=None if kv == n_heads else kv,
-        head_dim=f.hf.get("head_dim"),
+        head_dim=None if head_dim == d_model // n_heads else head_dim,  # spelled out or derived: the same model
         d_ff=f("intermediate_size"),
         max_seq_len=f("max_position_embeddings"),
         rope_theta=float(theta),

@@ -11,7 +11,7 @@ from moekit.interop.family import Family, Fields, HFConfig, Naming, Representabl
 
 ARCH = "MixtralForCausalLM"
 _DEFAULTS = dict(
-    rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=131072, num_local_experts=8, num_experts_per_tok=2,
+    rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=131072, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
     router_aux_loss_coef=0.001,
 )
 

@@ -51,10 +51,10 @@ def qwen2_moe_config(hf: HFConfig) -> ModelConfig:
 
 
 def qwen3_moe_config(hf: HFConfig) -> ModelConfig:
-    f = Fields(hf, {**_DEFAULTS, "num_experts": 128, "num_experts_per_tok": 8}, QWEN3_MOE)
+    f = Fields(hf, {**_DEFAULTS, "num_experts": 128, "num_experts_per_tok": 8, "num_key_value_heads": 4}, QWEN3_MOE)
     f.reject("attention_bias", False, "moekit's output projection has no bias")
     base = llama_fields(f, QWEN3_MOE)
-    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window") else None
     moe = _moe(f, base["d_model"]) if f("num_experts") > 0 else None
     return ModelConfig(**base, qk_norm="head", sliding_window=window, moe=moe, **_layer_pattern(f, base["n_layers"]))
 
