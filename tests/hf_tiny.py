@@ -58,7 +58,7 @@ def olmoe():
     return OlmoeForCausalLM(cfg)
 
 
-def deepseek_v3(q_lora_rank: int | None = 16):
+def deepseek_v3(q_lora_rank: int | None = 16, rope_interleave: bool = True):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     yarn = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
@@ -68,7 +68,7 @@ def deepseek_v3(q_lora_rank: int | None = 16):
                                      routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=q_lora_rank,
                                      qk_rope_head_dim=4, v_head_dim=8, qk_nope_head_dim=8, n_group=4, topk_group=2,
                                      num_experts_per_tok=3, first_k_dense_replace=1, norm_topk_prob=True,
-                                     rope_parameters=yarn))
+                                     rope_parameters=yarn, rope_interleave=rope_interleave))
     return DeepseekV3ForCausalLM(cfg)
 
 
@@ -100,7 +100,9 @@ def qwen2():
 
 BUILDERS = {
     "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe,
-    "deepseek_v3": deepseek_v3, "deepseek_v3_full_rank_q": lambda: deepseek_v3(q_lora_rank=None),
+    "deepseek_v3": deepseek_v3,
+    # full-rank q projection, rope dims stored half-split (no row permutation on load)
+    "deepseek_v3_plain": lambda: deepseek_v3(q_lora_rank=None, rope_interleave=False),
     "llama": llama, "mistral": mistral, "qwen2": qwen2,
 }
 
