@@ -2,6 +2,7 @@
 
 from moekit.accounting import ParamCount, count_params
 from moekit.config import MoEConfig, ModelConfig
+from moekit.interop import from_pretrained
 from moekit.layers.moe import MoELayer, RoutingStats
 from moekit.model import LossParts, ModelOutput, MoETransformer, lm_loss
 from moekit.presets import get_preset, preset_names
@@ -21,4 +22,5 @@ __all__ = [
     "ParamCount",
     "get_preset",
     "preset_names",
+    "from_pretrained",
 ]

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from moekit.config import ModelConfig
+from moekit.layers.mla import mla_params
 from moekit.layers.mlp import first_proj_width
 
 CATEGORIES = ("embeddings", "lm_head", "attention", "norms", "dense_ffn", "router", "routed_experts", "shared_experts")
@@ -33,6 +34,8 @@ def ffn_params(d_model: int, d_ff: int, activation: str) -> int:
 
 
 def attention_params(cfg: ModelConfig) -> int:
+    if cfg.attention == "mla":
+        return mla_params(cfg)
     hd, q_dim, kv_dim = cfg.resolved_head_dim, cfg.n_heads * cfg.resolved_head_dim, cfg.kv_heads * cfg.resolved_head_dim
     n = cfg.d_model * (q_dim + 2 * kv_dim) + q_dim * cfg.d_model
     if cfg.qkv_bias:
@@ -91,8 +94,15 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> flo
     a = count_params(cfg).active_breakdown
     matmul_weights = a["attention"] + a["dense_ffn"] + a["router"] + a["routed_experts"] + a["shared_experts"]
     matmul_weights += cfg.vocab_size * cfg.d_model
-    attn = 2 * 2 * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim * attended_context(cfg, seq_len)
+    attn = 2 * cfg.n_layers * cfg.n_heads * _qk_plus_v_dim(cfg) * attended_context(cfg, seq_len)
     return 2.0 * matmul_weights + attn
+
+
+def _qk_plus_v_dim(cfg: ModelConfig) -> int:
+    """Per-head width of QK^T plus that of AV (MLA's differ: N + R and V)."""
+    if cfg.attention == "mla":
+        return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
+    return 2 * cfg.resolved_head_dim
 
 
 def weight_bytes(n_params: int) -> dict[str, float]:
@@ -100,6 +110,8 @@ def weight_bytes(n_params: int) -> dict[str, float]:
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: float = 2.0) -> float:
+    if cfg.attention == "mla":  # MLA caches the kv latent and the shared rope key, not k and v
+        return cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * bytes_per_value
     return 2 * cfg.n_layers * cfg.kv_heads * cfg.resolved_head_dim * bytes_per_value
 
 

@@ -22,7 +22,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def resolve_config(target: str) -> tuple[str, ModelConfig]:
-    """A preset name, a moekit config JSON, or a folder holding config.json -> (label, config)."""
+    """A preset name, a moekit config JSON, a Hugging Face config.json, or a folder holding
+    either -> (label, config)."""
+    from moekit.interop import config_from_hf, is_hf_config
     from moekit.presets import PRESETS, get_preset
 
     if target in PRESETS:
@@ -40,6 +42,8 @@ def resolve_config(target: str) -> tuple[str, ModelConfig]:
         raise UsageError(f"cannot read config {path}: {e}") from e
     if not isinstance(data, dict):
         raise UsageError(f"{path} does not hold a JSON object")
+    if is_hf_config(data):  # "architectures"/"model_type": a Hugging Face model's config.json
+        return str(path), config_from_hf(data)
     return str(path), ModelConfig.from_dict(data)
 
 
@@ -103,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("inspect", help="total vs active parameters, FLOPs per token and memory of a model")
-    s.add_argument("target", help="a preset name (see `moekit presets`), a config JSON, or a folder with config.json")
+    s.add_argument(
+        "target",
+        help="a preset name (see `moekit presets`), a moekit or Hugging Face config JSON, or a folder with config.json",
+    )
     s.add_argument("--seq-len", type=int, default=None, help="context length for attention FLOPs (default: max_seq_len)")
     s.add_argument("--json", action="store_true", help="print the numbers as JSON")
     s.set_defaults(func=cmd_inspect)

@@ -15,6 +15,20 @@ from typing import Any
 ROUTERS = ("softmax", "noisy", "sigmoid", "expert_choice")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 QK_NORMS = ("head", "full")
+ATTENTIONS = ("gqa", "mla")
+# RoPE context-extension schemes, named as in Hugging Face's rope_scaling, and their keys:
+# (required, optional). "factor" stretches the positions; see moekit.layers.rope for the math.
+ROPE_SCALINGS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "linear": (frozenset({"factor"}), frozenset()),
+    "llama3": (
+        frozenset({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}),
+        frozenset(),
+    ),
+    "yarn": (
+        frozenset({"factor", "original_max_position_embeddings"}),
+        frozenset({"beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"}),
+    ),
+}
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -184,11 +198,26 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2 family
     qk_norm: str | None = None  # RMSNorm on q and k: "head" (per head, Qwen3) or "full" (OLMoE)
     sliding_window: int | None = None  # Mistral/Mixtral local attention; None = full causal
+    # Context extension of RoPE, e.g. {"rope_type": "yarn", "factor": 40, ...} (DeepSeek-V3),
+    # keys as in Hugging Face's rope_scaling (see ROPE_SCALINGS); None = plain RoPE.
+    rope_scaling: dict[str, Any] | None = None
+    # Attention: "gqa" (grouped-query; MHA when n_kv_heads = n_heads) or "mla", DeepSeek-V2/V3
+    # multi-head latent attention: q and kv pass through low-rank latents, and a small decoupled
+    # RoPE part of q/k carries position (DeepSeek-V2 sec. 2.1). The MLA sizes below apply to "mla" only.
+    attention: str = "gqa"
+    q_lora_rank: int | None = None  # q latent width; None = a full-rank q projection
+    kv_lora_rank: int | None = None  # compressed kv latent width (what MLA caches per token)
+    qk_nope_head_dim: int | None = None  # per-head q/k width without position
+    qk_rope_head_dim: int | None = None  # per-head q/k width that RoPE rotates (k's is shared by heads)
+    v_head_dim: int | None = None  # per-head value width
     moe: MoEConfig | None = None  # None: a dense model, same class, equal footing
     moe_every: int = 1  # layer i is MoE when (i + 1) % moe_every == 0 (Qwen decoder_sparse_step)
     first_dense_layers: int = 0  # DeepSeek-V3 first_k_dense_replace
     dense_layers: tuple[int, ...] = ()  # explicit dense layers (Qwen mlp_only_layers)
     init_std: float = 0.02
+    # The Hugging Face architecture this config came from or exports to (e.g. "MixtralForCausalLM");
+    # set by moekit.from_pretrained, read by save_pretrained. None for a native moekit model.
+    hf_architecture: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -207,7 +236,15 @@ class ModelConfig:
             _check_choice("qk_norm", self.qk_norm, QK_NORMS)
         if self.sliding_window is not None:
             _check_int("sliding_window", self.sliding_window)
-        self._validate_heads()
+        _check_choice("attention", self.attention, ATTENTIONS)
+        if self.attention == "mla":
+            self._validate_mla()
+        else:
+            self._validate_heads()
+        if self.rope_scaling is not None:
+            self._validate_rope_scaling()
+        if self.hf_architecture is not None and not isinstance(self.hf_architecture, str):
+            raise ValueError(f"hf_architecture must be a string or None, got {self.hf_architecture!r}")
         if self.moe is not None and self.moe.d_model != self.d_model:
             raise ValueError(f"moe.d_model ({self.moe.d_model}) must equal d_model ({self.d_model})")
         for i in self.dense_layers:
@@ -227,6 +264,46 @@ class ModelConfig:
                 raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
         if self.resolved_head_dim % 2:
             raise ValueError(f"head_dim ({self.resolved_head_dim}) must be even for rotary embeddings")
+
+    def _validate_mla(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) is None:
+                raise ValueError(f"{name} must be set for attention='mla'")
+            _check_int(name, getattr(self, name))
+        if self.q_lora_rank is not None:
+            _check_int("q_lora_rank", self.q_lora_rank)
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even for rotary embeddings")
+        if self.n_kv_heads not in (None, self.n_heads):
+            raise ValueError(
+                f"n_kv_heads ({self.n_kv_heads}) does not apply to attention='mla' (every head has its own k and v)"
+            )
+        for name in ("head_dim", "qk_norm"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} does not apply to attention='mla'; leave it None")
+        if self.qkv_bias:
+            raise ValueError("qkv_bias does not apply to attention='mla'")
+
+    def _validate_rope_scaling(self) -> None:
+        rs = self.rope_scaling
+        if not isinstance(rs, dict):
+            raise ValueError(f"rope_scaling must be a dict or None, got {rs!r}")
+        kind = rs.get("rope_type")
+        if kind not in ROPE_SCALINGS:
+            raise ValueError(f"rope_scaling.rope_type must be one of {', '.join(ROPE_SCALINGS)}; got {kind!r}")
+        required, optional = ROPE_SCALINGS[kind]
+        keys = set(rs) - {"rope_type"}
+        if missing := sorted(required - keys):
+            raise ValueError(f"rope_scaling ({kind}) lacks {missing}")
+        if unknown := sorted(keys - required - optional):
+            known = sorted(required | optional)
+            raise ValueError(f"rope_scaling ({kind}) has unknown key(s) {unknown}; known: {known}")
+        _check_float("rope_scaling.factor", rs["factor"], 0.0, strict=True)
+
+    @property
+    def rope_dim(self) -> int:
+        """Width that RoPE rotates per head: the whole head, or MLA's decoupled rope part."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.resolved_head_dim
 
     @property
     def resolved_head_dim(self) -> int:
@@ -255,4 +332,4 @@ class ModelConfig:
         return _from_dict(cls, dict(data))
 
 
-__all__ = ["MoEConfig", "ModelConfig", "ROUTERS", "ACTIVATIONS", "QK_NORMS"]
+__all__ = ["MoEConfig", "ModelConfig", "ROUTERS", "ACTIVATIONS", "QK_NORMS", "ATTENTIONS", "ROPE_SCALINGS"]

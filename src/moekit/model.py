@@ -16,6 +16,7 @@ from torch import nn
 
 from moekit.config import ModelConfig
 from moekit.layers.attention import Attention
+from moekit.layers.mla import MLAttention
 from moekit.layers.mlp import MLP
 from moekit.layers.moe import MoELayer, RoutingStats
 from moekit.layers.norms import RMSNorm
@@ -39,7 +40,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_id)
         self.ffn = MoELayer(cfg.moe) if self.is_moe else MLP(cfg.d_model, cfg.d_ff, cfg.ffn_activation)
@@ -89,7 +90,7 @@ class MoETransformer(nn.Module):
         B, S = input_ids.shape
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = rope_cache(S, self.cfg.resolved_head_dim, self.cfg.rope_theta, input_ids.device)
+        cos, sin = rope_cache(S, self.cfg.rope_dim, self.cfg.rope_theta, input_ids.device, self.cfg.rope_scaling)
         x = self.embed(input_ids)
         for block in self.blocks:
             x = block(x, cos, sin, attention_mask)
@@ -116,6 +117,13 @@ class MoETransformer(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        """Write a Hugging Face model folder (config.json + safetensors) that transformers loads;
+        see ``moekit.interop.hf.save_pretrained`` for the options."""
+        from moekit.interop.hf import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
 
 
 def lm_loss(out: ModelOutput, targets: torch.Tensor, ignore_index: int = -100) -> LossParts:

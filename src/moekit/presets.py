@@ -72,6 +72,32 @@ PRESETS: dict[str, tuple[str, Callable[[], ModelConfig]]] = {
             ),
         ),
     ),
+    "qwen3-30b-a3b": (
+        "Qwen3-30B-A3B: 128 experts top-8 renormalized, per-head QK-norm; 30.5B total, 3.3B active",
+        lambda: ModelConfig(
+            vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128, d_ff=6144,
+            max_seq_len=40960, rope_theta=1e6, norm_eps=1e-6, qk_norm="head",
+            moe=MoEConfig(d_model=2048, d_expert=768, num_experts=128, top_k=8, norm_topk_prob=True,
+                          load_balance_coef=0.001),
+        ),
+    ),
+    "deepseek-v3": (
+        "DeepSeek-V3: MLA, 256 experts top-8 (sigmoid, 8 groups, best 4) plus 1 shared, first 3 layers dense; "
+        "671B total, 37B active (without the multi-token-prediction module)",
+        lambda: ModelConfig(
+            vocab_size=129280, d_model=7168, n_layers=61, n_heads=128, d_ff=18432, max_seq_len=163840,
+            norm_eps=1e-6, attention="mla", q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+            qk_rope_head_dim=64, v_head_dim=128, first_dense_layers=3,
+            rope_scaling={"rope_type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                          "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+            # Pretraining recipe (sec. 2.1.2, 4.2): aux-loss-free bias at speed 0.001, sequence loss 1e-4.
+            moe=MoEConfig(
+                d_model=7168, d_expert=2048, num_experts=256, top_k=8, router="sigmoid", norm_topk_prob=True,
+                routed_scaling_factor=2.5, num_groups=8, topk_groups=4, num_shared_experts=1,
+                load_balance_coef=0.0, seq_balance_coef=1e-4, bias_update_rate=0.001,
+            ),
+        ),
+    ),
 }
 
 

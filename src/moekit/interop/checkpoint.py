@@ -1,0 +1,156 @@
+"""Safetensors model folders: lazy reading (headers first, tensors on demand) and atomic writing.
+
+A folder holds ``model.safetensors``, or shards listed by ``model.safetensors.index.json``
+(``{"weight_map": {tensor name: shard file}}``). Opening reads only the headers, so names,
+shapes and dtypes are all checked before any tensor data is read; tensors are then memory-mapped
+and read one at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+@dataclass(frozen=True)
+class Entry:
+    file: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name: F32, BF16, F8_E4M3, ...
+
+
+class Checkpoint:
+    """The tensors of a Hugging Face model folder, opened lazily. Use as a context manager."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.index_file, files, self.claimed = self._locate()
+        self._stack = contextlib.ExitStack()
+        self._handles: dict[str, Any] = {}
+        self.entries: dict[str, Entry] = {}
+        try:
+            for file in files:
+                handle = self._stack.enter_context(safe_open(str(self.folder / file), framework="pt"))
+                self._handles[file] = handle
+                for name in handle.keys():
+                    sl = handle.get_slice(name)
+                    self.entries[name] = Entry(file, tuple(sl.get_shape()), sl.get_dtype())
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _locate(self) -> tuple[str, list[str], dict[str, str]]:
+        index = self.folder / INDEX
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"cannot read {index}: {e}") from e
+            files = list(dict.fromkeys(weight_map.values()))
+            for file in files:
+                if not (self.folder / file).is_file():
+                    names = [n for n, f in weight_map.items() if f == file]
+                    raise ValueError(
+                        f"shard {file} is missing from {self.folder} ({INDEX} lists {len(names)} tensor(s) there, "
+                        f"e.g. {names[0]!r})"
+                    )
+            return INDEX, files, dict(weight_map)
+        if (self.folder / SINGLE).is_file():
+            return SINGLE, [SINGLE], {}
+        others = sorted(p.name for p in self.folder.glob("*.bin")) if self.folder.is_dir() else []
+        hint = f" (found {', '.join(others)}: convert PyTorch .bin checkpoints to safetensors first)" if others else ""
+        raise ValueError(f"no {SINGLE} or {INDEX} in {self.folder}{hint}")
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def where(self, name: str) -> str:
+        """Where ``name`` should be, for messages: its shard, or the index/file that lacks it."""
+        return self.claimed.get(name, self.index_file)
+
+    def missing_message(self, name: str, needed_for: str) -> str:
+        if name in self.claimed:
+            return f"tensor {name!r} (for {needed_for}) is missing from {self.claimed[name]}, where {INDEX} places it"
+        return f"tensor {name!r} (for {needed_for}) is not in the checkpoint ({self.index_file} in {self.folder})"
+
+    def get(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        return self._handles[entry.file].get_tensor(name)
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "5GB", "500MB", "2GiB"."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.I)
+        if match is None:
+            raise ValueError(f"max_shard_size must be bytes or like '5GB', got {size!r}")
+        unit = (match.group(2) or "B").upper()
+        powers = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+        value = int(float(match.group(1)) * powers[unit])
+    if value < 1:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers see old or new, never half."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+def remove_stale(folder: Path, keep: set[str]) -> None:
+    """Delete weight files of an earlier save into ``folder`` that this save did not write."""
+    for p in folder.iterdir():
+        is_weights = p.name in (SINGLE, INDEX) or SHARD_NAME.fullmatch(p.name)
+        if is_weights and p.name not in keep:
+            p.unlink()
+
+
+__all__ = ["Checkpoint", "Entry", "DTYPES", "INDEX", "SINGLE", "parse_size", "write_json", "write_safetensors",
+           "remove_stale", "atomic_write"]

@@ -1,0 +1,209 @@
+"""What an architecture family tells the converter: its names, and its config in both directions.
+
+A ``Family`` holds plain functions (no class per architecture): ``to_config`` reads a Hugging
+Face config.json dict into a ``ModelConfig``, ``to_hf`` writes one back. The helpers below read
+the fields that every Llama-lineage config shares, with the defaults of transformers' config
+classes where a published config.json leaves a key out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from moekit.config import ROPE_SCALINGS, ModelConfig
+
+HFConfig = dict[str, Any]
+MISSING = object()
+# Keys that transformers' attribute_map makes interchangeable (transformers 5 writes
+# Qwen3-MoE's num_experts as num_local_experts, DeepSeek-V3's MTP depth as num_mtp_layers).
+ALIASES: dict[str, tuple[str, ...]] = {
+    "num_experts": ("num_local_experts",),
+    "num_local_experts": ("num_experts", "n_routed_experts"),
+    "n_routed_experts": ("num_local_experts",),
+    "num_nextn_predict_layers": ("num_mtp_layers",),
+}
+
+
+@dataclass(frozen=True)
+class Naming:
+    """Where a family keeps its FFN tensors under ``model.layers.{i}``."""
+
+    moe: str = "mlp"  # MoE module in the published per-expert layout (Mixtral: block_sparse_moe)
+    expert_proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert gate, up, down
+    shared: str = "shared_expert"  # shared-expert module (DeepSeek: shared_experts)
+
+
+@dataclass(frozen=True)
+class Family:
+    architectures: tuple[str, ...]  # the "architectures" entries this family reads and writes
+    model_type: str
+    to_config: Callable[[HFConfig], ModelConfig]
+    to_hf: Callable[[ModelConfig], HFConfig]  # the semantic keys only; hf.py merges them into a base
+    naming: Naming = field(default_factory=Naming)
+    # Optional per-tensor row permutation: (moekit suffix, cfg, hf config) -> permutation or None.
+    row_permutation: Callable | None = None
+    # Checkpoint names to skip with a note (DeepSeek-V3's multi-token-prediction layers).
+    skipped: Callable[[str, ModelConfig], bool] | None = None
+    fp32_router: bool = False  # transformers keeps the router weight/bias in fp32 (DeepSeek-V3)
+
+
+class Fields:
+    """Reads a config.json dict; a missing or null key takes the family's default."""
+
+    def __init__(self, hf: HFConfig, defaults: dict[str, Any], label: str):
+        self.hf, self.defaults, self.label = hf, defaults, label
+
+    def __call__(self, key: str, default: Any = MISSING) -> Any:
+        for k in (key, *ALIASES.get(key, ())):
+            if self.hf.get(k) is not None:
+                return self.hf[k]
+        if default is not MISSING:
+            return default
+        if key in self.defaults:
+            return self.defaults[key]
+        raise ValueError(f"{self.label} config.json lacks {key!r}")
+
+    def reject(self, key: str, allowed: Any, why: str) -> None:
+        """Raise when ``key`` is set to something moekit cannot reproduce exactly."""
+        value = self.hf.get(key)
+        if value is not None and value != allowed:
+            raise ValueError(f"{self.label}: {key}={value!r} is not supported ({why})")
+
+
+def architecture_of(hf: HFConfig) -> str:
+    archs = hf.get("architectures") or []
+    return archs[0] if archs else str(hf.get("model_type"))
+
+
+def llama_fields(f: Fields, arch: str) -> dict[str, Any]:
+    """ModelConfig keyword arguments shared by the Llama-lineage families (GQA attention)."""
+    if f("hidden_act", "silu") != "silu":
+        raise ValueError(f"{f.label}: hidden_act={f('hidden_act')!r} is not supported (moekit's FFNs are SwiGLU)")
+    n_heads, d_model = f("num_attention_heads"), f("hidden_size")
+    if "num_key_value_heads" in f.hf:  # null means one kv head per q head, as transformers reads it
+        kv = f.hf["num_key_value_heads"] or n_heads
+    else:  # absent: the config class's default (8 for Mixtral/Mistral, 4 for Qwen3-MoE)
+        kv = f.defaults.get("num_key_value_heads", n_heads)
+    head_dim = f.hf.get("head_dim")
+    theta, scaling = rope_from_hf(f)
+    return dict(
+        vocab_size=f("vocab_size"),
+        d_model=d_model,
+        n_layers=f("num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv_heads=None if kv == n_heads else kv,
+        head_dim=None if head_dim == d_model // n_heads else head_dim,  # spelled out or derived: the same model
+        d_ff=f("intermediate_size"),
+        max_seq_len=f("max_position_embeddings"),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        norm_eps=float(f("rms_norm_eps")),
+        tie_embeddings=bool(f("tie_word_embeddings", False)),
+        init_std=float(f("initializer_range", 0.02)),
+        hf_architecture=arch,
+    )
+
+
+def rope_from_hf(f: Fields) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, moekit rope_scaling) from ``rope_parameters`` (transformers 5) or the legacy
+    ``rope_theta`` + ``rope_scaling`` keys; unsupported schemes are a clear error."""
+    params = dict(f.hf.get("rope_parameters") or {})
+    legacy = dict(f.hf.get("rope_scaling") or {})
+    if params and not any(k in params for k in ("rope_type", "type", "rope_theta")):
+        raise ValueError(f"{f.label}: per-layer-type rope_parameters are not supported")
+    theta = params.pop("rope_theta", None) or f("rope_theta")
+    merged = {**legacy, **params}
+    kind = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
+    merged.pop("type", None)
+    if merged.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{f.label}: partial_rotary_factor is not supported")
+    if kind == "default":
+        return theta, None
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(
+            f"{f.label}: rope scaling type {kind!r} is not supported; supported: default, {', '.join(ROPE_SCALINGS)}"
+        )
+    required, optional = ROPE_SCALINGS[kind]
+    if "original_max_position_embeddings" in required:  # transformers fills it in the same way
+        merged.setdefault("original_max_position_embeddings", f("max_position_embeddings"))
+    scaling = {k: v for k, v in merged.items() if k in required | optional}
+    return theta, {"rope_type": kind, **scaling}
+
+
+def rope_to_hf(cfg: ModelConfig) -> HFConfig:
+    """transformers 5's ``rope_parameters``; hf.py rewrites it as legacy keys for a legacy base."""
+    params: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    if cfg.rope_scaling is not None:
+        params.update(cfg.rope_scaling)
+    return {"rope_parameters": params}
+
+
+def llama_to_hf(cfg: ModelConfig, arch: str, model_type: str) -> HFConfig:
+    out: HFConfig = {
+        "architectures": [arch],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        **rope_to_hf(cfg),
+    }
+    if cfg.head_dim is not None:
+        out["head_dim"] = cfg.head_dim
+    return out
+
+
+class Representable:
+    """Collects what a target architecture cannot express, then raises once, listing it all."""
+
+    def __init__(self, cfg: ModelConfig, arch: str):
+        self.cfg, self.arch, self.problems = cfg, arch, []
+
+    def need(self, ok: bool, what: str) -> None:
+        if not ok:
+            self.problems.append(what)
+
+    def attention(self, qkv_bias: bool = False, qk_norm: str | None = None, sliding: bool = True) -> None:
+        c = self.cfg
+        self.need(c.attention == "gqa", f"attention={c.attention!r}")
+        self.need(c.qkv_bias == qkv_bias, f"qkv_bias={c.qkv_bias}")
+        self.need(c.qk_norm == qk_norm, f"qk_norm={c.qk_norm!r}")
+        self.need(sliding or c.sliding_window is None, f"sliding_window={c.sliding_window}")
+        self.need(c.ffn_activation == "swiglu", f"ffn_activation={c.ffn_activation!r}")
+
+    def moe(self, router: str, shared: bool = False, gated_shared: bool = False) -> None:
+        m = self.cfg.moe
+        if m is None:
+            self.problems.append("a dense model (moe=None)")
+            return
+        self.need(m.router == router, f"router={m.router!r}")
+        self.need(m.activation == "swiglu", f"moe.activation={m.activation!r}")
+        self.need(m.capacity_factor is None, f"capacity_factor={m.capacity_factor} (the target is dropless)")
+        self.need(
+            router == "sigmoid" or not m.has_selection_bias,
+            f"an expert selection bias (bias_update_rate={m.bias_update_rate})",
+        )
+        self.need(shared or m.num_shared_experts == 0, f"num_shared_experts={m.num_shared_experts}")
+        self.need(not shared or m.num_shared_experts >= 1, "no shared expert (the target always has one)")
+        self.need(m.shared_expert_gate == gated_shared, f"shared_expert_gate={m.shared_expert_gate}")
+
+    def dense(self) -> None:
+        self.need(self.cfg.moe is None, "MoE layers (the target is a dense architecture)")
+
+    def check(self) -> None:
+        if self.problems:
+            raise ValueError(f"{self.arch} cannot represent this model: {'; '.join(self.problems)}")
+
+
+__all__ = [
+    "Family", "Naming", "Fields", "HFConfig", "Representable", "architecture_of",
+    "llama_fields", "llama_to_hf", "rope_from_hf", "rope_to_hf",
+]
