@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.set_defaults(func=cmd_demo)
+
+    __import__("moekit.bench.cli").bench.cli.add_parser(sub)
     return p
 
 

@@ -50,12 +50,13 @@ def _aligned(*tensors: torch.Tensor) -> bool:
 
 
 def _fast_layout(w: torch.Tensor) -> torch.Tensor:
-    """w [E, K, N] in the memory layout the CPU kernels run fastest: row-major for fp32;
-    column-major per expert for bf16, the layout ``F.linear`` weights have and oneDNN's
-    bf16 GEMM wants (several times faster than row-major on AVX2 machines)."""
+    """w [E, K, N] in a memory layout the CPU kernels run fast. fp32: as it comes (row- or
+    column-major per expert both run at full speed; a copy would cost more than it saves).
+    bf16: column-major per expert, the layout ``F.linear`` weights have and oneDNN's bf16
+    GEMM wants (several times faster than row-major on AVX2 machines)."""
     if w.dtype == torch.bfloat16 and w.device.type == "cpu":
-        return w.mT.contiguous().mT
-    return w.contiguous()
+        return w if w.stride(-2) == 1 else w.mT.contiguous().mT
+    return w if w.stride(-1) == 1 or w.stride(-2) == 1 else w.contiguous()
 
 
 def _mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, use_grouped: bool) -> torch.Tensor:
@@ -78,14 +79,29 @@ def _wgrad(a: torch.Tensor, g: torch.Tensor, offs: torch.Tensor, use_grouped: bo
     return torch.stack([a_e.t() @ g_e for a_e, g_e in zip(torch.split(a, counts), torch.split(g, counts))])
 
 
-def _activation_backward(h: torch.Tensor, da: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(act(h), d act(h)/dh applied to da), both from h alone, in h's dtype."""
+def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(h) with one fresh [M, F] buffer (SwiGLU: silu(gate), then times up in place)."""
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        d_gate = da * up * (sig * (1 + gate * (1 - sig)))  # silu'(g) = s (1 + g (1 - s))
-        return silu * up, torch.cat([d_gate, da * silu], dim=-1)
+        return F.silu(gate).mul_(up)
+    return activate(h, activation)
+
+
+def _activation_backward(h: torch.Tensor, da: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act(h), d act(h)/dh applied to da), both recomputed from h, in h's dtype.
+
+    Fresh large buffers are what this costs on CPU (page faults on first touch), so SwiGLU
+    writes both halves of dh in place and turns silu(gate) into act(h) in place.
+    """
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        dh = torch.empty_like(h)
+        d_gate, d_up = dh.chunk(2, dim=-1)
+        a = F.silu(gate)
+        torch.mul(da, a, out=d_up)  # d up = da * silu(gate)
+        torch.mul(da, up, out=d_gate)
+        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)  # * silu'(gate)
+        return a.mul_(up), dh
     if activation == "gelu":
         return F.gelu(h), torch.ops.aten.gelu_backward(da, h)
     if activation == "relu":
@@ -103,7 +119,7 @@ class _GroupedFFN(torch.autograd.Function):
     def _forward(ctx, x, w_in, w_out, offs, activation: str, use_grouped: bool):
         w_in_c, w_out_c = w_in.to(x.dtype), w_out.to(x.dtype)
         h = _mm(x, w_in_c, offs, use_grouped)  # [M, H]
-        y = _mm(activate(h, activation), w_out_c, offs, use_grouped)  # [M, D]
+        y = _mm(_activate(h, activation), w_out_c, offs, use_grouped)  # [M, D]
         ctx.save_for_backward(x, h, w_in, w_out, offs)
         ctx.activation, ctx.use_grouped = activation, use_grouped
         return y
