@@ -216,3 +216,16 @@ def test_no_balancing_gives_zero_aux_loss():
     assert float(layer.aux_loss) == 0.0
     layer(torch.randn(1, 4, D))
     assert float(layer.aux_loss) == 0.0 and layer.last_stats.losses == {}
+
+
+def test_a_standalone_layer_is_initialized():
+    # MoELayer built on its own (not inside MoETransformer) must hold finite, non-degenerate
+    # weights: torch.empty leaves whatever the allocator had, NaNs included.
+    for _ in range(3):  # fresh allocations each time
+        layer = MoELayer(MoEConfig(d_model=64, d_expert=32, num_experts=8, top_k=2, num_shared_experts=1,
+                                   shared_expert_gate=True))
+        for name, p in layer.named_parameters():
+            assert torch.isfinite(p).all(), name
+            assert 0.005 < p.std().item() < 0.05, (name, p.std().item())
+        y = layer(torch.randn(2, 8, 64))
+        assert torch.isfinite(y).all() and y.abs().max() > 0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from moekit.config import ModelConfig
 from moekit.errors import UsageError
+from moekit.bench import cli as bench_cli
 from moekit.training import cli as training_cli
 
 
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.set_defaults(func=cmd_demo)
     training_cli.add_parser(sub)  # train, eval, sample
+    bench_cli.add_parser(sub)  # bench layer
     return p
 
 

@@ -3,6 +3,13 @@
 Shape legend: D model dim, F expert hidden width, E experts, M dispatched slots (sorted by
 expert). ``w_in`` is [E, D, F_in] with F_in = 2F for SwiGLU (gate and up fused, gate first)
 and F otherwise; ``w_out`` is [E, F, D]. So expert e computes act(x @ w_in[e]) @ w_out[e].
+
+Three interchangeable ways to compute the same thing (``impl``):
+- ``"grouped"``: one grouped matmul per projection over all slices, custom backward
+  (``grouped_mm.py``); the training and prefill path.
+- ``"decode"``: a few tokens touch a few experts: multiply only the non-empty slices against
+  views of their experts' weights (no weight copies, no work for the idle experts).
+- ``"loop"``: the plain per-expert loop under autograd, kept as the readable reference.
 """
 
 from __future__ import annotations
@@ -10,7 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moekit.layers.grouped_mm import grouped_ffn
 from moekit.layers.mlp import activate, first_proj_width
+
+IMPLS = ("grouped", "decode", "loop")
 
 
 class Experts(nn.Module):
@@ -21,13 +31,37 @@ class Experts(nn.Module):
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, first_proj_width(d_expert, activation)))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_expert, d_model))
 
-    def forward(self, x_MD: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x_MD [M, D] sorted by expert, counts [E] slice lengths -> [M, D].
+    def forward(self, x_MD: torch.Tensor, counts: torch.Tensor, impl: str = "grouped") -> torch.Tensor:
+        """x_MD [M, D] sorted by expert, counts [E] slice lengths -> [M, D] in x's dtype.
 
-        Each expert multiplies its contiguous slice. Every expert runs, an empty slice
-        included, so each one's weight gradient is a tensor (zeros when it got no tokens),
-        never missing: data-parallel gradient reductions would otherwise wait for it forever.
+        Each expert multiplies its contiguous slice. Each expert's weight gradient is a
+        tensor (zeros when it got no tokens), never missing: data-parallel gradient
+        reductions would otherwise wait for it forever (the weights are single stacked
+        parameters, so this holds for every impl).
         """
+        if impl == "grouped":
+            return grouped_ffn(x_MD, self.w_in, self.w_out, counts, self.activation)
+        if impl == "decode":
+            return self._decode(x_MD, counts)
+        if impl != "loop":
+            raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+        return self._loop(x_MD, counts)
+
+    def _decode(self, x_MD: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Only the experts that got slots run, on views of their weights: with 1-64 tokens
+        the cost is reading those experts' weights once, as for a dense FFN."""
+        w_in, w_out = self.w_in, self.w_out
+        if x_MD.dtype != w_in.dtype and not torch.is_autocast_enabled(x_MD.device.type):
+            w_in, w_out = w_in.to(x_MD.dtype), w_out.to(x_MD.dtype)
+        outs, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                x_e = x_MD[start : start + n]  # [n, D]
+                outs.append(activate(x_e @ w_in[e], self.activation) @ w_out[e])
+                start += n
+        return torch.cat(outs).to(x_MD.dtype) if outs else x_MD.new_zeros(0, self.d_model)
+
+    def _loop(self, x_MD: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         w_in, w_out = self.w_in.to(x_MD.dtype), self.w_out.to(x_MD.dtype)
         outs = []
         for e, x_e in enumerate(torch.split(x_MD, counts.tolist())):

@@ -19,6 +19,7 @@ from torch import nn
 
 from moekit.config import MoEConfig
 from moekit.layers.dispatch import DispatchPlan, combine, plan_dispatch
+from moekit.layers.experts import IMPLS as EXPERT_IMPLS
 from moekit.layers.experts import Experts
 from moekit.layers.mlp import MLP
 from moekit.layers.routers import Router, RouterOutput
@@ -49,7 +50,13 @@ class MoELayer(nn.Module):
     ``forward(x, padding_mask=None)`` maps [B, S, D] to [B, S, D] in x's dtype. After each
     forward, ``aux_loss`` holds the weighted balancing losses (a scalar tensor in the graph;
     add it to the training loss) and ``last_stats`` the ``RoutingStats``.
+
+    ``impl`` picks how the experts compute (same results up to rounding; see ``experts.py``):
+    ``"auto"`` (default) takes ``"decode"`` for at most ``decode_max_tokens`` tokens and
+    ``"grouped"`` otherwise; ``"grouped"``, ``"decode"`` and ``"loop"`` force one.
     """
+
+    decode_max_tokens = 64  # the decode path wins while few experts are touched (docs/benchmarks.md)
 
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -62,6 +69,15 @@ class MoELayer(nn.Module):
                 self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False)
         self.aux_loss = torch.zeros(())
         self.last_stats: RoutingStats | None = None
+        self.impl = "auto"
+        self.reset_parameters()  # a standalone layer must be usable; MoETransformer re-inits with its own std
+
+    def expert_impl(self, num_tokens: int) -> str:
+        if self.impl == "auto":
+            return "decode" if num_tokens <= self.decode_max_tokens else "grouped"
+        if self.impl not in EXPERT_IMPLS:
+            raise ValueError(f"MoELayer.impl must be auto or one of {', '.join(EXPERT_IMPLS)}; got {self.impl!r}")
+        return self.impl
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, S, D = x.shape
@@ -69,7 +85,7 @@ class MoELayer(nn.Module):
         valid_T = None if padding_mask is None else padding_mask.reshape(B * S).bool()
         r = self.router(x_TD, valid_T)
         plan = plan_dispatch(r, self.cfg.num_experts, self.cfg.effective_capacity_factor, valid_T)
-        y_MD = self.experts(x_TD[plan.token_ids], plan.counts)
+        y_MD = self.experts(x_TD[plan.token_ids], plan.counts, self.expert_impl(B * S))
         out_TD = combine(y_MD, plan, B * S)  # [T, D] fp32
         if self.cfg.num_shared_experts:
             out_TD = out_TD + self._shared_forward(x_TD)
@@ -109,7 +125,9 @@ class MoELayer(nn.Module):
         """Aux-loss-free balancing step; the trainer calls it once per optimizer step."""
         self.router.update_bias()
 
-    def reset_parameters(self, std: float, out_std: float) -> None:
+    def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        """N(0, std) weights (GPT-2); ``out_std`` (default ``std``) for the projections back to d_model."""
+        out_std = std if out_std is None else out_std
         self.router.reset_parameters(std)
         self.experts.reset_parameters(std, out_std)
         if self.cfg.num_shared_experts:

@@ -1,0 +1,95 @@
+"""``moekit bench layer``: time MoELayer against dense-active and transformers (see layer.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+from moekit.errors import UsageError
+
+QUICK = dict(tokens=512, repeats=5, warmup=1, dtypes="fp32")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
+    bsub = p.add_subparsers(dest="bench_command", required=True, parser_class=type(p))
+    s = bsub.add_parser("layer", help="time MoELayer vs a dense FFN of the active size and vs transformers' MoE block")
+    s.add_argument("--shapes", default="coarse,fine,fine+shared", help="comma list of coarse, fine, fine+shared")
+    s.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
+    s.add_argument("--modes", default="fwd+bwd,fwd,decode1,decode8", help="comma list of fwd+bwd, fwd, decode1, decode8")
+    s.add_argument("--tokens", type=int, default=4096, help="tokens for fwd+bwd and fwd (default: 4096)")
+    s.add_argument("--repeats", type=int, default=5, help="timed repeats per candidate, median reported (>= 5)")
+    s.add_argument("--warmup", type=int, default=2, help="untimed calls per candidate first (default: 2)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice); 1 steadies timings on a busy machine")
+    s.add_argument("--loop", action="store_true", help="also time moekit's reference per-expert loop")
+    s.add_argument("--no-hf", action="store_true", help="skip transformers' blocks")
+    s.add_argument("--json", dest="json_path", default="bench_layer.json", help="where to write the JSON results")
+    s.add_argument("--quick", action="store_true",
+                   help="a fast smoke run: 512 tokens, fp32, 5 repeats, 1 warm-up (overrides those flags)")
+    s.set_defaults(func=cmd_bench_layer)
+
+
+def _choices(value: str, known, flag: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in known]
+    if bad or not items:
+        raise UsageError(f"{flag}: unknown {bad or value!r}; choose from {', '.join(known)}")
+    return items
+
+
+def cmd_bench_layer(args) -> int:
+    import torch
+
+    from moekit.bench.layer import DTYPES, MODES, SHAPES
+
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    shapes = _choices(args.shapes, SHAPES, "--shapes")
+    dtypes = _choices(args.dtypes, DTYPES, "--dtypes")
+    modes = _choices(args.modes, MODES, "--modes")
+    if args.tokens < 1 or args.repeats < 5 or args.warmup < 0:
+        raise UsageError("--tokens must be >= 1, --repeats >= 5 (medians of fewer mislead), --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        return _run(args, shapes, dtypes, modes)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, shapes, dtypes, modes) -> int:
+    import torch
+
+    from moekit.bench.layer import format_table, rows_to_json, run_case
+
+    load_start = os.getloadavg()
+    rows = []
+    for shape in shapes:
+        for dtype in dtypes:
+            for mode in modes:
+                case = run_case(shape, dtype, mode, args.tokens, args.repeats, args.warmup, args.loop, not args.no_hf)
+                print(format_table(case).split("\n", 2)[-1] if rows else format_table(case), flush=True)
+                rows += case
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or
+            platform.machine(), "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
+            "cpus": os.cpu_count(), "args": {k: v for k, v in vars(args).items() if k != "func"}}
+    _write_json_atomic(Path(args.json_path), rows_to_json(rows, meta))
+    print(f"\nwrote {args.json_path}")
+    return 0
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

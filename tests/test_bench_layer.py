@@ -1,0 +1,33 @@
+"""`moekit bench layer`: runs end to end on a tiny setting, writes its JSON, rejects bad flags."""
+
+import json
+
+from moekit.bench.layer import SHAPES, useful_flops
+from moekit.cli import main
+
+
+def test_bench_layer_decode_writes_table_and_json(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", "layer", "--quick", "--shapes", "coarse", "--modes", "decode1", "--no-hf",
+                 "--loop", "--threads", "1", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "moekit[loop]" in table and "dense" in table
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["name"] for r in rows} == {"moekit", "moekit[loop]", "dense"}
+    for r in rows:
+        assert r["tokens"] == 1 and len(r["times_ms"]) == 5 and r["ms"] > 0
+    dense = next(r for r in rows if r["name"] == "dense")
+    assert dense["vs_dense"] == 1.0
+
+
+def test_flops_count_active_width():
+    s = SHAPES["fine+shared"]  # 6 routed + 2 shared experts of width 256
+    assert useful_flops(s, 10, "fwd") == 6 * 512 * 8 * 256 * 10
+    assert useful_flops(s, 10, "fwd+bwd") == 3 * useful_flops(s, 10, "fwd")
+
+
+def test_bench_layer_bad_flags_exit_2(capsys):
+    assert main(["bench", "layer", "--shapes", "huge"]) == 2
+    err = capsys.readouterr().err
+    assert "--shapes" in err and "coarse" in err and len(err.strip().splitlines()) == 1
+    assert main(["bench", "layer", "--repeats", "2"]) == 2
