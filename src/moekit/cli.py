@@ -14,6 +14,7 @@ from pathlib import Path
 from moekit.config import ModelConfig
 from moekit.errors import UsageError
 from moekit.training import cli as training_cli
+from moekit.analysis import cli as analysis_cli
 
 
 class _Parser(argparse.ArgumentParser):
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.set_defaults(func=cmd_demo)
     training_cli.add_parser(sub)  # train, eval, sample
+    analysis_cli.add_parser(sub)  # analyze
     return p
 
 
