@@ -15,6 +15,7 @@ from moekit.config import ModelConfig
 from moekit.errors import UsageError
 from moekit.training import cli as training_cli
 from moekit.analysis import cli as analysis_cli
+from moekit.experiments import cli as experiments_cli
 
 
 class _Parser(argparse.ArgumentParser):
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
     training_cli.add_parser(sub)  # train, eval, sample
     analysis_cli.add_parser(sub)  # analyze
+    experiments_cli.add_parser(sub)  # experiment
     return p
 
 
