@@ -60,6 +60,10 @@ class CategoryScheme:
     def other(self) -> int:
         return self.names.index(OTHER)
 
+    @property
+    def whitespace(self) -> int | None:
+        return self.names.index("whitespace") if "whitespace" in self.names else None
+
     def label(self, text: str, doc_name: str = "") -> np.ndarray:
         """[len(text)] int8 category index of every character."""
         if self.user_rules:
@@ -191,15 +195,23 @@ def encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int
     return list(enc.ids), [tuple(o) for o in enc.offsets]
 
 
-def token_categories(char_labels: np.ndarray, offsets, num_categories: int, other: int) -> np.ndarray:
-    """[N] int8: the majority category of each token's characters (ties: lowest index);
-    a token with an empty span (a special token) is ``other``."""
+def token_categories(char_labels: np.ndarray, offsets, num_categories: int, other: int,
+                     whitespace: int | None = None) -> np.ndarray:
+    """[N] int8: the majority category of each token's characters (ties: lowest index).
+
+    Whitespace counts only for tokens that are all whitespace: byte-level BPE glues a leading
+    space to words (" return"), which should stay a keyword. A token with an empty span (a
+    special token) is ``other``.
+    """
     out = np.full(len(offsets), other, dtype=np.int8)
     for i, (s, e) in enumerate(offsets):
         if e - s == 1:
             out[i] = char_labels[s]
         elif e > s:
-            out[i] = np.bincount(char_labels[s:e], minlength=num_categories).argmax()
+            span = char_labels[s:e]
+            if whitespace is not None and (span != whitespace).any():
+                span = span[span != whitespace]
+            out[i] = np.bincount(span, minlength=num_categories).argmax()
     return out
 
 

@@ -57,7 +57,7 @@ def eval_text(docs: Iterable[Document], tokenizer, scheme: CategoryScheme, max_t
     for doc in docs:
         ids, offsets = encode_with_offsets(tokenizer, doc.text)
         labels = scheme.label(doc.text, doc.name)
-        cats = token_categories(labels, offsets, len(scheme.names), scheme.other)
+        cats = token_categories(labels, offsets, len(scheme.names), scheme.other, scheme.whitespace)
         ids_all.append(np.asarray(ids + [tokenizer.eos_id], dtype=np.int64))
         cats_all.append(np.append(cats, np.int8(scheme.other)))
         names.append(doc.name)
