@@ -16,6 +16,7 @@ _TRAIN_FLAGS = {"data": "data.sources", "tokenizer": "data.tokenizer", "seq_len"
 
 def build_train_config(args):
     """TrainConfig defaults < the flags < --set (training fields only: the variants are the models)."""
+    from moekit.presets import get_preset
     from moekit.training.config import TrainConfig, apply_override
 
     train_d = TrainConfig().to_dict()
@@ -27,11 +28,12 @@ def build_train_config(args):
             for p in parents:
                 d = d[p]
             d[last] = value
-    model_d: dict = {}
+    model_d = get_preset("tiny-moe").to_dict()  # a target for model keys, only to refuse them
+    before = repr(model_d)
     for assignment in args.set or []:
         apply_override(train_d, model_d, assignment)
-    if model_d:
-        raise UsageError(f"--set changes training fields only; the experiment defines the models ({', '.join(model_d)})")
+        if repr(model_d) != before:
+            raise UsageError(f"--set {assignment}: --set changes training fields only; the experiment defines the models")
     return TrainConfig.from_dict(train_d)
 
 
