@@ -125,7 +125,7 @@ class _RouterRecorder:
         def hook(module, args, out):
             x_TD = args[0].detach().float()
             room = self.stability_tokens - self.kept_inputs[i]
-            keep = x_TD[: max(room, 0)].cpu()
+            keep = x_TD[: max(room, 0)].cpu().clone()  # a copy: a view would keep the whole batch alive
             self.kept_inputs[i] += keep.shape[0]
             probs = out.probs.detach()
             entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1)
