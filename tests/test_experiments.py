@@ -111,6 +111,22 @@ def test_runner_plumbing_and_reuse(corpus, tmp_path):
         run_experiment("dense-vs-moe", out, cfg, steps=3, variants=tiny_variants(), log=logs.append)
 
 
+def test_runner_resumes_an_interrupted_variant(corpus, tmp_path):
+    from rich.console import Console
+
+    from moekit.experiments.runner import variant_config
+    from moekit.training import read_metrics, train
+
+    cfg = TrainConfig(data=DataConfig(sources=[str(corpus)], tokenizer="bytes"), seq_len=16, batch_size=2,
+                      eval_batches=1, warmup_steps=1, cache_dir=str(tmp_path / "cache"))
+    out, variants = tmp_path / "exp", tiny_variants()[1:]
+    train(variant_config(cfg, 4), variants[0].model, out / "runs" / "moe", console=Console(quiet=True), stop_after=2)
+    logs: list[str] = []
+    result = run_experiment("balancing", out, cfg, steps=4, variants=variants, log=logs.append)
+    assert any(line.startswith("resuming moe") for line in logs)
+    assert result["rows"][0]["steps"] == 4 and read_metrics(out / "runs" / "moe", "end")[-1]["status"] == "done"
+
+
 def test_experiment_cli_with_calibrated_budget(corpus, tmp_path, capsys):
     out = tmp_path / "bal"
     assert main(["experiment", "balancing", "--data", str(corpus), "--tokenizer", "bytes", "--seq-len", "8",

@@ -66,33 +66,36 @@ def variant_config(cfg: TrainConfig, steps: int) -> TrainConfig:
                                ckpt_every=steps, keep_last=1)
 
 
-def _finished(run_dir: Path, cfg: TrainConfig, model_cfg) -> bool:
-    """A finished run of exactly this config (the saved model's vocabulary follows the tokenizer)."""
-    from moekit.training.metrics import read_metrics
+def _same_run(run_dir: Path, cfg: TrainConfig, model_cfg) -> bool:
+    """The folder holds a run of exactly these configs (the saved vocabulary follows the tokenizer)."""
     from moekit.training.run import read_run_configs
 
-    ends = read_metrics(run_dir, "end")
-    if not ends or ends[-1].get("status") != "done":
-        return False
     saved_cfg, saved_model = read_run_configs(run_dir)
     same_model = dataclasses.replace(model_cfg, vocab_size=saved_model.vocab_size).to_dict() == saved_model.to_dict()
     return same_model and saved_cfg.to_dict() == cfg.to_dict()
 
 
-def _prepare_dir(run_dir: Path, cfg: TrainConfig, model_cfg, overwrite: bool) -> bool:
-    """True when the variant must be trained (its folder is then absent)."""
-    from moekit.training.run import is_run_dir
+def _plan(run_dir: Path, cfg: TrainConfig, model_cfg, overwrite: bool) -> str:
+    """What to do with a variant's folder: "train" (it is then absent), "resume" or "reuse"."""
+    from moekit.training.metrics import read_metrics
+    from moekit.training.run import is_run_dir, read_run_configs
 
     if not run_dir.exists():
-        return True
-    if not overwrite and is_run_dir(run_dir) and _finished(run_dir, cfg, model_cfg):
-        return False
+        return "train"
     if not is_run_dir(run_dir):
         raise UsageError(f"{run_dir} exists and is not a moekit run folder: choose another --out")
-    if not overwrite:
-        raise UsageError(f"{run_dir} holds an unfinished or different run: pass --overwrite or choose another --out")
+    if not overwrite and _same_run(run_dir, cfg, model_cfg):
+        ends = read_metrics(run_dir, "end")
+        if ends and ends[-1].get("status") == "done":
+            return "reuse"
+        if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step-*")):
+            return "resume"
+    elif not overwrite:
+        steps = read_run_configs(run_dir)[0].max_steps  # a calibrated budget differs from call to call
+        raise UsageError(f"{run_dir} holds a different run (of {steps} steps): pass --steps {steps} to continue "
+                         f"with its budget, --overwrite to retrain, or another --out")
     shutil.rmtree(run_dir)
-    return True
+    return "train"
 
 
 def run_experiment(name: str, out: str | Path, cfg: TrainConfig, *, steps: int | None = None,
@@ -127,11 +130,12 @@ def run_experiment(name: str, out: str | Path, cfg: TrainConfig, *, steps: int |
     curves = []
     for v in variants:
         run_dir = out / "runs" / v.name
-        if _prepare_dir(run_dir, run_cfg, v.model, overwrite):
-            log(f"training {v.name}: {v.description}")
-            train(run_cfg, v.model, run_dir, console=console)
-        else:
+        action = _plan(run_dir, run_cfg, v.model, overwrite)
+        if action == "reuse":
             log(f"reusing the finished run {run_dir}")
+        else:
+            log(f"{'resuming' if action == 'resume' else 'training'} {v.name}: {v.description}")
+            train(run_cfg, v.model, run_dir, resume=action == "resume", console=console)
         curves.append(dict(name=v.name, description=v.description, **variant_curve(run_dir)))
     result = dict(experiment=name, question=exp.question, command=command, steps=steps,
                   tokens_per_step=cfg.tokens_per_step, seed=cfg.seed, device=str(device),
