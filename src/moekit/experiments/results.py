@@ -97,7 +97,8 @@ def render_markdown(result: dict) -> str:
              f"Command: `{result['command']}`", "",
              f"Each variant: {result['steps']} steps x {result['tokens_per_step']:,} tokens = "
              f"{result['steps'] * result['tokens_per_step']:,} training tokens, same data and batches "
-             f"(seed {result['seed']}); device {result['device']}; {result['wall_seconds'] / 60:.1f} minutes in all.", "",
+             f"(seed {result['seed']}); device {result['device']} ({result['machine']}); "
+             f"{result['wall_seconds'] / 60:.1f} minutes in all.", "",
              "| variant | total params | active params | train GFLOPs/token | final val loss | best val loss | "
              "train s | tokens/s | max_violation | dead | dropped | tokens to reach " + base + "'s final loss |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

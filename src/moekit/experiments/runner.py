@@ -98,6 +98,18 @@ def _plan(run_dir: Path, cfg: TrainConfig, model_cfg, overwrite: bool) -> str:
     return "train"
 
 
+def machine() -> str:
+    """What ran it, for the results page: CPU count and torch threads, or the GPU."""
+    import os
+    import platform
+
+    import torch
+
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads{gpu}")
+
+
 def run_experiment(name: str, out: str | Path, cfg: TrainConfig, *, steps: int | None = None,
                    minutes: float = 10.0, scale: float = 1.0, overwrite: bool = False,
                    variants: list[Variant] | None = None, command: str = "", console=None,
@@ -138,7 +150,7 @@ def run_experiment(name: str, out: str | Path, cfg: TrainConfig, *, steps: int |
             train(run_cfg, v.model, run_dir, resume=action == "resume", console=console)
         curves.append(dict(name=v.name, description=v.description, **variant_curve(run_dir)))
     result = dict(experiment=name, question=exp.question, command=command, steps=steps,
-                  tokens_per_step=cfg.tokens_per_step, seed=cfg.seed, device=str(device),
+                  tokens_per_step=cfg.tokens_per_step, seed=cfg.seed, device=str(device), machine=machine(),
                   wall_seconds=time.perf_counter() - t_start, train_config=run_cfg.to_dict(),
                   rows=summarize(curves), variants=curves)
     write_results(result, out)
