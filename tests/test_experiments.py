@@ -133,7 +133,7 @@ def test_experiment_cli_with_calibrated_budget(corpus, tmp_path, capsys):
                  "--batch-size", "1", "--eval-batches", "1", "--minutes", "0.02", "--threads", "1",
                  "--set", "warmup_steps=1", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert [r["variant"] for r in res["rows"]] == ["no-balancing", "switch-aux", "aux-free"]
+    assert [r["variant"] for r in res["rows"]] == ["no-balancing", "switch-aux", "aux-free", "aux-free-1e-2"]
     assert len({r["tokens"] for r in res["rows"]}) == 1 and res["steps"] >= 2
     assert "moekit experiment balancing --minutes 0.02" in res["command"]
     assert "aux-free" in capsys.readouterr().out

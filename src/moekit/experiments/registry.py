@@ -52,6 +52,10 @@ def balancing() -> list[Variant]:
         # DeepSeek-V3's update rate (sec. 2.1.2), with no auxiliary loss at all.
         Variant("aux-free", "aux-loss-free bias balancing, rate 1e-3 (DeepSeek-V3)",
                 _moe(moe, load_balance_coef=0.0, bias_update_rate=1e-3)),
+        # DeepSeek-V3's rate was tuned for ~100k steps; a short run needs a bigger step to move
+        # the bias at all (it can change by at most rate x steps).
+        Variant("aux-free-1e-2", "aux-loss-free bias balancing, rate 1e-2 (for short runs)",
+                _moe(moe, load_balance_coef=0.0, bias_update_rate=1e-2)),
     ]
 
 
