@@ -13,7 +13,9 @@ from pathlib import Path
 
 from moekit.config import ModelConfig
 from moekit.errors import UsageError
+from moekit.analysis import cli as analysis_cli
 from moekit.bench import cli as bench_cli
+from moekit.experiments import cli as experiments_cli
 from moekit.training import cli as training_cli
 
 
@@ -128,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
     training_cli.add_parser(sub)  # train, eval, sample
     bench_cli.add_parser(sub)  # bench layer
+    analysis_cli.add_parser(sub)  # analyze
+    experiments_cli.add_parser(sub)  # experiment
     return p
 
 

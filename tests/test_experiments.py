@@ -1,0 +1,157 @@
+"""Experiments: the variants match what they claim (equal active or total parameters), the
+interpolation of "tokens to reach a loss", and the runner's plumbing at a tiny scale."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+from moekit import MoEConfig, ModelConfig
+from moekit.accounting import count_params
+from moekit.cli import main
+from moekit.data import DataConfig, default_corpus_root
+from moekit.errors import UsageError
+from moekit.experiments import EXPERIMENTS, Variant, run_experiment, tokens_to_reach
+from moekit.experiments.runner import steps_for_minutes
+from moekit.training import TrainConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def by_name(experiment: str) -> dict[str, ModelConfig]:
+    return {v.name: v.model for v in EXPERIMENTS[experiment].variants()}
+
+
+def routed_width(cfg: ModelConfig) -> int:
+    """FFN hidden units a token passes through: routed k * d_expert plus shared."""
+    return cfg.d_ff if cfg.moe is None else cfg.moe.top_k * cfg.moe.d_expert + cfg.moe.shared_width
+
+
+def test_dense_vs_moe_matches_active_and_total_parameters():
+    v = by_name("dense-vs-moe")
+    assert routed_width(v["tiny-dense"]) == routed_width(v["tiny-moe"]) == 1024
+    moe, dense_total = count_params(v["tiny-moe"]), count_params(v["dense-total"])
+    router = 4 * 8 * 256  # the only parameters tiny-moe has beyond the wide dense model
+    assert moe.total - dense_total.total == router
+    assert count_params(v["tiny-moe"]).active - count_params(v["tiny-dense"]).active == router
+
+
+def test_top_k_variants_have_equal_active_width():
+    v = by_name("top-k")
+    assert [routed_width(c) for c in v.values()] == [1024, 1024, 1024]
+    assert [(c.moe.top_k, c.moe.num_experts) for c in v.values()] == [(1, 8), (2, 8), (8, 64)]
+    assert all(c.moe.capacity_factor is None for c in v.values())
+
+
+def test_balancing_and_capacity_variants():
+    b = by_name("balancing")
+    assert (b["no-balancing"].moe.load_balance_coef, b["no-balancing"].moe.bias_update_rate) == (0.0, 0.0)
+    assert b["switch-aux"].moe.load_balance_coef > 0 and b["switch-aux"].moe.bias_update_rate == 0
+    assert b["aux-free"].moe.load_balance_coef == 0 and b["aux-free"].moe.bias_update_rate > 0
+    assert [c.moe.capacity_factor for c in by_name("capacity").values()] == [1.0, 1.25, 2.0, None]
+
+
+def test_tokens_to_reach_interpolates_the_first_crossing():
+    pts = [dict(tokens=0, val_loss=5.0), dict(tokens=100, val_loss=4.0), dict(tokens=200, val_loss=3.0),
+           dict(tokens=300, val_loss=3.5)]
+    assert tokens_to_reach(pts, 3.5) == pytest.approx(150.0)
+    assert tokens_to_reach(pts, 4.0) == 100.0
+    assert tokens_to_reach(pts, 6.0) == 0.0
+    assert tokens_to_reach(pts, 2.0) is None
+
+
+def test_steps_for_minutes():
+    cfg = TrainConfig(eval_batches=3)  # 9 evaluations of 3 batches ~ 9 step-equivalents per variant
+    assert steps_for_minutes([1.0, 2.0], 1.0, cfg) == 11  # (60 - 9 * 3) / 3
+    assert steps_for_minutes([100.0], 1.0, cfg) == 2  # never fewer than 2
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    for name in ("textwrap.py", "colorsys.py", "bisect.py", "heapq.py", "fnmatch.py"):
+        shutil.copy(default_corpus_root() / name, d / name)
+    return d
+
+
+def tiny_variants() -> list[Variant]:
+    moe = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=32,
+                      moe=MoEConfig(d_model=32, d_expert=32, num_experts=4, top_k=2, capacity_factor=1.0))
+    return [Variant("dense", "a dense baseline", dataclasses.replace(moe, moe=None)), Variant("moe", "an MoE", moe)]
+
+
+def test_runner_plumbing_and_reuse(corpus, tmp_path):
+    cfg = TrainConfig(data=DataConfig(sources=[str(corpus)], tokenizer="bytes"), seq_len=16, batch_size=2,
+                      eval_batches=1, warmup_steps=1, cache_dir=str(tmp_path / "cache"))
+    logs: list[str] = []
+    out = tmp_path / "exp"
+    result = run_experiment("dense-vs-moe", out, cfg, steps=4, variants=tiny_variants(), log=logs.append)
+    assert {p.name for p in out.iterdir()} >= {"results.md", "results.json", "loss.png", "routing.png", "runs"}
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dense", "moe"]
+    assert all(r["tokens"] == 4 * 32 and r["steps"] == 4 for r in rows)  # equal tokens per variant
+    assert rows[0]["max_violation"] is None and rows[1]["max_violation"] is not None
+    assert rows[1]["dropped_fraction"] >= 0 and rows[0]["tokens_to_baseline_loss"] == pytest.approx(128.0)
+    flops = [v["points"][-1]["flops"] for v in result["variants"]]
+    assert flops[0] == pytest.approx(rows[0]["train_flops_per_token"] * 128)
+    assert "tokens to reach dense's final loss" in (out / "results.md").read_text()
+    # A second call reuses the finished runs; different settings for the same folders are refused.
+    logs.clear()
+    run_experiment("dense-vs-moe", out, cfg, steps=4, variants=tiny_variants(), log=logs.append)
+    assert sum("reusing" in line for line in logs) == 2
+    with pytest.raises(UsageError, match="--overwrite"):
+        run_experiment("dense-vs-moe", out, cfg, steps=3, variants=tiny_variants(), log=logs.append)
+
+
+def test_runner_resumes_an_interrupted_variant(corpus, tmp_path):
+    from rich.console import Console
+
+    from moekit.experiments.runner import variant_config
+    from moekit.training import read_metrics, train
+
+    cfg = TrainConfig(data=DataConfig(sources=[str(corpus)], tokenizer="bytes"), seq_len=16, batch_size=2,
+                      eval_batches=1, warmup_steps=1, cache_dir=str(tmp_path / "cache"))
+    out, variants = tmp_path / "exp", tiny_variants()[1:]
+    train(variant_config(cfg, 4), variants[0].model, out / "runs" / "moe", console=Console(quiet=True), stop_after=2)
+    logs: list[str] = []
+    result = run_experiment("balancing", out, cfg, steps=4, variants=variants, log=logs.append)
+    assert any(line.startswith("resuming moe") for line in logs)
+    assert result["rows"][0]["steps"] == 4 and read_metrics(out / "runs" / "moe", "end")[-1]["status"] == "done"
+
+
+def test_experiment_cli_with_calibrated_budget(corpus, tmp_path, capsys):
+    out = tmp_path / "bal"
+    assert main(["experiment", "balancing", "--data", str(corpus), "--tokenizer", "bytes", "--seq-len", "8",
+                 "--batch-size", "1", "--eval-batches", "1", "--minutes", "0.02", "--threads", "1",
+                 "--set", "warmup_steps=1", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["variant"] for r in res["rows"]] == ["no-balancing", "switch-aux", "aux-free", "aux-free-1e-2"]
+    assert len({r["tokens"] for r in res["rows"]}) == 1 and res["steps"] >= 2
+    assert "moekit experiment balancing --minutes 0.02" in res["command"]
+    assert "aux-free" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["experiment", "no-such"], "invalid choice"),
+    (["experiment", "balancing", "--steps", "0"], "--steps must be >= 1"),
+    (["experiment", "balancing", "--scale", "0"], "must be > 0"),
+    (["experiment", "balancing", "--set", "moe.top_k=1"], "training fields only"),
+    (["experiment", "balancing", "--threads", "0"], "--threads must be >= 1"),
+    (["experiment", "balancing", "--data", "/no/such/corpus"], "/no/such/corpus"),
+])
+def test_experiment_bad_input_exits_2(tmp_path, capsys, args, message):
+    try:
+        code = main(args + ["--out", str(tmp_path / "o")])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
