@@ -70,3 +70,13 @@ def test_demo_runs(capsys):
     assert main(["demo", "--steps", "2", "--batch-size", "2", "--seq-len", "16"]) == 0
     out = capsys.readouterr().out
     assert "step 2" in out and "MoE layer 3" in out
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`moekit inspect ... --json | head -1`: a closed pipe ends the command quietly."""
+    proc = subprocess.Popen([sys.executable, "-m", "moekit", "inspect", "mixtral-8x7b", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    proc.stdout.close()  # the reader is gone before moekit writes a byte
+    _, err = proc.communicate(timeout=120)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+    assert proc.returncode in (0, 141)

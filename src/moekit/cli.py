@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -145,3 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moekit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `moekit eval --json | head`: the reader left. Point stdout at devnull so the
+        # interpreter's final flush does not raise a second time (Python docs' recipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for SIGPIPE
