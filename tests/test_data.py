@@ -3,6 +3,7 @@
 import json
 import random
 import string
+import sys
 
 import numpy as np
 import pytest
@@ -162,18 +163,24 @@ def test_jsonl_documents(tmp_path):
     assert [d.text for d in docs] == [r["body"] for r in rows] and docs[1].name == "d.jsonl:2"
 
 
-def test_parquet_documents_or_a_clear_message(tmp_path):
+def test_parquet_documents(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is in the dev extra; install .[dev]")
+    import pyarrow.parquet as pq
+
     path = tmp_path / "d.parquet"
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        path.write_bytes(b"PAR1")
-        with pytest.raises(UsageError, match="needs pyarrow"):
-            list(Corpus([str(path)]).documents())
-        return
-    pq.write_table(pa.table({"text": ["first document", "second one"]}), path)
+    pq.write_table(pa.table({"text": ["first document", "second one"], "n": [1, 2]}), path)
     assert [d.text for d in Corpus([str(path)]).documents()] == ["first document", "second one"]
+    with pytest.raises(UsageError, match="body"):
+        list(Corpus([str(path)], text_field="body").documents())
+
+
+def test_parquet_without_pyarrow_is_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow now raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"PAR1")
+    with pytest.raises(UsageError, match="needs pyarrow"):
+        list(Corpus([str(path)]).documents())
 
 
 # --- bad input: one clear line, nothing half-written -----------------------------------------

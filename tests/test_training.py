@@ -103,6 +103,23 @@ def test_a_20_step_run_learns_and_writes_its_folder(finished_run):
     assert json.loads((run_dir / "config.json").read_text())["vocab_size"] == 257
 
 
+def test_tensorboard_mirrors_the_metrics(finished_run):
+    """With tensorboard installed (a dev dependency), the run folder holds event files whose
+    scalars equal the JSONL log's."""
+    pytest.importorskip("tensorboard", reason="tensorboard is in the dev extra; install .[dev]")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = finished_run
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "eval/val_loss", "routing/max_violation_layer0"} <= tags, tags
+    train_loss = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    expected = [(r["step"], r["loss"]) for r in read_metrics(run_dir, "train")]
+    assert [s for s, _ in train_loss] == [s for s, _ in expected]
+    assert [v for _, v in train_loss] == pytest.approx([v for _, v in expected], rel=1e-6)
+
+
 def test_load_run_gives_back_the_trained_model(finished_run):
     run_dir, result = finished_run
     run = load_run(run_dir)
