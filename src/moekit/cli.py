@@ -47,7 +47,12 @@ def resolve_config(target: str) -> tuple[str, ModelConfig]:
     if not isinstance(data, dict):
         raise UsageError(f"{path} does not hold a JSON object")
     if is_hf_config(data):  # "architectures"/"model_type": a Hugging Face model's config.json
-        return str(path), config_from_hf(data)
+        cfg = config_from_hf(data)
+        mtp = data.get("num_nextn_predict_layers") or 0
+        if mtp:  # on stderr: `inspect --json` output stays pure JSON
+            print(f"note: {path}: {mtp} multi-token-prediction layer(s) not counted; they are not part "
+                  "of the language model, and from_pretrained skips them", file=sys.stderr)
+        return str(path), cfg
     return str(path), ModelConfig.from_dict(data)
 
 
