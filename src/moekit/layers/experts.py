@@ -14,6 +14,8 @@ Three interchangeable ways to compute the same thing (``impl``):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -21,6 +23,21 @@ from moekit.layers.grouped_mm import grouped_ffn
 from moekit.layers.mlp import activate, first_proj_width
 
 IMPLS = ("grouped", "decode", "loop")
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: without them oneDNN emulates bf16/fp16 GEMMs, several times slower
+    than fp32 on the same CPU (docs/benchmarks.md)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def _emulated_half(x: torch.Tensor) -> bool:
+    """bf16/fp16 on a CPU that only emulates them in oneDNN's GEMM: there the decode path uses
+    torch's GEMV for one row and fp32 math for more (3-8x faster on an AVX2 machine)."""
+    half = x.dtype in (torch.bfloat16, torch.float16)
+    return half and x.device.type == "cpu" and not cpu_has_native_bf16()
 
 
 class Experts(nn.Module):
@@ -50,14 +67,21 @@ class Experts(nn.Module):
     def _decode(self, x_MD: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Only the experts that got slots run, on views of their weights: with 1-64 tokens
         the cost is reading those experts' weights once, as for a dense FFN."""
-        w_in, w_out = self.w_in, self.w_out
-        if x_MD.dtype != w_in.dtype and not torch.is_autocast_enabled(x_MD.device.type):
-            w_in, w_out = w_in.to(x_MD.dtype), w_out.to(x_MD.dtype)
+        half_on_cpu = not torch.is_autocast_enabled(x_MD.device.type) and _emulated_half(x_MD)
+
+        def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            w = w.to(x_MD.dtype)  # a no-op unless fp32 master weights meet half activations
+            if not half_on_cpu:
+                return a @ w
+            if a.shape[0] == 1:  # torch's own half GEMV reads w in place: 8x faster than oneDNN here
+                return torch.mv(w.t(), a[0])[None]
+            return (a.float() @ w.float()).to(x_MD.dtype)  # fp32 math rounded to half, as a GEMM gives
+
         outs, start = [], 0
         for e, n in enumerate(counts.tolist()):
             if n:
-                x_e = x_MD[start : start + n]  # [n, D]
-                outs.append(activate(x_e @ w_in[e], self.activation) @ w_out[e])
+                x_e = x_MD[start : start + n]  # [n, D]; only the chosen experts' weights are read
+                outs.append(mm(activate(mm(x_e, self.w_in[e]), self.activation), self.w_out[e]))
                 start += n
         return torch.cat(outs).to(x_MD.dtype) if outs else x_MD.new_zeros(0, self.d_model)
 
