@@ -34,8 +34,9 @@ def cpu_has_native_bf16() -> bool:
 
 
 def _emulated_half(x: torch.Tensor) -> bool:
-    """bf16/fp16 on a CPU that only emulates them in oneDNN's GEMM: there the decode path uses
-    torch's GEMV for one row and fp32 math for more (3-8x faster on an AVX2 machine)."""
+    """bf16/fp16 on a CPU that only emulates them: there the decode path multiplies the few rows
+    and the chosen experts' weights in fp32 (3-10x faster on an AVX2 machine with cold weights;
+    torch's bf16 GEMV was no faster than that, oneDNN's bf16 GEMM far slower)."""
     half = x.dtype in (torch.bfloat16, torch.float16)
     return half and x.device.type == "cpu" and not cpu_has_native_bf16()
 
@@ -73,8 +74,6 @@ class Experts(nn.Module):
             w = w.to(x_MD.dtype)  # a no-op unless fp32 master weights meet half activations
             if not half_on_cpu:
                 return a @ w
-            if a.shape[0] == 1:  # torch's own half GEMV reads w in place: 8x faster than oneDNN here
-                return torch.mv(w.t(), a[0])[None]
             return (a.float() @ w.float()).to(x_MD.dtype)  # fp32 math rounded to half, as a GEMM gives
 
         outs, start = [], 0
