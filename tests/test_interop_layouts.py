@@ -74,6 +74,22 @@ def test_bf16_checkpoint(tmp_path):
             assert torch.equal(a.get_tensor(name), b.get_tensor(name)), name
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_argument(device, tmp_path):
+    ref = build("mixtral")
+    ref.save_pretrained(tmp_path / "hf")
+    model = moekit.from_pretrained(tmp_path / "hf", dtype=torch.float32, device=torch.device(device))
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert {t.device.type for t in tensors} == {device}
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    with torch.no_grad():
+        logits = model(ids.to(device)).logits.cpu()
+        assert (ref(input_ids=ids).logits - logits).abs().max().item() <= ATOL
+
+
 def test_tied_embeddings(tmp_path):
     ref = llama(tie=True).eval()
     ref.save_pretrained(tmp_path / "hf")
