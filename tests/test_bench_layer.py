@@ -31,3 +31,15 @@ def test_bench_layer_bad_flags_exit_2(capsys):
     err = capsys.readouterr().err
     assert "--shapes" in err and "coarse" in err and len(err.strip().splitlines()) == 1
     assert main(["bench", "layer", "--repeats", "2"]) == 2
+
+
+def test_table_columns_stay_aligned_when_values_are_missing():
+    from moekit.bench.layer import Row, format_table
+
+    full = Row("coarse", "fp32", "decode1", 1, "moekit", ms=3.5, tokens_per_s=287.0, gflops=3.2,
+               vs_dense=1.28, vs_hf_best=0.9, saved_mb=0.0)
+    no_hf = Row("coarse", "fp32", "decode1", 1, "moekit", ms=3.5, tokens_per_s=287.0, gflops=3.2,
+                vs_dense=1.28, vs_hf_best=None, saved_mb=0.0)
+    _, _, a, b = format_table([full, no_hf]).splitlines()
+    assert len(a) == len(b)  # the "-" takes the missing number's width
+    assert a.split()[-2:] == ["0.90", "0.0"] and b.split()[-2:] == ["-", "0.0"]

@@ -218,8 +218,8 @@ def format_table(rows: list[Row]) -> str:
            f"{'/dense':>8}{'/hf best':>9}{'saved MB':>10}  note"
     lines = [head, "-" * len(head)]
     for r in rows:
-        def f(v, fmt):
-            return format(v, fmt) if v is not None else "-"
+        def f(v, fmt):  # a missing value keeps the column's width
+            return format(v, fmt) if v is not None else format("-", ">" + fmt.split(".")[0])
         lines.append(f"{r.shape:<12}{r.dtype:<6}{r.mode:<9}{r.tokens:>6}  {r.name:<16}{f(r.ms, '10.2f')}"
                      f"{f(r.tokens_per_s, '10.0f')}{f(r.gflops, '9.1f')}{f(r.vs_dense, '8.2f')}"
                      f"{f(r.vs_hf_best, '9.2f')}{f(r.saved_mb, '10.1f')}  {r.note}")
