@@ -1,9 +1,11 @@
 """The data pipeline: sources, tokenizers, the cached split, batches, and bad input."""
 
 import json
+import os
 import random
 import string
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -256,3 +258,20 @@ def test_data_config_validation_names_the_field():
         DataConfig(val_fraction=0.0)
     with pytest.raises(ValueError, match="data.vocab_size"):
         DataConfig(vocab_size=100)
+
+
+def test_a_killed_build_leaves_no_temp_folder_for_long(corpus_dir, tmp_path):
+    """A build killed before its cleanup leaves .tmp-*; the next build removes those a day old
+    and leaves younger ones alone (they may be a concurrent build's)."""
+    cfg = DataConfig(sources=[str(corpus_dir)], tokenizer="bytes")
+    first = prepare_data(cfg, tmp_path / "cache", log=lambda s: None)
+    parent = first.path.parent
+    old, young = parent / ".tmp-killed-1", parent / ".tmp-running-2"
+    for p in (old, young):
+        p.mkdir()
+        (p / "train.bin").write_bytes(b"\0" * 64)
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(old, (two_days_ago, two_days_ago))
+    (corpus_dir / "f00.txt").write_text("another version of the text, so the cache builds again " * 3)
+    prepare_data(cfg, tmp_path / "cache", log=lambda s: None)
+    assert not old.exists() and young.exists()

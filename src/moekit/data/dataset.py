@@ -226,6 +226,21 @@ def prepare_data(
     return TokenData(train=train, val=val_tokens, tokenizer=tokenizer, meta=meta, path=folder)
 
 
+STALE_TEMP_S = 24 * 3600
+
+
+def _remove_stale_temps(cache: Path) -> None:
+    """Temp folders of builds that were killed before their cleanup ran (SIGKILL, power loss).
+    A build touches its folder as it writes, so one a day old is no live build's."""
+    now = time.time()
+    for path in cache.glob(".tmp-*"):
+        try:
+            if now - path.stat().st_mtime > STALE_TEMP_S:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # another run removed it first
+            pass
+
+
 def _build_entry(folder: Path, corpus: Corpus, val: set[str], tok: TextTokenizer, stats: dict, log) -> None:
     log(f"tokenizing {stats['documents']} documents ({stats['characters'] / 1e6:.1f}M characters) "
         f"of {corpus.description}")
@@ -233,6 +248,7 @@ def _build_entry(folder: Path, corpus: Corpus, val: set[str], tok: TextTokenizer
         log(f"  skipped {len(stats['skipped_files'])} file(s) that are not UTF-8 text, "
             f"e.g. {stats['skipped_files'][0]}")
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(folder.parent)
     tmp = make_temp_dir(folder.parent, f".tmp-{folder.name}-")
     try:
         t0 = time.perf_counter()
