@@ -282,3 +282,14 @@ def test_train_config_validation_names_the_field():
 def test_seq_len_longer_than_the_model_context_is_refused(corpus, cache, tmp_path):
     with pytest.raises(UsageError, match="exceeds the model's max_seq_len 32"):
         train(tiny_train(corpus, cache, seq_len=64), tiny_model(), tmp_path / "r", console=quiet())
+
+
+def test_progress_bar_expects_the_steps_a_time_budget_allows():
+    from moekit.training.report import Reporter
+
+    budget = Reporter(Console(quiet=True), total_steps=1000, start_step=0, log_every=10, budget_s=240.0)
+    assert budget.expected_steps({"step": 30, "elapsed": 24.0}) == 300  # 30 steps in a tenth of it
+    assert budget.expected_steps({"step": 500, "elapsed": 60.0}) == 1000  # max_steps comes first
+    assert budget.expected_steps({"step": 5, "elapsed": 0.0}) == 1000  # no pace yet
+    steps = Reporter(Console(quiet=True), total_steps=1000, start_step=0, log_every=10)
+    assert steps.expected_steps({"step": 30, "elapsed": 24.0}) == 1000

@@ -264,7 +264,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, run_dir: str | Path, *, resu
     t_start, base_elapsed, step_seconds, session_tokens = time.perf_counter(), state.elapsed, 0.0, 0
     budget_s = cfg.time_budget * 60 if cfg.time_budget is not None else None
     try:
-        with stop.installed(), Reporter(console, cfg.max_steps, state.step, cfg.log_every) as reporter:
+        with stop.installed(), Reporter(console, cfg.max_steps, state.step, cfg.log_every, budget_s) as reporter:
             if state.initial_val is None:
                 ev, ev_step = evaluate(model, val_batches, cfg.precision), 0
                 state.initial_val = ev.loss

@@ -17,9 +17,11 @@ from moekit.training.metrics import LayerRouting
 
 
 class Reporter:
-    def __init__(self, console: Console, total_steps: int, start_step: int, log_every: int):
+    def __init__(self, console: Console, total_steps: int, start_step: int, log_every: int,
+                 budget_s: float | None = None):
         self.console = console
         self.log_every = log_every
+        self.total_steps, self.budget_s = total_steps, budget_s
         self._progress = None
         if console.is_terminal:
             self._progress = Progress(
@@ -42,9 +44,17 @@ class Reporter:
         if rec.get("max_violation"):
             info += f"  worst balance {max(rec['max_violation']):.2f}"
         if self._progress is not None:
-            self._progress.update(self._task, completed=rec["step"], info=info)
+            self._progress.update(self._task, completed=rec["step"], total=self.expected_steps(rec), info=info)
         elif rec["step"] % self.log_every == 0:
             self.console.print(f"step {rec['step']:>6}  {info}  lr {rec['lr']:.2e}", highlight=False, markup=False)
+
+
+    def expected_steps(self, rec: dict) -> int:
+        """max_steps, or fewer when a time budget runs out first (at the pace so far)."""
+        elapsed = rec.get("elapsed") or 0.0
+        if self.budget_s is None or elapsed <= 0:
+            return self.total_steps
+        return max(rec["step"], min(self.total_steps, round(rec["step"] * self.budget_s / elapsed)))
 
 
 def routing_table(routing: Sequence[LayerRouting], title: str = "routing (validation)") -> Table:
