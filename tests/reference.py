@@ -13,8 +13,8 @@ from moekit.layers.mlp import activate
 
 
 def expert_ffn(layer, e, x):
-    w_in, w_out = layer.experts.w_in[e].to(x.dtype), layer.experts.w_out[e].to(x.dtype)
-    return activate(x @ w_in, layer.cfg.activation) @ w_out
+    w_in, w_out = layer.experts.w_in[e].to(x.dtype), layer.experts.w_out[e].to(x.dtype)  # [out, in]
+    return activate(x @ w_in.t(), layer.cfg.activation) @ w_out.t()
 
 
 def reference_moe(layer, x, padding_mask=None):

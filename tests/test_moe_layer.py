@@ -140,8 +140,8 @@ def test_one_expert_top1_equals_dense_ffn(activation):
     moe.reset_parameters(std=0.2, out_std=0.2)
     dense = MLP(D, 48, activation)
     with torch.no_grad():
-        dense.w_in.weight.copy_(moe.experts.w_in[0].t())
-        dense.w_out.weight.copy_(moe.experts.w_out[0].t())
+        dense.w_in.weight.copy_(moe.experts.w_in[0])
+        dense.w_out.weight.copy_(moe.experts.w_out[0])
     x = torch.randn(2, 9, D)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     y1, y2 = moe(x1), dense(x2)
@@ -150,8 +150,8 @@ def test_one_expert_top1_equals_dense_ffn(activation):
     (y1 * g).sum().backward()
     (y2 * g).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(moe.experts.w_in.grad[0], dense.w_in.weight.grad.t(), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(moe.experts.w_out.grad[0], dense.w_out.weight.grad.t(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(moe.experts.w_in.grad[0], dense.w_in.weight.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(moe.experts.w_out.grad[0], dense.w_out.weight.grad, atol=1e-6, rtol=1e-5)
 
 
 def test_unused_expert_gets_zero_gradient_not_none():

@@ -1,17 +1,17 @@
 """The declarative map between moekit's tensors and Hugging Face checkpoint tensors.
 
 Every moekit tensor is made of one or more ``Piece``s: a checkpoint tensor, the slice of the
-moekit tensor it fills, and an invertible transform (identity, transpose, or a row permutation).
+moekit tensor it fills, and an invertible transform (identity, or a row permutation).
 Loading copies ``transform.to_moekit(ckpt[piece.hf])`` into ``tensor[piece.index]``; exporting
 writes ``transform.to_hf(tensor[piece.index])`` under ``piece.hf``.
 
 Shape legend: E experts, D model dim, F expert hidden width (moekit fuses gate|up into 2F).
 
     moekit                             Hugging Face (under model.layers.{i}.)
-    experts.w_in  [E, D, 2F]           {moe}.experts.{e}.{gate,up}.weight [F, D] each, transposed
-                                       or {moe}.experts.gate_up_proj [E, 2F, D], transposed
-    experts.w_out [E, F, D]            {moe}.experts.{e}.{down}.weight [D, F], transposed
-                                       or {moe}.experts.down_proj [E, D, F], transposed
+    experts.w_in  [E, 2F, D]           {moe}.experts.{e}.{gate,up}.weight [F, D] each, stacked
+                                       or {moe}.experts.gate_up_proj [E, 2F, D]
+    experts.w_out [E, D, F]            {moe}.experts.{e}.{down}.weight [D, F]
+                                       or {moe}.experts.down_proj [E, D, F]
     ffn.w_in [2F, D] (dense / shared)  mlp.gate_proj.weight rows [0, F) and mlp.up_proj.weight rows [F, 2F)
 """
 
@@ -29,20 +29,6 @@ from moekit.interop.family import Family, HFConfig
 PER_EXPERT, FUSED = "per_expert", "fused"
 EXPERT_LAYOUTS = (PER_EXPERT, FUSED)
 FUSED_MODULE = "mlp"  # transformers 5 keeps fused experts (and the router) under mlp.*
-
-
-@dataclass(frozen=True)
-class Transpose:
-    """moekit holds the transpose of the checkpoint tensor (its last two dims swapped)."""
-
-    def to_moekit(self, t: torch.Tensor) -> torch.Tensor:
-        return t.transpose(-1, -2)
-
-    def to_hf(self, t: torch.Tensor) -> torch.Tensor:
-        return t.transpose(-1, -2)
-
-    def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        return (*shape[:-2], shape[-1], shape[-2])
 
 
 @dataclass(frozen=True)
@@ -73,8 +59,8 @@ class RowPermutation:
         return shape
 
 
-Transform = Union[Identity, Transpose, RowPermutation]
-IDENTITY, TRANSPOSE = Identity(), Transpose()
+Transform = Union[Identity, RowPermutation]
+IDENTITY = Identity()
 WHOLE: tuple = ()  # the index of a piece that is the whole moekit tensor
 
 
@@ -171,16 +157,16 @@ def pieces(
 
 def _expert_pieces(which: str, shape: tuple[int, ...], prefix: str, proj: tuple[str, str, str], layout: str):
     if layout == FUSED:
-        return [Piece(prefix + ("gate_up_proj" if which == "w_in" else "down_proj"), WHOLE, TRANSPOSE)]
+        return [Piece(prefix + ("gate_up_proj" if which == "w_in" else "down_proj"))]
     gate, up, down = proj
     E = shape[0]
-    if which == "w_out":  # [E, F, D] <- down [D, F] per expert
-        return [Piece(f"{prefix}{e}.{down}.weight", (e,), TRANSPOSE) for e in range(E)]
-    F = shape[2] // 2  # [E, D, 2F] <- gate [F, D] and up [F, D] per expert
+    if which == "w_out":  # [E, D, F] <- down [D, F] per expert
+        return [Piece(f"{prefix}{e}.{down}.weight", (e,)) for e in range(E)]
+    F = shape[1] // 2  # [E, 2F, D] <- gate [F, D] and up [F, D] per expert
     out = []
     for e in range(E):
-        out.append(Piece(f"{prefix}{e}.{gate}.weight", (e, slice(None), slice(0, F)), TRANSPOSE))
-        out.append(Piece(f"{prefix}{e}.{up}.weight", (e, slice(None), slice(F, 2 * F)), TRANSPOSE))
+        out.append(Piece(f"{prefix}{e}.{gate}.weight", (e, slice(0, F))))
+        out.append(Piece(f"{prefix}{e}.{up}.weight", (e, slice(F, 2 * F))))
     return out
 
 
@@ -211,6 +197,6 @@ def hf_piece_shape(piece: Piece, moekit_shape: tuple[int, ...]) -> tuple[int, ..
 
 
 __all__ = [
-    "Piece", "Identity", "Transpose", "RowPermutation", "Unmapped", "EXPERT_LAYOUTS", "PER_EXPERT", "FUSED",
+    "Piece", "Identity", "RowPermutation", "Unmapped", "EXPERT_LAYOUTS", "PER_EXPERT", "FUSED",
     "pieces", "load_alternatives", "export_pieces", "hf_piece_shape",
 ]

@@ -5,14 +5,16 @@ H = F_in first-projection width (2F for SwiGLU, gate first), E experts. ``offs``
 the running end of each expert's slice (cumsum of the counts), the layout
 ``torch.nn.functional.grouped_mm`` takes.
 
+Weights are [out, in] per expert (``experts.py``): w_in [E, H, D], w_out [E, D, F].
+
 Plan of ``grouped_ffn`` (forward, then backward of the custom autograd.Function):
-    1. h = x @ w_in[e]       per slice            [M, H]   (gate and up in one matmul)
+    1. h = x @ w_in[e]^T     per slice            [M, H]   (gate and up in one matmul)
     2. a = act(h)                                 [M, F]
-    3. y = a @ w_out[e]      per slice            [M, D]
+    3. y = a @ w_out[e]^T    per slice            [M, D]
     backward, given dy [M, D]; saves only x and h (a is recomputed: one elementwise pass):
-    4. da = dy @ w_out[e]^T, dw_out[e] = a_e^T @ dy_e
+    4. da = dy @ w_out[e],   dw_out[e] = dy_e^T @ a_e
     5. dh = act'(h) * da
-    6. dx = dh @ w_in[e]^T,  dw_in[e] = x_e^T @ dh_e
+    6. dx = dh @ w_in[e],    dw_in[e] = dh_e^T @ x_e
 Every matmul is a grouped one: autograd of ``grouped_mm`` itself is not usable on every build
 (on torch 2.13 CPU its backward fails on expanded gradients), and autograd through a Python
 loop would save a and both halves of h as separate tensors.
@@ -53,7 +55,8 @@ def _fast_layout(w: torch.Tensor) -> torch.Tensor:
     """w [E, K, N] in a memory layout the CPU kernels run fast. fp32: as it comes (row- or
     column-major per expert both run at full speed; a copy would cost more than it saves).
     bf16: column-major per expert, the layout ``F.linear`` weights have and oneDNN's bf16
-    GEMM wants (several times faster than row-major on AVX2 machines)."""
+    GEMM wants (several times faster than row-major on AVX2 machines). The forward's operands
+    (w.mT views of the [out, in] weights) already are; the backward's get a copy."""
     if w.dtype == torch.bfloat16 and w.device.type == "cpu":
         return w if w.stride(-2) == 1 else w.mT.contiguous().mT
     return w if w.stride(-1) == 1 or w.stride(-2) == 1 else w.contiguous()
@@ -118,8 +121,8 @@ class _GroupedFFN(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, x, w_in, w_out, offs, activation: str, use_grouped: bool):
         w_in_c, w_out_c = w_in.to(x.dtype), w_out.to(x.dtype)
-        h = _mm(x, w_in_c, offs, use_grouped)  # [M, H]
-        y = _mm(_activate(h, activation), w_out_c, offs, use_grouped)  # [M, D]
+        h = _mm(x, w_in_c.mT, offs, use_grouped)  # [M, H]
+        y = _mm(_activate(h, activation), w_out_c.mT, offs, use_grouped)  # [M, D]
         ctx.save_for_backward(x, h, w_in, w_out, offs)
         ctx.activation, ctx.use_grouped = activation, use_grouped
         return y
@@ -135,11 +138,11 @@ class _GroupedFFN(torch.autograd.Function):
         g = ctx.use_grouped
         dy = dy.contiguous()
         w_in_c, w_out_c = w_in.to(x.dtype), w_out.to(x.dtype)
-        da = _mm(dy, w_out_c.mT, offs, g)  # [M, F]
+        da = _mm(dy, w_out_c, offs, g)  # [M, F]
         a, dh = _activation_backward(h, da, ctx.activation)  # [M, F], [M, H]
-        dw_out = _wgrad(a, dy, offs, g).to(w_out.dtype) if ctx.needs_input_grad[2] else None
-        dx = _mm(dh, w_in_c.mT, offs, g) if ctx.needs_input_grad[0] else None
-        dw_in = _wgrad(x, dh, offs, g).to(w_in.dtype) if ctx.needs_input_grad[1] else None
+        dw_out = _wgrad(dy, a, offs, g).to(w_out.dtype) if ctx.needs_input_grad[2] else None  # [E, D, F]
+        dx = _mm(dh, w_in_c, offs, g) if ctx.needs_input_grad[0] else None
+        dw_in = _wgrad(dh, x, offs, g).to(w_in.dtype) if ctx.needs_input_grad[1] else None  # [E, H, D]
         return dx, dw_in, dw_out, None, None, None
 
 
