@@ -230,3 +230,15 @@ def test_a_standalone_layer_is_initialized():
             assert 0.005 < p.std().item() < 0.05, (name, p.std().item())
         y = layer(torch.randn(2, 8, 64))
         assert torch.isfinite(y).all() and y.abs().max() > 0
+
+
+def test_last_stats_describe_the_last_forward_whenever_read():
+    layer = make_layer("softmax-top2", None)
+    assert layer.last_stats is None
+    layer(torch.randn(1, 8, D))
+    layer(torch.randn(1, 12, D))  # stats are computed when read: they must be this forward's
+    stats = layer.last_stats
+    assert stats.num_tokens == 12 and int(stats.tokens_per_expert.sum()) == 12 * 2
+    assert set(stats.losses) == {"load_balance", "seq_balance", "z_loss"}
+    assert all(isinstance(v, float) for v in stats.losses.values())
+    assert layer.last_stats is stats  # computed once

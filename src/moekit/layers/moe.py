@@ -68,7 +68,8 @@ class MoELayer(nn.Module):
             if cfg.shared_expert_gate:
                 self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False)
         self.aux_loss = torch.zeros(())
-        self.last_stats: RoutingStats | None = None
+        self._stats: RoutingStats | None = None
+        self._stats_inputs: tuple | None = None  # what last_stats is computed from, on demand
         self.impl = "auto"
         self.reset_parameters()  # a standalone layer must be usable; MoETransformer re-inits with its own std
 
@@ -90,10 +91,18 @@ class MoELayer(nn.Module):
         if self.cfg.num_shared_experts:
             out_TD = out_TD + self._shared_forward(x_TD)
         self.aux_loss, losses = self._aux_loss(r, B, S, valid_T)
-        self.last_stats = routing_stats(r, plan, valid_T, losses)
+        self._stats, self._stats_inputs = None, (r.probs.detach(), plan, valid_T, losses)
         if self.training:
             self.router.record_load(plan.routed_counts)
         return out_TD.to(x.dtype).view(B, S, D)
+
+    @property
+    def last_stats(self) -> RoutingStats | None:
+        """Routing statistics of the last forward (None before the first), computed when first
+        read: a forward nobody inspects (generation) pays nothing for them, not even a sync."""
+        if self._stats is None and self._stats_inputs is not None:
+            self._stats, self._stats_inputs = routing_stats(*self._stats_inputs), None
+        return self._stats
 
     def _shared_forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         y = self.shared(x_TD)
@@ -104,21 +113,22 @@ class MoELayer(nn.Module):
 
     def _aux_loss(
         self, r: RouterOutput, B: int, S: int, valid_T: torch.Tensor | None
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted sum for the loss, and each unweighted loss (detached) for the stats."""
         cfg = self.cfg
         total = r.logits.new_zeros(())
-        losses: dict[str, float] = {}
+        losses: dict[str, torch.Tensor] = {}
         token_choice = not r.expert_choice  # expert choice is balanced by construction
         if cfg.load_balance_coef > 0 and token_choice:
             lb = switch_load_balancing_loss(r.probs, r.ids, valid_T)
-            total, losses["load_balance"] = total + cfg.load_balance_coef * lb, lb.item()
+            total, losses["load_balance"] = total + cfg.load_balance_coef * lb, lb.detach()
         if cfg.seq_balance_coef > 0 and token_choice:
             valid_BS = None if valid_T is None else valid_T.view(B, S)
             sb = sequence_balance_loss(r.probs.view(B, S, -1), r.ids.view(B, S, -1), valid_BS)
-            total, losses["seq_balance"] = total + cfg.seq_balance_coef * sb, sb.item()
+            total, losses["seq_balance"] = total + cfg.seq_balance_coef * sb, sb.detach()
         if cfg.z_loss_coef > 0:
             z = router_z_loss(r.logits, valid_T)
-            total, losses["z_loss"] = total + cfg.z_loss_coef * z, z.item()
+            total, losses["z_loss"] = total + cfg.z_loss_coef * z, z.detach()
         return total, losses
 
     def update_expert_bias(self) -> None:
@@ -139,11 +149,11 @@ class MoELayer(nn.Module):
 
 @torch.no_grad()
 def routing_stats(
-    r: RouterOutput, plan: DispatchPlan, valid_T: torch.Tensor | None, losses: dict[str, float]
+    probs_TE: torch.Tensor, plan: DispatchPlan, valid_T: torch.Tensor | None, losses: dict[str, torch.Tensor]
 ) -> RoutingStats:
     load = plan.routed_counts.float()  # [E]
     mean = load.mean()
-    probs = r.probs if valid_T is None else r.probs[valid_T]  # [T_real, E]
+    probs = probs_TE if valid_T is None else probs_TE[valid_T]  # [T_real, E]
     entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).mean() if probs.numel() else probs.new_zeros(())
     return RoutingStats(
         tokens_per_expert=plan.routed_counts.detach().cpu(),
@@ -152,7 +162,7 @@ def routing_stats(
         router_entropy=float(entropy),
         dead_experts=int((plan.routed_counts == 0).sum()),
         num_tokens=int(probs.shape[0]),
-        losses=losses,
+        losses={name: float(value) for name, value in losses.items()},
     )
 
 
