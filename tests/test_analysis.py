@@ -194,14 +194,6 @@ def test_top1_agreement():
 
 # --- end to end on a tiny trained run ---
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     corpus = tmp_path_factory.mktemp("corpus")

@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from moekit import MoEConfig, ModelConfig
 from moekit.accounting import count_params
@@ -16,14 +15,6 @@ from moekit.errors import UsageError
 from moekit.experiments import EXPERIMENTS, Variant, run_experiment, tokens_to_reach
 from moekit.experiments.runner import steps_for_minutes
 from moekit.training import TrainConfig
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def by_name(experiment: str) -> dict[str, ModelConfig]:

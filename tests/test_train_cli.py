@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from moekit import MoEConfig, ModelConfig
 from moekit.cli import build_parser, main
@@ -17,14 +16,6 @@ from moekit.data import default_corpus_root
 from moekit.training import read_metrics
 from moekit.training.checkpoint import list_checkpoints, verify_checkpoint
 from moekit.training.cli import build_configs
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: see tests/test_training.py
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -59,16 +59,6 @@ def tiny_train(corpus, cache, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one thread is faster, and on a shared machine two OpenMP threads that get
-    # descheduled turn a 5 s module into minutes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def quiet() -> Console:
     return Console(quiet=True)
 
