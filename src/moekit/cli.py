@@ -14,6 +14,7 @@ from pathlib import Path
 
 from moekit.config import ModelConfig
 from moekit.errors import UsageError
+from moekit.fileio import read_json_object
 from moekit.analysis import cli as analysis_cli
 from moekit.bench import cli as bench_cli
 from moekit.experiments import cli as experiments_cli
@@ -40,12 +41,7 @@ def resolve_config(target: str) -> tuple[str, ModelConfig]:
         if path.suffix or "/" in target:
             raise UsageError(f"no such file: {path}")
         get_preset(target)  # raises the "unknown preset ..., known presets: ..." error
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"cannot read config {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise UsageError(f"{path} does not hold a JSON object")
+    data = read_json_object(path)  # ValueError: one line, exit 2 (main)
     if is_hf_config(data):  # "architectures"/"model_type": a Hugging Face model's config.json
         cfg = config_from_hf(data)
         mtp = data.get("num_nextn_predict_layers") or 0

@@ -79,6 +79,17 @@ def atomic_write_json(target: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON file that must hold an object; ValueError naming the file otherwise."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return data
+
+
 def fsync_file(path: str | os.PathLike) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())

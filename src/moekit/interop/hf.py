@@ -18,7 +18,6 @@ routes in fp32, and a bf16 bias (spacing 2^-7 near 1) would change which experts
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from moekit.config import ModelConfig
+from moekit.fileio import read_json_object
 from moekit.interop.checkpoint import (
     DTYPES, INDEX, SINGLE, Checkpoint, parse_size, remove_stale, write_json, write_safetensors,
 )
@@ -43,13 +43,7 @@ def read_hf_config(folder: Path) -> HFConfig:
     path = folder / "config.json" if folder.is_dir() else folder
     if not path.is_file():
         raise ValueError(f"no config.json in {folder}")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return data
+    return read_json_object(path)
 
 
 def from_pretrained(
