@@ -3,11 +3,14 @@ per-expert reference loop: every router, capacity on and off, shared experts, fp
 forward and gradients (input and every weight); plus autocast, torch.compile and the
 grouped_mm-free fallback."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from moekit import MoEConfig, MoELayer
 from moekit.layers import grouped_mm
+from moekit.layers.dispatch import DispatchPlan
 from moekit.layers.experts import Experts
 
 from test_moe_layer import CASES, D, assert_close_scaled, make_layer, run_both
@@ -41,7 +44,9 @@ def test_fast_path_matches_reference_bf16(impl, case):
     layer.impl = impl
     y1, y2, g1, g2 = run_both(layer, torch.randn(2, 12, D).bfloat16())
     assert y1.dtype == torch.bfloat16
-    torch.testing.assert_close(y1.float(), y2.float(), atol=2e-2, rtol=2e-2)
+    # Relative to the largest entry: the fused path rounds a*w in bf16 before the down
+    # projection, the reference weights fp32 outputs; both are as far from an fp32 oracle.
+    assert_close_scaled(y1.float(), y2.float(), tol=2e-2)
     for a, b in zip(g1, g2):
         assert a.dtype == b.dtype
         assert_close_scaled(a.float(), b.float(), tol=2e-2)
@@ -50,26 +55,34 @@ def test_fast_path_matches_reference_bf16(impl, case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
 def test_grouped_equals_loop_with_empty_experts(activation, dtype, monkeypatch):
-    """Experts level, uneven slices with empty ones: grouped_mm path, its loop fallback and
-    autograd through the plain loop agree on outputs and all gradients; idle experts get zeros."""
+    """Experts level, a hand-made plan: uneven slices with empty ones, tokens repeated across
+    experts and one token with no slot. The grouped path, its loop fallback and autograd
+    through the plain loop agree on outputs and all gradients (input, routing weights, expert
+    weights); idle experts get zero gradients."""
     experts = Experts(6, 16, 12, activation).to(dtype)
     experts.reset_parameters(0.3, 0.3)
     counts = torch.tensor([5, 0, 9, 1, 0, 7])
-    x = torch.randn(int(counts.sum()), 16, dtype=dtype)
-    dy = torch.randn_like(x)
+    T = 10
+    token_ids = torch.cat([torch.randperm(T - 1)[:n] for n in counts.tolist()])  # token T-1 unused
+    plan = DispatchPlan(token_ids=token_ids, weights=torch.rand(len(token_ids)), counts=counts,
+                        routed_counts=counts, num_dropped=0, num_routed=len(token_ids), capacity=None)
+    x = torch.randn(T, 16, dtype=dtype)
+    d_out = torch.randn(T, 16)
     results = []
     for impl, grouped_ok in [("loop", True), ("grouped", True), ("grouped", False)]:
         monkeypatch.setattr(grouped_mm, "grouped_mm_supported", lambda _x, ok=grouped_ok: ok)
-        xi = x.clone().requires_grad_(True)
-        y = experts(xi, counts, impl)
-        (y * dy).sum().backward()
-        results.append([y, xi.grad, experts.w_in.grad, experts.w_out.grad])
+        xi, wi = x.clone().requires_grad_(True), plan.weights.clone().requires_grad_(True)
+        y = experts(xi, dataclasses.replace(plan, weights=wi), impl)
+        assert y.dtype == torch.float32 and y.shape == (T, 16)
+        (y * d_out).sum().backward()
+        results.append([y, xi.grad, wi.grad, experts.w_in.grad, experts.w_out.grad])
         experts.zero_grad(set_to_none=True)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for other in results[1:]:
         for a, b in zip(other, results[0]):
             assert_close_scaled(a.float(), b.float(), tol=tol)
-    w_in_grad = results[1][2]
+    y, x_grad, _, w_in_grad, _ = results[1]
+    assert torch.count_nonzero(y[T - 1]) == 0 and torch.count_nonzero(x_grad[T - 1]) == 0
     assert torch.count_nonzero(w_in_grad[1]) == 0 and torch.count_nonzero(w_in_grad[4]) == 0
     assert torch.count_nonzero(w_in_grad[0]) > 0
 

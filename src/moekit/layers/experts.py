@@ -7,9 +7,12 @@ and F otherwise; ``w_out`` is [E, D, F]. Each expert's matrices are [out, in], l
 ``F.linear(act(F.linear(x, w_in[e])), w_out[e])``. That layout is also what CPU GEMMs take
 fastest in half precision and what grouped GEMM kernels take as their transposed operand.
 
-Three interchangeable ways to compute the same thing (``impl``):
-- ``"grouped"``: one grouped matmul per projection over all slices, custom backward
-  (``grouped_mm.py``); the training and prefill path.
+Each impl maps the tokens and a ``DispatchPlan`` to the weighted sum of their experts'
+outputs, [T, D] fp32: gather by ``plan.token_ids``, experts, weighted scatter back. Three
+interchangeable ways to compute the same thing (``impl``):
+- ``"grouped"``: gather, one grouped matmul per projection over all slices and the weighted
+  scatter as one autograd node with a custom backward (``grouped_mm.py``); the training and
+  prefill path.
 - ``"decode"``: a few tokens touch a few experts: multiply only the non-empty slices against
   views of their experts' weights (no weight copies, no work for the idle experts).
 - ``"loop"``: the plain per-expert loop under autograd, kept as the readable reference.
@@ -21,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.layers.grouped_mm import grouped_ffn
+from moekit.layers.dispatch import DispatchPlan, combine
+from moekit.layers.grouped_mm import grouped_moe
 from moekit.layers.mlp import activate, first_proj_width
 
 IMPLS = ("grouped", "decode", "loop")
@@ -35,21 +39,22 @@ class Experts(nn.Module):
         self.w_in = nn.Parameter(torch.empty(num_experts, first_proj_width(d_expert, activation), d_model))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_model, d_expert))
 
-    def forward(self, x_MD: torch.Tensor, counts: torch.Tensor, impl: str = "grouped") -> torch.Tensor:
-        """x_MD [M, D] sorted by expert, counts [E] slice lengths -> [M, D] in x's dtype.
+    def forward(self, x_TD: torch.Tensor, plan: DispatchPlan, impl: str = "grouped") -> torch.Tensor:
+        """x_TD [T, D] -> [T, D] fp32: for each token, its kept slots' expert outputs times
+        their routing weights, summed (zeros for a token with no kept slot).
 
-        Each expert multiplies its contiguous slice. Each expert's weight gradient is a
-        tensor (zeros when it got no tokens), never missing: data-parallel gradient
-        reductions would otherwise wait for it forever (the weights are single stacked
+        Each expert multiplies its contiguous slice of the dispatched tokens. Each expert's
+        weight gradient is a tensor (zeros when it got no tokens), never missing: data-parallel
+        gradient reductions would otherwise wait for it forever (the weights are single stacked
         parameters, so this holds for every impl).
         """
         if impl == "grouped":
-            return grouped_ffn(x_MD, self.w_in, self.w_out, counts, self.activation)
-        if impl == "decode":
-            return self._decode(x_MD, counts)
-        if impl != "loop":
+            return grouped_moe(x_TD, plan.token_ids, plan.weights, self.w_in, self.w_out, plan.counts, self.activation)
+        if impl not in IMPLS:
             raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
-        return self._loop(x_MD, counts)
+        x_MD = x_TD[plan.token_ids]  # [M, D] grouped by expert
+        y_MD = self._decode(x_MD, plan.counts) if impl == "decode" else self._loop(x_MD, plan.counts)
+        return combine(y_MD, plan, x_TD.shape[0])
 
     def _decode(self, x_MD: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Only the experts that got slots run, on views of their weights: with 1-64 tokens

@@ -1,23 +1,32 @@
-"""Grouped expert computation: every expert's FFN on its contiguous slice, in one call per matmul.
+"""Grouped expert computation: gather, every expert's FFN on its contiguous slice (one call
+per matmul), weighted scatter back, as one autograd node.
 
-Shape legend: M dispatched slots (sorted by expert), D model dim, F expert hidden width,
-H = F_in first-projection width (2F for SwiGLU, gate first), E experts. ``offs`` [E] int32 is
-the running end of each expert's slice (cumsum of the counts), the layout
-``torch.nn.functional.grouped_mm`` takes.
+Shape legend: T tokens, M dispatched slots (sorted by expert), D model dim, F expert hidden
+width, H = F_in first-projection width (2F for SwiGLU, gate first), E experts. ``offs`` [E]
+int32 is the running end of each expert's slice (cumsum of the counts), the layout
+``torch.nn.functional.grouped_mm`` takes. ``token_ids`` [M] and ``weights`` [M] say which
+token each slot came from and what its output is multiplied by (``dispatch.py``).
 
 Weights are [out, in] per expert (``experts.py``): w_in [E, H, D], w_out [E, D, F].
 
-Plan of ``grouped_ffn`` (forward, then backward of the custom autograd.Function):
-    1. h = x @ w_in[e]^T     per slice            [M, H]   (gate and up in one matmul)
-    2. a = act(h)                                 [M, F]
-    3. y = a @ w_out[e]^T    per slice            [M, D]
-    backward, given dy [M, D]; saves only x and h (a is recomputed: one elementwise pass):
-    4. da = dy @ w_out[e],   dw_out[e] = dy_e^T @ a_e
-    5. dh = act'(h) * da
-    6. dx = dh @ w_in[e],    dw_in[e] = dh_e^T @ x_e
-Every matmul is a grouped one: autograd of ``grouped_mm`` itself is not usable on every build
-(on torch 2.13 CPU its backward fails on expanded gradients), and autograd through a Python
-loop would save a and both halves of h as separate tensors.
+Plan of ``grouped_moe`` (forward, then backward of the custom autograd.Function):
+    1. x = x_TD[token_ids]                                  [M, D]
+    2. h = x @ w_in[e]^T     per slice                      [M, H]   (gate and up in one matmul)
+    3. a = act(h) * w        the routing weight, on the narrow side  [M, F]
+    4. y = a @ w_out[e]^T    per slice                      [M, D]
+    5. out_TD = index_add(token_ids, y)                     [T, D] fp32
+    backward, given d_out [T, D]; saves only h (x_TD, token_ids, weights are small or live anyway):
+    6. dy = d_out[token_ids]; du = dy @ w_out[e]            [M, D], [M, F]
+    7. dw = rowsum(act(h) * du); dw_out[e] = dy_e^T @ a_e   (a recomputed from h)
+    8. dh = act'(h) * (du * w)
+    9. x = x_TD[token_ids] again; dx = dh @ w_in[e]; dw_in[e] = dh_e^T @ x_e
+   10. dx_TD = index_add(token_ids, dx)
+Why one node: autograd of the separate steps keeps the gathered x [M, D] alive until backward
+(k copies of the input; re-gathering costs one memory pass), multiplies the routing weight on
+the wide [M, D] output and again in backward, and scatters with ``index_put_``, which on CPU
+is several times slower than ``index_add_``. Why custom matmul backward: autograd of
+``grouped_mm`` itself is not usable on every build (on torch 2.13 CPU its backward fails on
+expanded gradients), and autograd through a Python loop would save a and both halves of h.
 
 Where ``grouped_mm`` is missing (older torch, or a dtype/device it does not take), the same
 steps run as a loop over the slices; results are identical up to rounding.
@@ -90,73 +99,110 @@ def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
     return activate(h, activation)
 
 
-def _activation_backward(h: torch.Tensor, da: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(act(h), d act(h)/dh applied to da), both recomputed from h, in h's dtype.
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[M, F], [M, F] -> [M] fp32 row-wise dot products. einsum runs it as a batched matmul
+    without an [M, F] temporary: 4 ms against 16 ms for (a * b).sum(-1) at [32768, 256]."""
+    return torch.einsum("mf,mf->m", a, b).float()
 
-    Fresh large buffers are what this costs on CPU (page faults on first touch), so SwiGLU
-    writes both halves of dh in place and turns silu(gate) into act(h) in place.
+
+def _activation_backward(
+    h: torch.Tensor, du: torch.Tensor, w_M1: torch.Tensor, activation: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For u = act(h) * w, given du = dL/du (overwritten): (u, dL/dh, dL/dw [M] fp32).
+
+    act(h) is recomputed from h. Fresh large buffers are what this costs on CPU (page faults
+    on first touch), so SwiGLU writes both halves of dh in place and builds u in place.
     """
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
         dh = torch.empty_like(h)
         d_gate, d_up = dh.chunk(2, dim=-1)
-        a = F.silu(gate)
-        torch.mul(da, a, out=d_up)  # d up = da * silu(gate)
-        torch.mul(da, up, out=d_gate)
+        s = torch.ops.aten.silu.out(gate, out=d_up)  # silu(gate), in the buffer d up goes to
+        a = s * up
+        dw = _rowdot(a, du)
+        du.mul_(w_M1)
+        d_up.mul_(du)  # d up = du * w * silu(gate)
+        torch.mul(du, up, out=d_gate)
         torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)  # * silu'(gate)
-        return a.mul_(up), dh
+        return a.mul_(w_M1), dh, dw
+    a = activate(h, activation)
+    dw = _rowdot(a, du)
+    du.mul_(w_M1)
     if activation == "gelu":
-        return F.gelu(h), torch.ops.aten.gelu_backward(da, h)
-    if activation == "relu":
-        return F.relu(h), da * (h > 0)
-    raise ValueError(f"unknown activation {activation!r}")
+        dh = torch.ops.aten.gelu_backward(du, h)
+    elif activation == "relu":
+        dh = du.mul_(h > 0)
+    else:
+        raise ValueError(f"unknown activation {activation!r}")
+    return a.mul_(w_M1), dh, dw
 
 
-class _GroupedFFN(torch.autograd.Function):
+class _GroupedMoE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_in, w_out, offs, activation: str, use_grouped: bool):
-        with torch.autocast(x.device.type, enabled=False):
-            return _GroupedFFN._forward(ctx, x, w_in, w_out, offs, activation, use_grouped)
+    def forward(ctx, x_TD, token_ids, weights, w_in, w_out, offs, activation: str, use_grouped: bool):
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return _GroupedMoE._forward(ctx, x_TD, token_ids, weights, w_in, w_out, offs, activation, use_grouped)
 
     @staticmethod
-    def _forward(ctx, x, w_in, w_out, offs, activation: str, use_grouped: bool):
-        w_in_c, w_out_c = w_in.to(x.dtype), w_out.to(x.dtype)
-        h = _mm(x, w_in_c.mT, offs, use_grouped)  # [M, H]
-        y = _mm(_activate(h, activation), w_out_c.mT, offs, use_grouped)  # [M, D]
-        ctx.save_for_backward(x, h, w_in, w_out, offs)
+    def _forward(ctx, x_TD, token_ids, weights, w_in, w_out, offs, activation: str, use_grouped: bool):
+        dtype = x_TD.dtype
+        x = x_TD.index_select(0, token_ids)  # [M, D]; index_select beats x_TD[ids] on CPU
+        h = _mm(x, w_in.to(dtype).mT, offs, use_grouped)  # [M, H]
+        del x  # the backward gathers it again rather than keep k copies of the input alive
+        a = _activate(h, activation).mul_(weights.to(dtype)[:, None])  # [M, F]
+        y = _mm(a, w_out.to(dtype).mT, offs, use_grouped)  # [M, D]
+        # Accumulate a token's k contributions in fp32, so bf16 outputs do not round against each other.
+        out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+        out_TD.index_add_(0, token_ids, y.float())
+        ctx.save_for_backward(x_TD, token_ids, weights, h, w_in, w_out, offs)
         ctx.activation, ctx.use_grouped = activation, use_grouped
-        return y
+        return out_TD
 
     @staticmethod
-    def backward(ctx, dy):
-        with torch.autocast(dy.device.type, enabled=False):
-            return _GroupedFFN._backward(ctx, dy)
+    def backward(ctx, d_out):
+        with torch.autocast(d_out.device.type, enabled=False):
+            return _GroupedMoE._backward(ctx, d_out)
 
     @staticmethod
-    def _backward(ctx, dy):
-        x, h, w_in, w_out, offs = ctx.saved_tensors
-        g = ctx.use_grouped
-        dy = dy.contiguous()
-        w_in_c, w_out_c = w_in.to(x.dtype), w_out.to(x.dtype)
-        da = _mm(dy, w_out_c, offs, g)  # [M, F]
-        a, dh = _activation_backward(h, da, ctx.activation)  # [M, F], [M, H]
-        dw_out = _wgrad(dy, a, offs, g).to(w_out.dtype) if ctx.needs_input_grad[2] else None  # [E, D, F]
-        dx = _mm(dh, w_in_c, offs, g) if ctx.needs_input_grad[0] else None
-        dw_in = _wgrad(dh, x, offs, g).to(w_in.dtype) if ctx.needs_input_grad[1] else None  # [E, H, D]
-        return dx, dw_in, dw_out, None, None, None
+    def _backward(ctx, d_out):
+        x_TD, token_ids, weights, h, w_in, w_out, offs = ctx.saved_tensors
+        g, dtype = ctx.use_grouped, x_TD.dtype
+        need_x, need_w, need_in, need_out = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
+        dy = d_out.index_select(0, token_ids).to(dtype)  # [M, D]
+        du = _mm(dy, w_out.to(dtype), offs, g)  # [M, F]
+        u, dh, dw = _activation_backward(h, du, weights.to(dtype)[:, None], ctx.activation)
+        d_w_out = _wgrad(dy, u, offs, g).to(w_out.dtype) if need_out else None  # [E, D, F]
+        del u
+        dx_TD = d_w_in = None
+        if need_x or need_in:
+            # Gather x again, into dy's buffer: a fresh 64 MB buffer costs page faults on CPU.
+            x = torch.index_select(x_TD, 0, token_ids, out=dy)  # [M, D]
+            if need_in:
+                d_w_in = _wgrad(dh, x, offs, g).to(w_in.dtype)  # [E, H, D]
+            if need_x:
+                dx = _mm(dh, w_in.to(dtype), offs, g)  # [M, D]
+                dx_TD = torch.zeros_like(x_TD).index_add_(0, token_ids, dx)
+        return dx_TD, None, dw.to(weights.dtype) if need_w else None, d_w_in, d_w_out, None, None, None
 
 
-def grouped_ffn(
-    x_MD: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, counts: torch.Tensor, activation: str
+def grouped_moe(
+    x_TD: torch.Tensor,
+    token_ids: torch.Tensor,
+    weights: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    counts: torch.Tensor,
+    activation: str,
 ) -> torch.Tensor:
-    """Expert e's FFN on slice e of x_MD: [M, D] sorted by expert, counts [E] -> [M, D] in x's dtype.
+    """sum over slots m of token t: weights[m] * expert_e(m)(x_TD[t]), as [T, D] fp32.
 
-    Weights in another dtype (fp32 master weights, bf16 activations) are cast once per call;
+    token_ids [M] and weights [M] are grouped by expert, counts [E] the slice lengths. Weights
+    in another dtype than x (fp32 master weights, bf16 activations) are cast once per call;
     their gradients come back in the weights' dtype. Every expert gets a gradient, zeros when
     its slice is empty.
     """
-    if torch.is_autocast_enabled(x_MD.device.type):
+    if torch.is_autocast_enabled(x_TD.device.type):
         # The Function runs with autocast off; take autocast's compute dtype here instead.
-        x_MD = x_MD.to(torch.get_autocast_dtype(x_MD.device.type))
+        x_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
     offs = torch.cumsum(counts, 0).to(torch.int32)  # [E]
-    return _GroupedFFN.apply(x_MD, w_in, w_out, offs, activation, grouped_mm_supported(x_MD))
+    return _GroupedMoE.apply(x_TD, token_ids, weights, w_in, w_out, offs, activation, grouped_mm_supported(x_TD))

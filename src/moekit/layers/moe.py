@@ -8,6 +8,8 @@ token, M kept slots (sorted by expert).
     2. dispatch: choices -> DispatchPlan (slots grouped by expert, capacity applied)
     3. experts:  x_TD[plan.token_ids] [M, D] -> y_MD [M, D], one contiguous slice per expert
     4. combine:  y_MD * weights, index_add -> [T, D]; + shared experts; -> [B, S, D]
+    (Experts runs 3 and 4 together: the grouped path fuses gather, experts and combine into
+    one autograd node, see grouped_mm.py.)
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from moekit.config import MoEConfig
-from moekit.layers.dispatch import DispatchPlan, combine, plan_dispatch
+from moekit.layers.dispatch import DispatchPlan, plan_dispatch
 from moekit.layers.experts import IMPLS as EXPERT_IMPLS
 from moekit.layers.experts import Experts
 from moekit.layers.mlp import MLP
@@ -86,8 +88,7 @@ class MoELayer(nn.Module):
         valid_T = None if padding_mask is None else padding_mask.reshape(B * S).bool()
         r = self.router(x_TD, valid_T)
         plan = plan_dispatch(r, self.cfg.num_experts, self.cfg.effective_capacity_factor, valid_T)
-        y_MD = self.experts(x_TD[plan.token_ids], plan.counts, self.expert_impl(B * S))
-        out_TD = combine(y_MD, plan, B * S)  # [T, D] fp32
+        out_TD = self.experts(x_TD, plan, self.expert_impl(B * S))  # [T, D] fp32
         if self.cfg.num_shared_experts:
             out_TD = out_TD + self._shared_forward(x_TD)
         self.aux_loss, losses = self._aux_loss(r, B, S, valid_T)
