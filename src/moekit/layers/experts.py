@@ -58,16 +58,17 @@ class Experts(nn.Module):
 
     def _decode(self, x_MD: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Only the experts that got slots run, on views of their weights: with 1-64 tokens
-        the cost is reading those experts' weights once, as for a dense FFN."""
-        dtype, outs, start = x_MD.dtype, [], 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                x_e = x_MD[start : start + n]  # [n, D]; only the chosen experts' weights are read
-                # .to(dtype): a no-op unless fp32 master weights meet half activations
-                h = F.linear(x_e, self.w_in[e].to(dtype))
-                outs.append(F.linear(activate(h, self.activation), self.w_out[e].to(dtype)))
-                start += n
-        return torch.cat(outs).to(x_MD.dtype) if outs else x_MD.new_zeros(0, self.d_model)
+        the cost is reading those experts' weights once, as for a dense FFN, plus a few
+        small ops per expert (the activation runs once over all of them)."""
+        dtype = x_MD.dtype
+        active = [(e, n) for e, n in enumerate(counts.tolist()) if n]
+        if not active:
+            return x_MD.new_zeros(0, self.d_model)
+        sizes = [n for _, n in active]
+        # .to(dtype): a no-op unless fp32 master weights meet half activations
+        h = torch.cat([F.linear(x_e, self.w_in[e].to(dtype)) for (e, _), x_e in zip(active, x_MD.split(sizes))])
+        a = activate(h, self.activation)  # [M, F]
+        return torch.cat([F.linear(a_e, self.w_out[e].to(dtype)) for (e, _), a_e in zip(active, a.split(sizes))])
 
     def _loop(self, x_MD: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         w_in, w_out = self.w_in.to(x_MD.dtype), self.w_out.to(x_MD.dtype)
