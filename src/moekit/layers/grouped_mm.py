@@ -17,8 +17,8 @@ Plan of ``grouped_moe`` (forward, then backward of the custom autograd.Function)
     5. out_TD = index_add(token_ids, y)                     [T, D] fp32
     backward, given d_out [T, D]; saves only h (x_TD, token_ids, weights are small or live anyway):
     6. dy = d_out[token_ids]; du = dy @ w_out[e]            [M, D], [M, F]
-    7. dw = rowsum(act(h) * du); dw_out[e] = dy_e^T @ a_e   (a recomputed from h)
-    8. dh = act'(h) * (du * w)
+    7. dw = rowsum(act(h) * du); dw_out[e] = dy_e^T @ a_e   (a recomputed from h, times w)
+    8. dh = act'(h) * (du * w)                              (written over a)
     9. x = x_TD[token_ids] again; dx = dh @ w_in[e]; dw_in[e] = dh_e^T @ x_e
    10. dx_TD = index_add(token_ids, dx)
 Why one node: autograd of the separate steps keeps the gathered x [M, D] alive until backward
@@ -37,7 +37,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moekit.layers.mlp import activate
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -91,12 +90,25 @@ def _wgrad(a: torch.Tensor, g: torch.Tensor, offs: torch.Tensor, use_grouped: bo
     return torch.stack([a_e.t() @ g_e for a_e, g_e in zip(torch.split(a, counts), torch.split(g, counts))])
 
 
-def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(h) with one fresh [M, F] buffer (SwiGLU: silu(gate), then times up in place)."""
+def _into(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """An uninitialized [rows, cols] tensor in the memory of ``buf`` (a dead buffer) when it
+    fits, else a new one. On CPU, first touch of a fresh 32-64 MB tensor costs page faults
+    worth about as much as the elementwise op that fills it (docs/benchmarks.md)."""
+    if buf.is_contiguous() and buf.numel() >= rows * cols:
+        return buf.view(-1)[: rows * cols].view(rows, cols)
+    return buf.new_empty(rows, cols)
+
+
+def _activate(h: torch.Tensor, activation: str, out: torch.Tensor) -> torch.Tensor:
+    """act(h) written into ``out`` [M, F] (SwiGLU: silu(gate), then times up in place)."""
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate).mul_(up)
-    return activate(h, activation)
+        return torch.ops.aten.silu.out(gate, out=out).mul_(up)
+    if activation == "gelu":
+        return torch.ops.aten.gelu.out(h, out=out)
+    if activation == "relu":
+        return torch.clamp_min(h, 0, out=out)
+    raise ValueError(f"unknown activation {activation!r}")
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -105,36 +117,36 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.einsum("mf,mf->m", a, b).float()
 
 
-def _activation_backward(
-    h: torch.Tensor, du: torch.Tensor, w_M1: torch.Tensor, activation: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For u = act(h) * w, given du = dL/du (overwritten): (u, dL/dh, dL/dw [M] fp32).
-
-    act(h) is recomputed from h. Fresh large buffers are what this costs on CPU (page faults
-    on first touch), so SwiGLU writes both halves of dh in place and builds u in place.
-    """
+def _weighted_activation(
+    h: torch.Tensor, du: torch.Tensor, w_M1: torch.Tensor, dh: torch.Tensor, activation: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward, first half: recompute u = act(h) * w [M, F] inside dh's (not yet written)
+    memory, and dL/dw = rowdot(act(h), du) [M] fp32. SwiGLU also leaves silu(gate) in the
+    up half of dh, where ``_activation_grad`` finishes it."""
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
-        dh = torch.empty_like(h)
         d_gate, d_up = dh.chunk(2, dim=-1)
-        s = torch.ops.aten.silu.out(gate, out=d_up)  # silu(gate), in the buffer d up goes to
-        a = s * up
-        dw = _rowdot(a, du)
-        du.mul_(w_M1)
-        d_up.mul_(du)  # d up = du * w * silu(gate)
-        torch.mul(du, up, out=d_gate)
-        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)  # * silu'(gate)
-        return a.mul_(w_M1), dh, dw
-    a = activate(h, activation)
-    dw = _rowdot(a, du)
-    du.mul_(w_M1)
-    if activation == "gelu":
-        dh = torch.ops.aten.gelu_backward(du, h)
-    elif activation == "relu":
-        dh = du.mul_(h > 0)
+        s = torch.ops.aten.silu.out(gate, out=d_up)
+        a = torch.mul(s, up, out=d_gate)
     else:
-        raise ValueError(f"unknown activation {activation!r}")
-    return a.mul_(w_M1), dh, dw
+        a = _activate(h, activation, out=dh)
+    dw = _rowdot(a, du)
+    return a.mul_(w_M1), dw
+
+
+def _activation_grad(h: torch.Tensor, du_w: torch.Tensor, dh: torch.Tensor, activation: str) -> torch.Tensor:
+    """Backward, second half: dh = act'(h) applied to du * w, written over u in dh."""
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        d_gate, d_up = dh.chunk(2, dim=-1)
+        d_up.mul_(du_w)  # silu(gate) * du * w
+        torch.mul(du_w, up, out=d_gate)
+        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)  # * silu'(gate)
+    elif activation == "gelu":
+        torch.ops.aten.gelu_backward.grad_input(du_w, h, grad_input=dh)
+    else:  # relu
+        torch.mul(du_w, h > 0, out=dh)
+    return dh
 
 
 class _GroupedMoE(torch.autograd.Function):
@@ -148,8 +160,10 @@ class _GroupedMoE(torch.autograd.Function):
         dtype = x_TD.dtype
         x = x_TD.index_select(0, token_ids)  # [M, D]; index_select beats x_TD[ids] on CPU
         h = _mm(x, w_in.to(dtype).mT, offs, use_grouped)  # [M, H]
-        del x  # the backward gathers it again rather than keep k copies of the input alive
-        a = _activate(h, activation).mul_(weights.to(dtype)[:, None])  # [M, F]
+        # x is dead now (the backward gathers it again rather than keep k copies of the input
+        # alive): act(h) goes into its memory.
+        a = _activate(h, activation, out=_into(x, h.shape[0], w_out.shape[-1]))  # [M, F]
+        a.mul_(weights.to(dtype)[:, None])
         y = _mm(a, w_out.to(dtype).mT, offs, use_grouped)  # [M, D]
         # Accumulate a token's k contributions in fp32, so bf16 outputs do not round against each other.
         out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
@@ -170,9 +184,10 @@ class _GroupedMoE(torch.autograd.Function):
         need_x, need_w, need_in, need_out = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
         dy = d_out.index_select(0, token_ids).to(dtype)  # [M, D]
         du = _mm(dy, w_out.to(dtype), offs, g)  # [M, F]
-        u, dh, dw = _activation_backward(h, du, weights.to(dtype)[:, None], ctx.activation)
+        w_M1, dh = weights.to(dtype)[:, None], torch.empty_like(h)
+        u, dw = _weighted_activation(h, du, w_M1, dh, ctx.activation)  # u lives in dh's memory
         d_w_out = _wgrad(dy, u, offs, g).to(w_out.dtype) if need_out else None  # [E, D, F]
-        del u
+        dh = _activation_grad(h, du.mul_(w_M1), dh, ctx.activation)  # [M, H], over u
         dx_TD = d_w_in = None
         if need_x or need_in:
             # Gather x again, into dy's buffer: a fresh 64 MB buffer costs page faults on CPU.
