@@ -1,7 +1,8 @@
 """The fast expert paths (grouped matmul with its custom backward, the decode path) against the
 per-expert reference loop: every router, capacity on and off, shared experts, fp32 and bf16,
 forward and gradients (input and every weight); plus autocast, torch.compile and the
-grouped_mm-free fallback."""
+grouped_mm-free fallback. "grouped" and "blocked" are the grouped node's two schedules (one
+grouped_mm per projection; one block per expert), both forced here whatever this machine picks."""
 
 import dataclasses
 
@@ -13,9 +14,17 @@ from moekit.layers import grouped_mm
 from moekit.layers.dispatch import DispatchPlan
 from moekit.layers.experts import Experts
 
+from reference import reference_moe
 from test_moe_layer import CASES, D, assert_close_scaled, make_layer, run_both
 
-FAST = ["grouped", "decode"]
+FAST = ["grouped", "blocked", "decode"]
+
+
+def use(layer, impl, monkeypatch):
+    """Set the layer's expert impl; "grouped"/"blocked" force that schedule of the grouped node."""
+    if impl in grouped_mm.SCHEDULES:
+        monkeypatch.setattr(grouped_mm, "pick_schedule", lambda _x, _widths, s=impl: s)
+    layer.impl = "grouped" if impl in grouped_mm.SCHEDULES else impl
 
 
 FP32_CASES = [(case, None) for case in CASES] + [
@@ -25,9 +34,9 @@ FP32_CASES = [(case, None) for case in CASES] + [
 
 @pytest.mark.parametrize("case,capacity", FP32_CASES, ids=[f"{c}-cf{cf}" for c, cf in FP32_CASES])
 @pytest.mark.parametrize("impl", FAST)
-def test_fast_path_matches_reference_fp32(impl, case, capacity):
+def test_fast_path_matches_reference_fp32(impl, case, capacity, monkeypatch):
     layer = make_layer(case, capacity)
-    layer.impl = impl
+    use(layer, impl, monkeypatch)
     y1, y2, g1, g2 = run_both(layer, torch.randn(2, 12, D))
     assert_close_scaled(y1, y2)
     for a, b in zip(g1, g2):
@@ -39,9 +48,9 @@ def test_fast_path_matches_reference_fp32(impl, case, capacity):
 
 @pytest.mark.parametrize("case", ["softmax-top2", "sigmoid-groups", "expert-choice", "fine-shared-gated", "gelu"])
 @pytest.mark.parametrize("impl", FAST)
-def test_fast_path_matches_reference_bf16(impl, case):
+def test_fast_path_matches_reference_bf16(impl, case, monkeypatch):
     layer = make_layer(case, 1.0 if case == "softmax-top2" else None)
-    layer.impl = impl
+    use(layer, impl, monkeypatch)
     y1, y2, g1, g2 = run_both(layer, torch.randn(2, 12, D).bfloat16())
     assert y1.dtype == torch.bfloat16
     # Relative to the largest entry: the fused path rounds a*w in bf16 before the down
@@ -58,8 +67,9 @@ def test_grouped_equals_loop_with_empty_experts(activation, dtype, monkeypatch):
     """Experts level, a hand-made plan: uneven slices with empty ones, tokens repeated across
     experts and one token with no slot. The grouped path, its loop fallback and autograd
     through the plain loop agree on outputs and all gradients (input, routing weights, expert
-    weights); idle experts get zero gradients."""
-    experts = Experts(6, 16, 12, activation).to(dtype)
+    weights); idle experts get zero gradients. Both schedules of the grouped node run here
+    (one grouped_mm per projection, and one block per expert), whichever this machine picks."""
+    experts = Experts(6, 16, 16, activation).to(dtype)  # widths grouped_mm's 16-byte rule takes
     experts.reset_parameters(0.3, 0.3)
     counts = torch.tensor([5, 0, 9, 1, 0, 7])
     T = 10
@@ -69,8 +79,8 @@ def test_grouped_equals_loop_with_empty_experts(activation, dtype, monkeypatch):
     x = torch.randn(T, 16, dtype=dtype)
     d_out = torch.randn(T, 16)
     results = []
-    for impl, grouped_ok in [("loop", True), ("grouped", True), ("grouped", False)]:
-        monkeypatch.setattr(grouped_mm, "grouped_mm_supported", lambda _x, ok=grouped_ok: ok)
+    for impl, schedule in [("loop", None), ("grouped", "grouped"), ("grouped", "blocked")]:
+        monkeypatch.setattr(grouped_mm, "pick_schedule", lambda _x, _widths, s=schedule: s)
         xi, wi = x.clone().requires_grad_(True), plan.weights.clone().requires_grad_(True)
         y = experts(xi, dataclasses.replace(plan, weights=wi), impl)
         assert y.dtype == torch.float32 and y.shape == (T, 16)
@@ -81,10 +91,20 @@ def test_grouped_equals_loop_with_empty_experts(activation, dtype, monkeypatch):
     for other in results[1:]:
         for a, b in zip(other, results[0]):
             assert_close_scaled(a.float(), b.float(), tol=tol)
-    y, x_grad, _, w_in_grad, _ = results[1]
-    assert torch.count_nonzero(y[T - 1]) == 0 and torch.count_nonzero(x_grad[T - 1]) == 0
-    assert torch.count_nonzero(w_in_grad[1]) == 0 and torch.count_nonzero(w_in_grad[4]) == 0
-    assert torch.count_nonzero(w_in_grad[0]) > 0
+    for y, x_grad, _, w_in_grad, w_out_grad in results[1:]:
+        assert torch.count_nonzero(y[T - 1]) == 0 and torch.count_nonzero(x_grad[T - 1]) == 0
+        for g in (w_in_grad, w_out_grad):
+            assert torch.count_nonzero(g[1]) == 0 and torch.count_nonzero(g[4]) == 0
+            assert all(torch.count_nonzero(g[e]) > 0 for e in (0, 2, 3, 5))
+
+
+def test_schedule_is_blocked_on_cpu_and_where_grouped_mm_cannot_run():
+    x32, x16 = torch.randn(4, 16), torch.randn(4, 16).bfloat16()
+    assert grouped_mm.pick_schedule(x32, (16, 32, 16)) == "blocked"  # CPU: cache-sized blocks
+    assert grouped_mm.pick_schedule(x16, (16, 24, 12)) == "blocked"  # 12 bf16 = 24 bytes per row
+    with pytest.raises(ValueError, match="schedule"):
+        grouped_mm.grouped_moe(x32, torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.randn(2, 32, 16),
+                               torch.randn(2, 16, 16), torch.zeros(2, dtype=torch.long), "swiglu", schedule="fast")
 
 
 def test_auto_picks_decode_for_few_tokens_and_grouped_for_many():
@@ -99,14 +119,14 @@ def test_auto_picks_decode_for_few_tokens_and_grouped_for_many():
 
 
 @pytest.mark.parametrize("impl", FAST)
-def test_bf16_autocast_matches_bf16_loop(impl):
+def test_bf16_autocast_matches_bf16_loop(impl, monkeypatch):
     """Under CPU bf16 autocast the fast paths compute the experts in bf16, like autocast does
     to the loop's matmuls; the output and fp32 master-weight gradients agree."""
     layer = make_layer("fine-shared-gated", None)
     x = torch.randn(2, 40, D)
     outs = []
     for which in ["loop", impl]:
-        layer.impl = which
+        use(layer, which, monkeypatch)
         xi = x.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = layer(xi)
@@ -116,6 +136,21 @@ def test_bf16_autocast_matches_bf16_loop(impl):
     assert layer.experts.w_in.grad is None and outs[1][2].dtype == torch.float32
     for a, b in zip(outs[1], outs[0]):
         assert_close_scaled(a, b, tol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", FAST)
+def test_forward_without_grad_matches_reference(impl, dtype, monkeypatch):
+    """Inference (no grad: the grouped node keeps no activations for backward) gives the
+    training forward's result."""
+    layer = make_layer("fine-shared-gated", 0.5).eval().to(dtype)
+    use(layer, impl, monkeypatch)
+    x = torch.randn(3, 30, D, dtype=dtype)
+    with torch.no_grad():
+        y = layer(x)
+        y_ref, _ = reference_moe(layer, x)
+    assert y.dtype == dtype
+    assert_close_scaled(y.float(), y_ref.float(), tol=1e-5 if dtype == torch.float32 else 2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,5 +1,5 @@
-"""Grouped expert computation: gather, every expert's FFN on its contiguous slice (one call
-per matmul), weighted scatter back, as one autograd node.
+"""Grouped expert computation: gather, every expert's FFN on its contiguous slice, weighted
+scatter back, as one autograd node.
 
 Shape legend: T tokens, M dispatched slots (sorted by expert), D model dim, F expert hidden
 width, H = F_in first-projection width (2F for SwiGLU, gate first), E experts. ``offs`` [E]
@@ -9,36 +9,58 @@ token each slot came from and what its output is multiplied by (``dispatch.py``)
 
 Weights are [out, in] per expert (``experts.py``): w_in [E, H, D], w_out [E, D, F].
 
-Plan of ``grouped_moe`` (forward, then backward of the custom autograd.Function):
-    1. x = x_TD[token_ids]                                  [M, D]
-    2. h = x @ w_in[e]^T     per slice                      [M, H]   (gate and up in one matmul)
-    3. a = act(h) * w        the routing weight, on the narrow side  [M, F]
-    4. y = a @ w_out[e]^T    per slice                      [M, D]
-    5. out_TD = index_add(token_ids, y)                     [T, D] fp32
+Plan of ``grouped_moe``, per block of slots (forward, then backward of the autograd.Function):
+    1. x = x_TD[token_ids]                                  [m, D]
+    2. h = x @ w_in[e]^T                                    [m, H]   (gate and up in one matmul)
+    3. a = act(h) * w        the routing weight, on the narrow side  [m, F]
+    4. y = a @ w_out[e]^T                                   [m, D]
+    5. out_TD += index_add(token_ids, y)                    [T, D] fp32
     backward, given d_out [T, D]; saves only h (x_TD, token_ids, weights are small or live anyway):
-    6. dy = d_out[token_ids]; du = dy @ w_out[e]            [M, D], [M, F]
-    7. dw = rowsum(act(h) * du); dw_out[e] = dy_e^T @ a_e   (a recomputed from h, times w)
+    6. dy = d_out[token_ids]; du = dy @ w_out[e]            [m, D], [m, F]
+    7. dw = rowsum(act(h) * du); dw_out[e] = dy^T @ a       (a recomputed from h, times w)
     8. dh = act'(h) * (du * w)                              (written over a)
-    9. x = x_TD[token_ids] again; dx = dh @ w_in[e]; dw_in[e] = dh_e^T @ x_e
-   10. dx_TD = index_add(token_ids, dx)
+    9. x = x_TD[token_ids] again; dx = dh @ w_in[e]; dw_in[e] = dh^T @ x
+   10. dx_TD += index_add(token_ids, dx)
+
+Two schedules run the same steps (``pick_schedule``):
+- ``"grouped"``: one block of all M slots; each matmul is one ``grouped_mm`` call over every
+  expert's slice. On a GPU that is one kernel per projection instead of one per expert.
+- ``"blocked"``: one block per expert with slots, each run through all of its steps before
+  the next begins. On a CPU a block's intermediates (about 1 MB at 512 slots x 512) stay in
+  cache, where the grouped schedule streams k copies of the input ([M, D], 64 MB for 4096
+  tokens at top-8) through memory between every two steps; the matmuls are the same (CPU
+  ``grouped_mm`` is a loop of ``mm`` over the slices). Fine-grained fwd+bwd went from 1.5x
+  to 1.05x the dense FFN's time with it (docs/benchmarks.md). It is also the fallback
+  wherever ``grouped_mm`` is missing (older torch, CUDA fp32, odd widths).
+
 Why one node: autograd of the separate steps keeps the gathered x [M, D] alive until backward
-(k copies of the input; re-gathering costs one memory pass), multiplies the routing weight on
-the wide [M, D] output and again in backward, and scatters with ``index_put_``, which on CPU
-is several times slower than ``index_add_``. Why custom matmul backward: autograd of
+(k copies of the input; re-gathering costs one pass), multiplies the routing weight on the
+wide [M, D] output and again in backward, and scatters with ``index_put_``, which on CPU is
+several times slower than ``index_add_``. Why custom matmul backward: autograd of
 ``grouped_mm`` itself is not usable on every build (on torch 2.13 CPU its backward fails on
 expanded gradients), and autograd through a Python loop would save a and both halves of h.
-
-Where ``grouped_mm`` is missing (older torch, or a dtype/device it does not take), the same
-steps run as a loop over the slices; results are identical up to rounding.
+Without grad (inference prefill) h is not kept either: each block's h is a temporary.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+SCHEDULES = ("grouped", "blocked")
+
+
+class _Block(NamedTuple):
+    """Slots [start, end) of one expert (blocked), or of every expert (grouped: expert None,
+    the slices given by offs)."""
+
+    start: int
+    end: int
+    expert: int | None
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
@@ -54,9 +76,22 @@ def grouped_mm_supported(x: torch.Tensor) -> bool:
     return False
 
 
-def _aligned(*tensors: torch.Tensor) -> bool:
-    """grouped_mm wants every stride but the unit one to be a multiple of 16 bytes."""
-    return all(st * t.element_size() % 16 == 0 for t in tensors for st in t.stride() if st != 1)
+def pick_schedule(x: torch.Tensor, widths: tuple[int, ...]) -> str:
+    """"grouped" where ``grouped_mm`` runs on x and is worth it, else "blocked" (see above).
+    CPU takes "blocked", except while torch.compile traces (one traceable call per matmul
+    instead of a Python loop over data-dependent slice lengths)."""
+    aligned = all(w * x.element_size() % 16 == 0 for w in widths)  # grouped_mm's stride rule
+    if not (aligned and grouped_mm_supported(x)):
+        return "blocked"
+    return "grouped" if x.device.type != "cpu" or torch.compiler.is_compiling() else "blocked"
+
+
+def _blocks(offs: torch.Tensor, num_slots: int, schedule: str) -> list[_Block]:
+    if schedule == "grouped":
+        return [_Block(0, num_slots, None)]  # no host sync: the slices stay on the device
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+    return [_Block(s, t, e) for e, (s, t) in enumerate(zip(starts, ends)) if t > s]
 
 
 def _fast_layout(w: torch.Tensor) -> torch.Tensor:
@@ -70,24 +105,20 @@ def _fast_layout(w: torch.Tensor) -> torch.Tensor:
     return w if w.stride(-1) == 1 or w.stride(-2) == 1 else w.contiguous()
 
 
-def _mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, use_grouped: bool) -> torch.Tensor:
-    """a [M, K] sorted by expert, w [E, K, N] -> [M, N]: slice e times w[e]."""
-    if use_grouped:
-        w = _fast_layout(w)
-        if _aligned(a, w):
-            return _GROUPED_MM(a, w, offs=offs)
-    counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
-    outs = [a_e @ w[e] for e, a_e in enumerate(torch.split(a, counts))]
-    return torch.cat(outs) if outs else a.new_zeros(0, w.shape[-1])
+def _mm(a: torch.Tensor, w: torch.Tensor, blk: _Block, offs: torch.Tensor, out=None) -> torch.Tensor:
+    """a [m, K] (the block's slots), w [E, K, N] -> [m, N]: each slice times its expert's w."""
+    if blk.expert is None:
+        return _GROUPED_MM(a, w, offs=offs)
+    return torch.mm(a, w[blk.expert], out=out)
 
 
-def _wgrad(a: torch.Tensor, g: torch.Tensor, offs: torch.Tensor, use_grouped: bool) -> torch.Tensor:
-    """a [M, K], g [M, N] sorted by expert -> [E, K, N]: slice_e(a)^T @ slice_e(g); an expert
-    with an empty slice gets exact zeros."""
-    if use_grouped and _aligned(a, g):
+def _wgrad(a: torch.Tensor, g: torch.Tensor, blk: _Block, offs: torch.Tensor, out: torch.Tensor | None):
+    """a [m, K], g [m, N] -> [E, K, N], expert e's slice(a)^T @ slice(g): written into out[e]
+    (blocked), or a new tensor (grouped; an expert with an empty slice gets zeros)."""
+    if blk.expert is None:
         return _GROUPED_MM(a.t(), g, offs=offs)
-    counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
-    return torch.stack([a_e.t() @ g_e for a_e, g_e in zip(torch.split(a, counts), torch.split(g, counts))])
+    torch.mm(a.t(), g, out=out[blk.expert])
+    return out
 
 
 def _into(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -149,27 +180,37 @@ def _activation_grad(h: torch.Tensor, du_w: torch.Tensor, dh: torch.Tensor, acti
     return dh
 
 
-class _GroupedMoE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_TD, token_ids, weights, w_in, w_out, offs, activation: str, use_grouped: bool):
-        with torch.autocast(x_TD.device.type, enabled=False):
-            return _GroupedMoE._forward(ctx, x_TD, token_ids, weights, w_in, w_out, offs, activation, use_grouped)
-
-    @staticmethod
-    def _forward(ctx, x_TD, token_ids, weights, w_in, w_out, offs, activation: str, use_grouped: bool):
-        dtype = x_TD.dtype
-        x = x_TD.index_select(0, token_ids)  # [M, D]; index_select beats x_TD[ids] on CPU
-        h = _mm(x, w_in.to(dtype).mT, offs, use_grouped)  # [M, H]
+def _forward(x_TD, token_ids, weights, w_in, w_out, offs, activation: str, schedule: str, keep_h: bool):
+    """Steps 1-5 over every block: out_TD [T, D] fp32, and h [M, H] when ``keep_h``."""
+    dtype = x_TD.dtype
+    blocks = _blocks(offs, token_ids.shape[0], schedule)
+    # .to(dtype): a no-op unless fp32 master weights meet half activations (autocast).
+    w_in_T, w_out_T = w_in.to(dtype).mT, w_out.to(dtype).mT  # [E, D, H], [E, F, D] views
+    h_all = x_TD.new_empty(token_ids.shape[0], w_in.shape[1]) if keep_h and schedule == "blocked" else None
+    # Accumulate a token's k contributions in fp32, so bf16 outputs do not round against each other.
+    out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+    for blk in blocks:
+        ids = token_ids[blk.start : blk.end]
+        x = x_TD.index_select(0, ids)  # [m, D]; index_select beats x_TD[ids] on CPU
+        h = _mm(x, w_in_T, blk, offs, out=None if h_all is None else h_all[blk.start : blk.end])  # [m, H]
         # x is dead now (the backward gathers it again rather than keep k copies of the input
         # alive): act(h) goes into its memory.
-        a = _activate(h, activation, out=_into(x, h.shape[0], w_out.shape[-1]))  # [M, F]
-        a.mul_(weights.to(dtype)[:, None])
-        y = _mm(a, w_out.to(dtype).mT, offs, use_grouped)  # [M, D]
-        # Accumulate a token's k contributions in fp32, so bf16 outputs do not round against each other.
-        out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
-        out_TD.index_add_(0, token_ids, y.float())
+        a = _activate(h, activation, out=_into(x, h.shape[0], w_out.shape[-1]))  # [m, F]
+        a.mul_(weights[blk.start : blk.end].to(dtype)[:, None])
+        y = _mm(a, w_out_T, blk, offs)  # [m, D]
+        out_TD.index_add_(0, ids, y.float())
+        if schedule == "grouped":
+            h_all = h if keep_h else None
+    return out_TD, h_all
+
+
+class _GroupedMoE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, token_ids, weights, w_in, w_out, offs, activation: str, schedule: str):
+        with torch.autocast(x_TD.device.type, enabled=False):
+            out_TD, h = _forward(x_TD, token_ids, weights, w_in, w_out, offs, activation, schedule, keep_h=True)
         ctx.save_for_backward(x_TD, token_ids, weights, h, w_in, w_out, offs)
-        ctx.activation, ctx.use_grouped = activation, use_grouped
+        ctx.activation, ctx.schedule = activation, schedule
         return out_TD
 
     @staticmethod
@@ -179,25 +220,47 @@ class _GroupedMoE(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, d_out):
-        x_TD, token_ids, weights, h, w_in, w_out, offs = ctx.saved_tensors
-        g, dtype = ctx.use_grouped, x_TD.dtype
+        x_TD, token_ids, weights, h_all, w_in, w_out, offs = ctx.saved_tensors
+        dtype, act = x_TD.dtype, ctx.activation
         need_x, need_w, need_in, need_out = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
-        dy = d_out.index_select(0, token_ids).to(dtype)  # [M, D]
-        du = _mm(dy, w_out.to(dtype), offs, g)  # [M, F]
-        w_M1, dh = weights.to(dtype)[:, None], torch.empty_like(h)
-        u, dw = _weighted_activation(h, du, w_M1, dh, ctx.activation)  # u lives in dh's memory
-        d_w_out = _wgrad(dy, u, offs, g).to(w_out.dtype) if need_out else None  # [E, D, F]
-        dh = _activation_grad(h, du.mul_(w_M1), dh, ctx.activation)  # [M, H], over u
-        dx_TD = d_w_in = None
-        if need_x or need_in:
-            # Gather x again, into dy's buffer: a fresh 64 MB buffer costs page faults on CPU.
-            x = torch.index_select(x_TD, 0, token_ids, out=dy)  # [M, D]
-            if need_in:
-                d_w_in = _wgrad(dh, x, offs, g).to(w_in.dtype)  # [E, H, D]
-            if need_x:
-                dx = _mm(dh, w_in.to(dtype), offs, g)  # [M, D]
-                dx_TD = torch.zeros_like(x_TD).index_add_(0, token_ids, dx)
-        return dx_TD, None, dw.to(weights.dtype) if need_w else None, d_w_in, d_w_out, None, None, None
+        blocks = _blocks(offs, token_ids.shape[0], ctx.schedule)
+        w_out_b = _fast_layout(w_out.to(dtype))  # [E, D, F]
+        w_in_b = _fast_layout(w_in.to(dtype)) if need_x else None  # [E, H, D]
+        d_weights = torch.empty(token_ids.shape, dtype=torch.float32, device=d_out.device)  # [M]
+        dx_TD = torch.zeros_like(x_TD) if need_x else None
+        # Blocked: every expert's weight gradient is written by its block, zeros for idle experts.
+        d_w_in = d_w_out = None
+        if ctx.schedule == "blocked":
+            idle = sorted(set(range(w_in.shape[0])) - {b.expert for b in blocks})
+            d_w_in = _empty_grad(w_in, dtype, idle) if need_in else None
+            d_w_out = _empty_grad(w_out, dtype, idle) if need_out else None
+        for blk in blocks:
+            rows = slice(blk.start, blk.end)
+            ids, h, w_M1 = token_ids[rows], h_all[rows], weights[rows].to(dtype)[:, None]
+            dy = d_out.index_select(0, ids).to(dtype)  # [m, D]
+            du = _mm(dy, w_out_b, blk, offs)  # [m, F]
+            dh = torch.empty_like(h)
+            u, d_weights[rows] = _weighted_activation(h, du, w_M1, dh, act)  # u lives in dh's memory
+            if need_out:
+                d_w_out = _wgrad(dy, u, blk, offs, out=d_w_out)  # [E, D, F]
+            dh = _activation_grad(h, du.mul_(w_M1), dh, act)  # [m, H], over u
+            if need_x or need_in:
+                x = torch.index_select(x_TD, 0, ids, out=dy)  # gathered again, into dy's memory
+                if need_in:
+                    d_w_in = _wgrad(dh, x, blk, offs, out=d_w_in)  # [E, H, D]
+                if need_x:
+                    dx_TD.index_add_(0, ids, _mm(dh, w_in_b, blk, offs))  # [m, D] -> [T, D]
+        d_w_in = d_w_in.to(w_in.dtype) if need_in else None
+        d_w_out = d_w_out.to(w_out.dtype) if need_out else None
+        return dx_TD, None, d_weights.to(weights.dtype) if need_w else None, d_w_in, d_w_out, None, None, None
+
+
+def _empty_grad(w: torch.Tensor, dtype: torch.dtype, idle: list[int]) -> torch.Tensor:
+    """An uninitialized gradient for w in ``dtype`` whose idle experts' slices are zero."""
+    g = torch.empty(w.shape, dtype=dtype, device=w.device)
+    if idle:
+        g[idle] = 0
+    return g
 
 
 def grouped_moe(
@@ -208,16 +271,25 @@ def grouped_moe(
     w_out: torch.Tensor,
     counts: torch.Tensor,
     activation: str,
+    schedule: str | None = None,
 ) -> torch.Tensor:
     """sum over slots m of token t: weights[m] * expert_e(m)(x_TD[t]), as [T, D] fp32.
 
     token_ids [M] and weights [M] are grouped by expert, counts [E] the slice lengths. Weights
     in another dtype than x (fp32 master weights, bf16 activations) are cast once per call;
     their gradients come back in the weights' dtype. Every expert gets a gradient, zeros when
-    its slice is empty.
+    its slice is empty. ``schedule`` (default: ``pick_schedule``) forces "grouped" or "blocked".
     """
     if torch.is_autocast_enabled(x_TD.device.type):
         # The Function runs with autocast off; take autocast's compute dtype here instead.
         x_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
+    if schedule is None:
+        schedule = pick_schedule(x_TD, (x_TD.shape[-1], w_in.shape[1], w_out.shape[-1]))
+    elif schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
     offs = torch.cumsum(counts, 0).to(torch.int32)  # [E]
-    return _GroupedMoE.apply(x_TD, token_ids, weights, w_in, w_out, offs, activation, grouped_mm_supported(x_TD))
+    args = (x_TD, token_ids, weights, w_in, w_out, offs, activation, schedule)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, weights, w_in, w_out)):
+        return _GroupedMoE.apply(*args)
+    with torch.autocast(x_TD.device.type, enabled=False):
+        return _forward(*args, keep_h=False)[0]
