@@ -107,6 +107,40 @@ def test_schedule_is_blocked_on_cpu_and_where_grouped_mm_cannot_run():
                                torch.randn(2, 16, 16), torch.zeros(2, dtype=torch.long), "swiglu", schedule="fast")
 
 
+SINGLE_CASES = [(case, cf) for case in CASES for cf in (None, 0.5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case,capacity", SINGLE_CASES, ids=[f"{c}-cf{cf}" for c, cf in SINGLE_CASES])
+def test_single_token_decode_matches_reference(case, capacity, dtype):
+    """One token (decode at batch 1) skips dispatch for token choice; outputs, gradients,
+    balancing losses and statistics are the reference's, and training still counts its load."""
+    layer = make_layer(case, capacity)
+    x = torch.randn(1, 1, D, dtype=dtype)
+    y1, y2, g1, g2 = run_both(layer, x)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_close_scaled(y1.float(), y2.float(), tol=tol)
+    for a, b in zip(g1, g2):
+        if b is None:
+            assert a is None or torch.count_nonzero(a) == 0
+            continue
+        assert_close_scaled(a.float(), b.float(), tol=tol)
+    torch.manual_seed(0)  # the same noise and jitter draws in both forwards
+    layer(x)
+    stats, aux = layer.last_stats, layer.aux_loss
+    layer.impl = "loop"
+    torch.manual_seed(0)
+    layer(x)
+    assert torch.equal(stats.tokens_per_expert, layer.last_stats.tokens_per_expert)
+    assert stats.dropped_fraction == layer.last_stats.dropped_fraction
+    torch.testing.assert_close(aux, layer.aux_loss)
+    if layer.cfg.has_selection_bias:
+        layer.router.load_since_update.zero_()
+        layer.impl = "auto"
+        layer(x)
+        assert int(layer.router.load_since_update.sum()) == layer.cfg.top_k
+
+
 def test_auto_picks_decode_for_few_tokens_and_grouped_for_many():
     layer = make_layer("softmax-top2", None)
     assert layer.expert_impl(1) == "decode" and layer.expert_impl(64) == "decode"

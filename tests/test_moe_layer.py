@@ -89,7 +89,10 @@ def test_layer_matches_reference_bf16(case):
     x = torch.randn(2, 16, D).bfloat16()
     y1, y2, g1, g2 = run_both(layer, x)
     assert y1.dtype == torch.bfloat16
-    torch.testing.assert_close(y1.float(), y2.float(), atol=2e-2, rtol=2e-2)
+    # Relative to the largest entry (|y| reaches ~150 here): the layer rounds a*w to bf16
+    # before the down projection, the reference weights fp32 outputs; both are ~0.5 % of
+    # max|y| from an fp32 oracle.
+    assert_close_scaled(y1.float(), y2.float(), tol=2e-2)
     for a, b in zip(g1, g2):
         assert_close_scaled(a.float(), b.float(), tol=2e-2)
 

@@ -50,13 +50,16 @@ def _plan_token_choice(
 ) -> DispatchPlan:
     T, K = r.ids.shape
     expert_N = r.ids.reshape(-1)  # [N], slot n belongs to token n // K
-    if valid_T is not None:
+    if valid_T is None:
+        routed_counts, num_routed = torch.bincount(expert_N, minlength=E), T * K  # [E]; no sync
+    else:
         # Padding goes to a sentinel expert E: sorted last, never computed, never counted.
         expert_N = expert_N.masked_fill(~valid_T.repeat_interleave(K), E)
-    routed_counts = torch.bincount(expert_N, minlength=E + 1)[:E]  # [E]
-    num_routed = int(routed_counts.sum())
+        routed_counts = torch.bincount(expert_N, minlength=E + 1)[:E]  # [E]
+        num_routed = int(routed_counts.sum())
     if capacity_factor is None:
-        order = torch.argsort(expert_N, stable=True)[:num_routed]  # [M]
+        order = torch.argsort(expert_N, stable=True)  # [N], padding last
+        order = order if valid_T is None else order[:num_routed]  # [M]
         counts, capacity = routed_counts, None
     else:
         n_valid = T if valid_T is None else int(valid_T.sum())

@@ -52,23 +52,50 @@ class Experts(nn.Module):
             return grouped_moe(x_TD, plan.token_ids, plan.weights, self.w_in, self.w_out, plan.counts, self.activation)
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
-        x_MD = x_TD[plan.token_ids]  # [M, D] grouped by expert
-        y_MD = self._decode(x_MD, plan.counts) if impl == "decode" else self._loop(x_MD, plan.counts)
+        if impl == "decode":
+            return self._decode(x_TD, plan)
+        y_MD = self._loop(x_TD[plan.token_ids], plan.counts)  # [M, D] grouped by expert
         return combine(y_MD, plan, x_TD.shape[0])
 
-    def _decode(self, x_MD: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _decode(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """Only the experts that got slots run, on views of their weights: with 1-64 tokens
         the cost is reading those experts' weights once, as for a dense FFN, plus a few
-        small ops per expert (the activation runs once over all of them)."""
-        dtype = x_MD.dtype
-        active = [(e, n) for e, n in enumerate(counts.tolist()) if n]
+        small ops per expert. Everything else runs once over all slots: the activation, the
+        routing weight (on the narrow [M, F] side) and one scatter back."""
+        dtype = x_TD.dtype
+        active = [(e, n) for e, n in enumerate(plan.counts.tolist()) if n]
         if not active:
-            return x_MD.new_zeros(0, self.d_model)
+            return x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
         sizes = [n for _, n in active]
-        # .to(dtype): a no-op unless fp32 master weights meet half activations
-        h = torch.cat([F.linear(x_e, self.w_in[e].to(dtype)) for (e, _), x_e in zip(active, x_MD.split(sizes))])
-        a = activate(h, self.activation)  # [M, F]
-        return torch.cat([F.linear(a_e, self.w_out[e].to(dtype)) for (e, _), a_e in zip(active, a.split(sizes))])
+        w_in_T, w_out_T = self._transposed(self.w_in, dtype), self._transposed(self.w_out, dtype)
+        x_MD = x_TD.index_select(0, plan.token_ids)  # [M, D]
+        h = torch.cat([torch.mm(x_e, w_in_T(e)) for (e, _), x_e in zip(active, x_MD.split_with_sizes(sizes))])  # [M, H]
+        a = activate(h, self.activation) * plan.weights.to(dtype)[:, None]  # [M, F]
+        y = torch.cat([torch.mm(a_e, w_out_T(e)) for (e, _), a_e in zip(active, a.split_with_sizes(sizes))])  # [M, D]
+        return x_TD.new_zeros(x_TD.shape, dtype=torch.float32).index_add_(0, plan.token_ids, y.float())
+
+    def single_token(self, x_1D: torch.Tensor, ids_1K: torch.Tensor, weights_1K: torch.Tensor) -> torch.Tensor:
+        """One token [1, D] and its K distinct experts and routing weights [1, K] -> [1, D] fp32.
+
+        The decode path at batch 1 without a dispatch plan: nothing to sort, group or drop
+        (top-k experts are distinct, and a capacity of at least one slot each keeps them all),
+        so it is K slices of one row, and the combine is a sum."""
+        dtype = x_1D.dtype
+        ids = ids_1K[0].tolist()
+        w_in_T, w_out_T = self._transposed(self.w_in, dtype), self._transposed(self.w_out, dtype)
+        h = torch.cat([torch.mm(x_1D, w_in_T(e)) for e in ids])  # [K, H]
+        a = activate(h, self.activation) * weights_1K.to(dtype).t()  # [K, F]
+        y = torch.cat([torch.mm(a_k, w_out_T(e)) for e, a_k in zip(ids, a.split(1))])  # [K, D]
+        return y.sum(0, keepdim=True, dtype=torch.float32)
+
+    @staticmethod
+    def _transposed(w: torch.Tensor, dtype: torch.dtype):
+        """e -> w[e]^T in ``dtype``, a view when the dtype matches (one transpose for all experts);
+        otherwise (fp32 master weights, half activations) only the used experts are cast."""
+        if w.dtype == dtype:
+            w_T = w.mT
+            return w_T.__getitem__
+        return lambda e: w[e].to(dtype).t()
 
     def _loop(self, x_MD: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         w_in, w_out = self.w_in.to(x_MD.dtype), self.w_out.to(x_MD.dtype)

@@ -10,6 +10,9 @@ token, M kept slots (sorted by expert).
     4. combine:  y_MD * weights, index_add -> [T, D]; + shared experts; -> [B, S, D]
     (Experts runs 3 and 4 together: the grouped path fuses gather, experts and combine into
     one autograd node, see grouped_mm.py.)
+A single token (decode at batch 1) skips step 2: its K slots go to K distinct experts, so
+there is nothing to sort, group or drop (``Experts.single_token``); the plan is made only if
+the statistics or the balancing counts ask for it.
 """
 
 from __future__ import annotations
@@ -46,6 +49,26 @@ class RoutingStats:
         return d
 
 
+@dataclass
+class _LastForward:
+    """What one forward leaves for ``aux_loss`` and ``last_stats``, and their values once read."""
+
+    router: RouterOutput
+    plan_: DispatchPlan | None  # None until asked for when the forward needed none (one token)
+    cfg: MoEConfig
+    valid_T: torch.Tensor | None
+    B: int
+    S: int
+    aux: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None  # weighted total, each loss
+    stats: RoutingStats | None = None
+
+    @property
+    def plan(self) -> DispatchPlan:
+        if self.plan_ is None:
+            self.plan_ = plan_dispatch(self.router, self.cfg.num_experts, self.cfg.effective_capacity_factor, self.valid_T)
+        return self.plan_
+
+
 class MoELayer(nn.Module):
     """A sparse FFN: each token goes to a few of ``num_experts`` experts (see ``MoEConfig``).
 
@@ -69,9 +92,8 @@ class MoELayer(nn.Module):
             self.shared = MLP(cfg.d_model, cfg.shared_width, cfg.activation)
             if cfg.shared_expert_gate:
                 self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False)
-        self.aux_loss = torch.zeros(())
-        self._stats: RoutingStats | None = None
-        self._stats_inputs: tuple | None = None  # what last_stats is computed from, on demand
+        self._last: _LastForward | None = None  # what aux_loss and last_stats are computed from
+        self._no_aux = torch.zeros(())  # aux_loss before the first forward
         self.impl = "auto"
         self.reset_parameters()  # a standalone layer must be usable; MoETransformer re-inits with its own std
 
@@ -87,23 +109,42 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(B * S, D)
         valid_T = None if padding_mask is None else padding_mask.reshape(B * S).bool()
         r = self.router(x_TD, valid_T)
-        plan = plan_dispatch(r, self.cfg.num_experts, self.cfg.effective_capacity_factor, valid_T)
-        out_TD = self.experts(x_TD, plan, self.expert_impl(B * S))  # [T, D] fp32
+        impl, plan = self.expert_impl(B * S), None
+        if impl == "decode" and B * S == 1 and valid_T is None and not r.expert_choice:
+            out_TD = self.experts.single_token(x_TD, r.ids, r.weights)  # [1, D] fp32
+        else:
+            plan = plan_dispatch(r, self.cfg.num_experts, self.cfg.effective_capacity_factor, valid_T)
+            out_TD = self.experts(x_TD, plan, impl)  # [T, D] fp32
         if self.cfg.num_shared_experts:
             out_TD = out_TD + self._shared_forward(x_TD)
-        self.aux_loss, losses = self._aux_loss(r, B, S, valid_T)
-        self._stats, self._stats_inputs = None, (r.probs.detach(), plan, valid_T, losses)
+        self._last = _LastForward(r, plan, self.cfg, valid_T, B, S)
         if self.training:
-            self.router.record_load(plan.routed_counts)
+            self.router.record_load(self._last.plan.routed_counts)
         return out_TD.to(x.dtype).view(B, S, D)
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """The last forward's weighted balancing losses, a scalar in its graph (zero before the
+        first forward). Computed when first read, like ``last_stats``: a forward nobody takes
+        a loss of (generation, decode) pays nothing for them."""
+        last = self._last
+        if last is None:
+            return self._no_aux
+        if last.aux is None:
+            last.aux = self._aux_loss(last.router, last.B, last.S, last.valid_T)
+        return last.aux[0]
 
     @property
     def last_stats(self) -> RoutingStats | None:
         """Routing statistics of the last forward (None before the first), computed when first
         read: a forward nobody inspects (generation) pays nothing for them, not even a sync."""
-        if self._stats is None and self._stats_inputs is not None:
-            self._stats, self._stats_inputs = routing_stats(*self._stats_inputs), None
-        return self._stats
+        last = self._last
+        if last is None:
+            return None
+        if last.stats is None:
+            self.aux_loss  # noqa: B018 - computes the unweighted losses the stats report
+            last.stats = routing_stats(last.router.probs.detach(), last.plan, last.valid_T, last.aux[1])
+        return last.stats
 
     def _shared_forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         y = self.shared(x_TD)

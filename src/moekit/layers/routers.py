@@ -63,8 +63,10 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None) -> RouterOutput:
         # Autocast would quietly run the router's matmul in bf16: switch it off in here.
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return self._route(x_TD.float(), valid_T)
+        if torch.is_autocast_enabled(x_TD.device.type):
+            with torch.autocast(device_type=x_TD.device.type, enabled=False):
+                return self._route(x_TD.float(), valid_T)
+        return self._route(x_TD.float(), valid_T)
 
     def _route(self, x32: torch.Tensor, valid_T: torch.Tensor | None) -> RouterOutput:
         if self.training and self.cfg.router_jitter > 0:
@@ -92,10 +94,13 @@ class Router(nn.Module):
         if cfg.num_groups > 1:
             choice = self._limit_groups(choice)
         top_scores, ids = torch.topk(choice, cfg.top_k, dim=-1)  # [T, K]
-        weights = scores.gather(-1, ids)  # [T, K]
+        weights = top_scores if choice is scores else scores.gather(-1, ids)  # [T, K]
         if cfg.renormalize:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        weights = weights * cfg.routed_scaling_factor
+            # Softmax top-k sums to at least 1/E; sigmoid scores can all underflow to zero.
+            total = weights.sum(-1, keepdim=True)
+            weights = weights / (total + 1e-20 if cfg.router == "sigmoid" else total)
+        if cfg.routed_scaling_factor != 1.0:
+            weights = weights * cfg.routed_scaling_factor
         return RouterOutput(logits, probs, ids, weights, top_scores)
 
     def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
