@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from moekit.bench.layer import SHAPES, useful_flops
 from moekit.cli import main
 
@@ -37,9 +39,25 @@ def test_table_columns_stay_aligned_when_values_are_missing():
     from moekit.bench.layer import Row, format_table
 
     full = Row("coarse", "fp32", "decode1", 1, "moekit", ms=3.5, tokens_per_s=287.0, gflops=3.2,
-               vs_dense=1.28, vs_hf_best=0.9, saved_mb=0.0)
+               vs_dense=1.28, vs_hf_best=0.9, saved_mb=0.0, peak_mb=0.1)
     no_hf = Row("coarse", "fp32", "decode1", 1, "moekit", ms=3.5, tokens_per_s=287.0, gflops=3.2,
-                vs_dense=1.28, vs_hf_best=None, saved_mb=0.0)
+                vs_dense=1.28, vs_hf_best=None, saved_mb=0.0, peak_mb=0.1)
     _, _, a, b = format_table([full, no_hf]).splitlines()
     assert len(a) == len(b)  # the "-" takes the missing number's width
-    assert a.split()[-2:] == ["0.90", "0.0"] and b.split()[-2:] == ["-", "0.0"]
+    assert a.split()[-3:] == ["0.90", "0.1", "0.0"] and b.split()[-3:] == ["-", "0.1", "0.0"]
+
+
+def test_peak_bytes_counts_temporaries_but_not_parameter_gradients():
+    from torch import nn
+
+    from moekit.bench.layer import peak_bytes
+
+    mlp = nn.Sequential(nn.Linear(256, 8192, bias=False), nn.ReLU(), nn.Linear(8192, 256, bias=False))
+    x, dy = torch.randn(64, 256), torch.randn(64, 256)
+    hidden = 64 * 8192 * 4  # one [64, 8192] fp32 activation: 2 MiB
+    assert hidden <= peak_bytes(mlp, x, None) < 3 * hidden  # the ReLU may not run in place
+    train = peak_bytes(mlp, x, dy)
+    # Backward keeps the hidden activations and their gradient; the two 8 MiB weight
+    # gradients are not counted, and the measurement leaves no gradient behind.
+    assert 2 * hidden <= train < 2 * 2**23
+    assert all(p.grad is None for p in mlp.parameters())

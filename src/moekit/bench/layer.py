@@ -12,15 +12,22 @@ the figure is the median over repeats. Candidates:
 - ``hf[<impl>]``: transformers' ``MixtralSparseMoeBlock`` (``Qwen2MoeSparseMoeBlock`` with
   shared experts) for each CPU experts implementation, when transformers is importable.
 
-Memory is a CPU proxy: the bytes of the distinct tensors autograd saves for backward
-(parameters excluded) plus the output, i.e. what a forward keeps alive until its backward.
+Memory, two figures: ``peak MB``, the most bytes of tensors alive at once during one call
+beyond those that existed before it (inputs and parameters), read from torch.profiler's
+memory timeline; parameter gradients are left out (an MoE layer has E/K times the dense
+FFN's parameters, so their gradients measure the parameter count, not the implementation).
+And ``saved MB``, the bytes of the distinct non-parameter tensors autograd saves for backward
+plus the output: what a forward keeps alive until its backward, which a deep model stacks.
 FLOPs are the useful (active) ones: 6*D*F per routed slot and 6*D*F_shared per token forward,
 times 3 for forward+backward; the router is not counted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -67,7 +74,8 @@ class Row:
     gflops: float | None = None  # achieved, useful FLOPs
     vs_dense: float | None = None  # time / dense time
     vs_hf_best: float | None = None  # time / best transformers time
-    saved_mb: float | None = None  # memory proxy (see module docstring)
+    saved_mb: float | None = None  # saved for backward + output (see module docstring)
+    peak_mb: float | None = None  # peak extra memory of one call, parameter gradients excluded
     note: str = ""
     times_ms: list[float] = field(default_factory=list)
 
@@ -172,6 +180,54 @@ def saved_bytes(module: nn.Module, x: torch.Tensor, train: bool) -> int:
     return sum(seen.values()) + y.numel() * y.element_size()
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side prints two lines to stderr per use ("USDT: ... profiler_start");
+    they would bury the benchmark's table, so fd 2 points at /dev/null meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_bytes(module: nn.Module, x: torch.Tensor, dy: torch.Tensor | None) -> int | None:
+    """Peak bytes of tensors alive at once during one ``_step`` beyond those that existed
+    before it, parameter gradients excluded (see the module docstring); None where this
+    torch's profiler has no memory timeline."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch.profiler._memory_profiler import Action
+    except ImportError:
+        return None
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                                  with_stack=True) as prof:
+        xi = x.detach().requires_grad_(dy is not None)
+        with torch.set_grad_enabled(dy is not None):
+            y = module(xi)
+        if dy is not None:
+            y.backward(dy)
+        del y, xi
+    grads = {p.grad.untyped_storage().data_ptr() for p in module.parameters() if p.grad is not None}
+    for p in module.parameters():
+        p.grad = None
+    live = peak = 0
+    for _, action, (key, _), size in prof._memory_profile().timeline:
+        if key.storage.ptr in grads:
+            continue
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return peak
+
+
 def run_case(shape_name: str, dtype_name: str, mode: str, tokens: int, repeats: int, warmup: int,
              with_loop: bool, hf: bool) -> list[Row]:
     shape, dtype = SHAPES[shape_name], DTYPES[dtype_name]
@@ -188,6 +244,8 @@ def run_case(shape_name: str, dtype_name: str, mode: str, tokens: int, repeats: 
     dy = torch.randn(1, T, shape.d_model, generator=g).to(dtype) if train else None
     for n, m in live.items():
         rows[n].saved_mb = saved_bytes(m, x, train) / 2**20
+        peak = peak_bytes(m, x, dy)
+        rows[n].peak_mb = None if peak is None else peak / 2**20
         for _ in range(warmup):
             _step(m, x, dy)
     for _ in range(repeats):
@@ -215,14 +273,14 @@ def _fill(rows: dict[str, Row], shape: Shape, T: int, mode: str) -> None:
 
 def format_table(rows: list[Row]) -> str:
     head = f"{'shape':<12}{'dtype':<6}{'mode':<9}{'T':>6}  {'impl':<16}{'ms':>10}{'tok/s':>10}{'GFLOP/s':>9}" \
-           f"{'/dense':>8}{'/hf best':>9}{'saved MB':>10}  note"
+           f"{'/dense':>8}{'/hf best':>9}{'peak MB':>9}{'saved MB':>10}  note"
     lines = [head, "-" * len(head)]
     for r in rows:
         def f(v, fmt):  # a missing value keeps the column's width
             return format(v, fmt) if v is not None else format("-", ">" + fmt.split(".")[0])
         lines.append(f"{r.shape:<12}{r.dtype:<6}{r.mode:<9}{r.tokens:>6}  {r.name:<16}{f(r.ms, '10.2f')}"
                      f"{f(r.tokens_per_s, '10.0f')}{f(r.gflops, '9.1f')}{f(r.vs_dense, '8.2f')}"
-                     f"{f(r.vs_hf_best, '9.2f')}{f(r.saved_mb, '10.1f')}  {r.note}")
+                     f"{f(r.vs_hf_best, '9.2f')}{f(r.peak_mb, '9.1f')}{f(r.saved_mb, '10.1f')}  {r.note}")
     return "\n".join(lines)
 
 
