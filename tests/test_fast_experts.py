@@ -79,8 +79,12 @@ def test_grouped_equals_loop_with_empty_experts(activation, dtype, monkeypatch):
     x = torch.randn(T, 16, dtype=dtype)
     d_out = torch.randn(T, 16)
     results = []
-    for impl, schedule in [("loop", None), ("grouped", "grouped"), ("grouped", "blocked")]:
+    # Blocked with budgets of 1 slot (one expert per block), 7 (blocks of 1-3 experts) and
+    # the default (every expert in one block at this size).
+    runs = [("loop", None, 1), ("grouped", "grouped", 1)] + [("grouped", "blocked", b) for b in (1, 7, 2048)]
+    for impl, schedule, budget in runs:
         monkeypatch.setattr(grouped_mm, "pick_schedule", lambda _x, _widths, s=schedule: s)
+        monkeypatch.setattr(grouped_mm, "BLOCK_SLOTS", budget)
         xi, wi = x.clone().requires_grad_(True), plan.weights.clone().requires_grad_(True)
         y = experts(xi, dataclasses.replace(plan, weights=wi), impl)
         assert y.dtype == torch.float32 and y.shape == (T, 16)
@@ -96,6 +100,20 @@ def test_grouped_equals_loop_with_empty_experts(activation, dtype, monkeypatch):
         for g in (w_in_grad, w_out_grad):
             assert torch.count_nonzero(g[1]) == 0 and torch.count_nonzero(g[4]) == 0
             assert all(torch.count_nonzero(g[e]) > 0 for e in (0, 2, 3, 5))
+
+
+@pytest.mark.parametrize("budget", [1, 5, 16, 10_000])
+def test_blocks_cover_every_slot_once_in_expert_order(budget, monkeypatch):
+    monkeypatch.setattr(grouped_mm, "BLOCK_SLOTS", budget)
+    counts = torch.tensor([5, 0, 9, 1, 0, 7, 0])
+    blocks = grouped_mm._blocks(torch.cumsum(counts, 0), int(counts.sum()), "blocked")
+    assert blocks[0].start == 0 and blocks[-1].end == int(counts.sum())
+    assert all(a.end == b.start for a, b in zip(blocks, blocks[1:]))
+    members = [(e, blk.start + s, blk.start + t) for blk in blocks for e, s, t in blk.experts]
+    assert [e for e, _, _ in members] == [0, 2, 3, 5]  # idle experts are in no block
+    assert [t - s for _, s, t in members] == [5, 9, 1, 7]
+    assert all(blk.end - blk.start >= budget for blk in blocks[:-1])  # only the last may be short
+    assert len(blocks) == {1: 4, 5: 3, 16: 1, 10_000: 1}[budget]
 
 
 def test_schedule_is_blocked_on_cpu_and_where_grouped_mm_cannot_run():

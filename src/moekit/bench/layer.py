@@ -218,7 +218,8 @@ def peak_bytes(module: nn.Module, x: torch.Tensor, dy: torch.Tensor | None) -> i
         p.grad = None
     live = peak = 0
     for _, action, (key, _), size in prof._memory_profile().timeline:
-        if key.storage.ptr in grads:
+        storage = getattr(key, "storage", None)  # plain Keys (no tensor id) are counted
+        if storage is not None and storage.ptr in grads:
             continue
         if action == Action.CREATE:
             live += size

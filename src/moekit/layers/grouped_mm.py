@@ -25,13 +25,14 @@ Plan of ``grouped_moe``, per block of slots (forward, then backward of the autog
 Two schedules run the same steps (``pick_schedule``):
 - ``"grouped"``: one block of all M slots; each matmul is one ``grouped_mm`` call over every
   expert's slice. On a GPU that is one kernel per projection instead of one per expert.
-- ``"blocked"``: one block per expert with slots, each run through all of its steps before
-  the next begins. On a CPU a block's intermediates (about 1 MB at 512 slots x 512) stay in
-  cache, where the grouped schedule streams k copies of the input ([M, D], 64 MB for 4096
-  tokens at top-8) through memory between every two steps; the matmuls are the same (CPU
-  ``grouped_mm`` is a loop of ``mm`` over the slices). Fine-grained fwd+bwd went from 1.5x
-  to 1.05x the dense FFN's time with it (docs/benchmarks.md). It is also the fallback
-  wherever ``grouped_mm`` is missing (older torch, CUDA fp32, odd widths).
+- ``"blocked"``: blocks of a few consecutive experts (about ``BLOCK_SLOTS`` slots), each run
+  through all of its steps before the next begins; inside a block the matmuls are one ``mm``
+  per expert. On a CPU a block's intermediates (a few MB) stay in cache, where the grouped
+  schedule streams k copies of the input ([M, D], 64 MB for 4096 tokens at top-8) through
+  memory between every two steps; the matmuls are the same (CPU ``grouped_mm`` is a loop of
+  ``mm`` over the slices). Fine-grained fwd+bwd went from 1.5x to about 1.1x the dense FFN's
+  time with it (docs/benchmarks.md). It is also the fallback wherever ``grouped_mm`` is
+  missing (older torch, CUDA fp32, odd widths).
 
 Why one node: autograd of the separate steps keeps the gathered x [M, D] alive until backward
 (k copies of the input; re-gathering costs one pass), multiplies the routing weight on the
@@ -56,12 +57,20 @@ SCHEDULES = ("grouped", "blocked")
 
 
 class _Block(NamedTuple):
-    """Slots [start, end) of one expert (blocked), or of every expert (grouped: expert None,
+    """Slots [start, end) of a few consecutive experts (blocked: ``experts`` holds each one's
+    (expert, start, end) within the block), or of every expert (grouped: ``experts`` None,
     the slices given by offs)."""
 
     start: int
     end: int
-    expert: int | None
+    experts: tuple[tuple[int, int, int], ...] | None
+
+
+# Blocked schedule: experts join a block until it holds this many slots. Small enough that a
+# block's intermediates stay in cache (2048 x 512 fp32 = 4 MB per [m, D] tensor, against a
+# 32 MB L3), large enough that the Python and dispatch cost of a block's ~25 elementwise and
+# indexing ops is shared by several experts (fine: 16 blocks instead of 64).
+BLOCK_SLOTS = 2048
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
@@ -90,9 +99,17 @@ def pick_schedule(x: torch.Tensor, widths: tuple[int, ...]) -> str:
 def _blocks(offs: torch.Tensor, num_slots: int, schedule: str) -> list[_Block]:
     if schedule == "grouped":
         return [_Block(0, num_slots, None)]  # no host sync: the slices stay on the device
-    ends = offs.tolist()
-    starts = [0] + ends[:-1]
-    return [_Block(s, t, e) for e, (s, t) in enumerate(zip(starts, ends)) if t > s]
+    blocks, members, start, begin = [], [], 0, 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            members.append((e, start - begin, end - begin))
+        start = end
+        if members and end - begin >= BLOCK_SLOTS:
+            blocks.append(_Block(begin, end, tuple(members)))
+            members, begin = [], end
+    if members:
+        blocks.append(_Block(begin, start, tuple(members)))
+    return blocks
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -122,17 +139,23 @@ def _fast_layout(w: torch.Tensor) -> torch.Tensor:
 
 def _mm(a: torch.Tensor, w: torch.Tensor, blk: _Block, offs: torch.Tensor, out=None) -> torch.Tensor:
     """a [m, K] (the block's slots), w [E, K, N] -> [m, N]: each slice times its expert's w."""
-    if blk.expert is None:
+    if blk.experts is None:
         return _GROUPED_MM(a, w, offs=offs)
-    return torch.mm(a, w[blk.expert], out=out)
+    if len(blk.experts) == 1:
+        return torch.mm(a, w[blk.experts[0][0]], out=out)
+    out = a.new_empty(a.shape[0], w.shape[-1]) if out is None else out
+    for e, s, t in blk.experts:
+        torch.mm(a[s:t], w[e], out=out[s:t])
+    return out
 
 
 def _wgrad(a: torch.Tensor, g: torch.Tensor, blk: _Block, offs: torch.Tensor, out: torch.Tensor | None):
     """a [m, K], g [m, N] -> [E, K, N], expert e's slice(a)^T @ slice(g): written into out[e]
     (blocked), or a new tensor (grouped; an expert with an empty slice gets zeros)."""
-    if blk.expert is None:
+    if blk.experts is None:
         return _GROUPED_MM(a.t(), g, offs=offs)
-    torch.mm(a.t(), g, out=out[blk.expert])
+    for e, s, t in blk.experts:
+        torch.mm(a[s:t].t(), g[s:t], out=out[e])
     return out
 
 
@@ -251,7 +274,7 @@ class _GroupedMoE(torch.autograd.Function):
         # Blocked: every expert's weight gradient is written by its block, zeros for idle experts.
         d_w_in = d_w_out = None
         if ctx.schedule == "blocked":
-            idle = sorted(set(range(w_in.shape[0])) - {b.expert for b in blocks})
+            idle = sorted(set(range(w_in.shape[0])) - {e for b in blocks for e, _, _ in b.experts})
             d_w_in = _empty_grad(w_in, dtype, idle) if need_in else None
             d_w_out = _empty_grad(w_out, dtype, idle) if need_out else None
         for blk in blocks:
