@@ -159,6 +159,27 @@ def test_single_token_decode_matches_reference(case, capacity, dtype):
         assert int(layer.router.load_since_update.sum()) == layer.cfg.top_k
 
 
+@pytest.mark.parametrize("stream_max", [None, 0], ids=["streamed", "blas"])
+@pytest.mark.parametrize("case", ["softmax-top2", "sigmoid-groups", "fine-shared-gated", "gelu"])
+def test_single_token_inference_matches_reference(case, stream_max, monkeypatch):
+    """Decode without grad: fp32 expert matrices go through the streamed product (its scratch
+    buffer reused across calls and remade for a new dtype), or BLAS when over the size limit."""
+    from moekit.layers import experts as experts_mod
+
+    if stream_max is not None:
+        monkeypatch.setattr(experts_mod, "STREAM_GEMV_MAX_BYTES", stream_max)
+    layer = make_layer(case, None).eval()
+    with torch.no_grad():
+        for dtype, tol in [(torch.float32, 1e-5), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)]:
+            layer.to(dtype)
+            x = torch.randn(1, 1, D, dtype=dtype)
+            y, (y_ref, _) = layer(x), reference_moe(layer, x)
+            assert y.dtype == dtype
+            assert_close_scaled(y.float(), y_ref.float(), tol=tol)
+    scratch = layer.experts._gemv_scratch
+    assert (scratch is None) == (stream_max == 0)  # bf16 never streams; fp32 does under the limit
+
+
 def test_auto_picks_decode_for_few_tokens_and_grouped_for_many():
     layer = make_layer("softmax-top2", None)
     assert layer.expert_impl(1) == "decode" and layer.expert_impl(64) == "decode"
