@@ -60,18 +60,19 @@ def _plan_token_choice(
     if capacity_factor is None:
         order = torch.argsort(expert_N, stable=True)  # [N], padding last
         order = order if valid_T is None else order[:num_routed]  # [M]
-        counts, capacity = routed_counts, None
+        counts, capacity, num_dropped = routed_counts, None, 0
     else:
         n_valid = T if valid_T is None else int(valid_T.sum())
         capacity = expert_capacity(capacity_factor, n_valid, K, E)
         order = _keep_within_capacity(expert_N, r.scores.reshape(-1), routed_counts, capacity, E)
         counts = torch.clamp(routed_counts, max=capacity)
+        num_dropped = num_routed - int(counts.sum())
     return DispatchPlan(
         token_ids=order // K,
         weights=r.weights.reshape(-1)[order],
         counts=counts,
         routed_counts=routed_counts,
-        num_dropped=num_routed - int(counts.sum()),
+        num_dropped=num_dropped,
         num_routed=num_routed,
         capacity=capacity,
     )
