@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -68,6 +69,7 @@ def _run(args, shapes, dtypes, modes) -> int:
     import torch
 
     from moekit.bench.layer import format_table, rows_to_json, run_case
+    from moekit.layers.grouped_mm import CPU_NATIVE_BF16
 
     load_start = os.getloadavg()
     rows = []
@@ -77,12 +79,31 @@ def _run(args, shapes, dtypes, modes) -> int:
                 case = run_case(shape, dtype, mode, args.tokens, args.repeats, args.warmup, args.loop, not args.no_hf)
                 print(format_table(case).split("\n", 2)[-1] if rows else format_table(case), flush=True)
                 rows += case
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or
-            platform.machine(), "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
-            "cpus": os.cpu_count(), "args": {k: v for k, v in vars(args).items() if k != "func"}}
+    meta = {"torch": torch.__version__, "transformers": _version("transformers"), "threads": torch.get_num_threads(),
+            "machine": _cpu_name(), "cpu_native_bf16": CPU_NATIVE_BF16, "load_avg_start": load_start,
+            "load_avg_end": os.getloadavg(), "cpus": os.cpu_count(),
+            "args": {k: v for k, v in vars(args).items() if k != "func"}}
     _write_json_atomic(Path(args.json_path), rows_to_json(rows, meta))
     print(f"\nwrote {args.json_path}")
     return 0
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
