@@ -79,12 +79,14 @@ def test_grouped_equals_loop_with_empty_experts(activation, dtype, monkeypatch):
     x = torch.randn(T, 16, dtype=dtype)
     d_out = torch.randn(T, 16)
     results = []
-    # Blocked with budgets of 1 slot (one expert per block), 7 (blocks of 1-3 experts) and
-    # the default (every expert in one block at this size).
-    runs = [("loop", None, 1), ("grouped", "grouped", 1)] + [("grouped", "blocked", b) for b in (1, 7, 2048)]
+    # Blocked with budgets of 1 byte (one expert per block), 7 slots' rows (blocks of 1-3
+    # experts) and the default (every expert in one block at this size).
+    row = 2 * 16 * experts.w_in.element_size()  # max(H, D) elements: H = 32 for swiglu
+    runs = [("loop", None, 1), ("grouped", "grouped", 1)]
+    runs += [("grouped", "blocked", b) for b in (1, 7 * row, grouped_mm.BLOCK_BYTES)]
     for impl, schedule, budget in runs:
         monkeypatch.setattr(grouped_mm, "pick_schedule", lambda _x, _widths, s=schedule: s)
-        monkeypatch.setattr(grouped_mm, "BLOCK_SLOTS", budget)
+        monkeypatch.setattr(grouped_mm, "BLOCK_BYTES", budget)
         xi, wi = x.clone().requires_grad_(True), plan.weights.clone().requires_grad_(True)
         y = experts(xi, dataclasses.replace(plan, weights=wi), impl)
         assert y.dtype == torch.float32 and y.shape == (T, 16)
@@ -104,9 +106,9 @@ def test_grouped_equals_loop_with_empty_experts(activation, dtype, monkeypatch):
 
 @pytest.mark.parametrize("budget", [1, 5, 16, 10_000])
 def test_blocks_cover_every_slot_once_in_expert_order(budget, monkeypatch):
-    monkeypatch.setattr(grouped_mm, "BLOCK_SLOTS", budget)
+    monkeypatch.setattr(grouped_mm, "BLOCK_BYTES", budget * 1024)  # rows of 1 KB: budget slots
     counts = torch.tensor([5, 0, 9, 1, 0, 7, 0])
-    blocks = grouped_mm._blocks(torch.cumsum(counts, 0), int(counts.sum()), "blocked")
+    blocks = grouped_mm._blocks(torch.cumsum(counts, 0), int(counts.sum()), "blocked", row_bytes=1024)
     assert blocks[0].start == 0 and blocks[-1].end == int(counts.sum())
     assert all(a.end == b.start for a, b in zip(blocks, blocks[1:]))
     members = [(e, blk.start + s, blk.start + t) for blk in blocks for e, s, t in blk.experts]

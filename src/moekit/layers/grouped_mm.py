@@ -25,7 +25,7 @@ Plan of ``grouped_moe``, per block of slots (forward, then backward of the autog
 Two schedules run the same steps (``pick_schedule``):
 - ``"grouped"``: one block of all M slots; each matmul is one ``grouped_mm`` call over every
   expert's slice. On a GPU that is one kernel per projection instead of one per expert.
-- ``"blocked"``: blocks of a few consecutive experts (about ``BLOCK_SLOTS`` slots), each run
+- ``"blocked"``: blocks of a few consecutive experts (about ``BLOCK_BYTES`` wide), each run
   through all of its steps before the next begins; inside a block the matmuls are one ``mm``
   per expert. On a CPU a block's intermediates (a few MB) stay in cache, where the grouped
   schedule streams k copies of the input ([M, D], 64 MB for 4096 tokens at top-8) through
@@ -66,11 +66,12 @@ class _Block(NamedTuple):
     experts: tuple[tuple[int, int, int], ...] | None
 
 
-# Blocked schedule: experts join a block until it holds this many slots. Small enough that a
-# block's intermediates stay in cache (2048 x 512 fp32 = 4 MB per [m, D] tensor, against a
-# 32 MB L3), large enough that the Python and dispatch cost of a block's ~25 elementwise and
-# indexing ops is shared by several experts (fine: 16 blocks instead of 64).
-BLOCK_SLOTS = 2048
+# Blocked schedule: experts join a block until its widest intermediate ([m, max(H, D)]) holds
+# this many bytes. Small enough to stay in cache (a 32 MB L3 holds a block's few such
+# tensors), large enough that the Python and dispatch cost of a block's ~25 elementwise and
+# indexing ops is shared by several small experts (fine fp32: 2048 slots, 16 blocks instead
+# of 64). An expert wider than the budget (coarse: 1024 slots x 3584) is a block alone.
+BLOCK_BYTES = 4 << 20
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
@@ -96,15 +97,17 @@ def pick_schedule(x: torch.Tensor, widths: tuple[int, ...]) -> str:
     return "grouped" if x.device.type != "cpu" or torch.compiler.is_compiling() else "blocked"
 
 
-def _blocks(offs: torch.Tensor, num_slots: int, schedule: str) -> list[_Block]:
+def _blocks(offs: torch.Tensor, num_slots: int, schedule: str, row_bytes: int) -> list[_Block]:
+    """The schedule's blocks; ``row_bytes``: one slot's row of the block's widest intermediate."""
     if schedule == "grouped":
         return [_Block(0, num_slots, None)]  # no host sync: the slices stay on the device
+    budget = max(1, BLOCK_BYTES // row_bytes)  # slots per block
     blocks, members, start, begin = [], [], 0, 0
     for e, end in enumerate(offs.tolist()):
         if end > start:
             members.append((e, start - begin, end - begin))
         start = end
-        if members and end - begin >= BLOCK_SLOTS:
+        if members and end - begin >= budget:
             blocks.append(_Block(begin, end, tuple(members)))
             members, begin = [], end
     if members:
@@ -222,28 +225,40 @@ def _activation_grad(h: torch.Tensor, du_w: torch.Tensor, dh: torch.Tensor, acti
     return dh
 
 
+def _row_bytes(x_TD: torch.Tensor, w_in: torch.Tensor) -> int:
+    return max(w_in.shape[1], x_TD.shape[-1]) * x_TD.element_size()
+
+
 def _forward(x_TD, token_ids, weights, w_in, w_out, offs, activation: str, schedule: str, keep_h: bool):
     """Steps 1-5 over every block: out_TD [T, D] fp32, and h [M, H] when ``keep_h``."""
     dtype = x_TD.dtype
-    blocks = _blocks(offs, token_ids.shape[0], schedule)
+    blocks = _blocks(offs, token_ids.shape[0], schedule, _row_bytes(x_TD, w_in))
     # .to(dtype): a no-op unless fp32 master weights meet half activations (autocast).
-    w_in_T, w_out_T = w_in.to(dtype).mT, w_out.to(dtype).mT  # [E, D, H], [E, F, D] views
+    w_T = w_in.to(dtype).mT, w_out.to(dtype).mT  # [E, D, H], [E, F, D] views
     h_all = x_TD.new_empty(token_ids.shape[0], w_in.shape[1]) if keep_h and schedule == "blocked" else None
     # Accumulate a token's k contributions in fp32, so bf16 outputs do not round against each other.
     out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
     for blk in blocks:
-        ids = token_ids[blk.start : blk.end]
-        x = x_TD.index_select(0, ids)  # [m, D]; index_select beats x_TD[ids] on CPU
-        h = _mm(x, w_in_T, blk, offs, out=None if h_all is None else h_all[blk.start : blk.end])  # [m, H]
-        # x is dead now (the backward gathers it again rather than keep k copies of the input
-        # alive): act(h) goes into its memory.
-        a = _activate(h, activation, out=_into(x, h.shape[0], w_out.shape[-1]))  # [m, F]
-        a.mul_(weights[blk.start : blk.end].to(dtype)[:, None])
-        y = _mm(a, w_out_T, blk, offs)  # [m, D]
-        out_TD.index_add_(0, ids, y.float())
-        if schedule == "grouped":
-            h_all = h if keep_h else None
+        h = _forward_block(x_TD, token_ids, weights, w_T, offs, blk, activation, out_TD, h_all)
+        if schedule == "grouped" and keep_h:
+            h_all = h
     return out_TD, h_all
+
+
+def _forward_block(x_TD, token_ids, weights, w_T, offs, blk: _Block, activation: str, out_TD, h_all):
+    """Steps 1-5 for one block, adding into out_TD; returns its h (a view of h_all when given).
+    A function per block, so a block's temporaries are freed before the next block's exist."""
+    rows = slice(blk.start, blk.end)
+    ids = token_ids[rows]
+    x = x_TD.index_select(0, ids)  # [m, D]; index_select beats x_TD[ids] on CPU
+    h = _mm(x, w_T[0], blk, offs, out=None if h_all is None else h_all[rows])  # [m, H]
+    # x is dead now (the backward gathers it again rather than keep k copies of the input
+    # alive): act(h) goes into its memory.
+    a = _activate(h, activation, out=_into(x, h.shape[0], w_T[1].shape[1]))  # [m, F]
+    a.mul_(weights[rows].to(x.dtype)[:, None])
+    y = _mm(a, w_T[1], blk, offs)  # [m, D]
+    out_TD.index_add_(0, ids, y.float())
+    return h
 
 
 class _GroupedMoE(torch.autograd.Function):
@@ -265,37 +280,46 @@ class _GroupedMoE(torch.autograd.Function):
         x_TD, token_ids, weights, h_all, w_in, w_out, offs = ctx.saved_tensors
         dtype, act = x_TD.dtype, ctx.activation
         need_x, need_w, need_in, need_out = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
-        blocks = _blocks(offs, token_ids.shape[0], ctx.schedule)
+        blocks = _blocks(offs, token_ids.shape[0], ctx.schedule, _row_bytes(x_TD, w_in))
         d_out = d_out.to(dtype)  # [T, D] once, rather than every gathered copy (k times as many rows)
-        w_out_b = _fast_layout(w_out.to(dtype))  # [E, D, F]
-        w_in_b = _fast_layout(w_in.to(dtype)) if need_x else None  # [E, H, D]
-        d_weights = torch.empty(token_ids.shape, dtype=torch.float32, device=x_TD.device)  # [M]
-        dx_TD = torch.zeros_like(x_TD) if need_x else None
-        # Blocked: every expert's weight gradient is written by its block, zeros for idle experts.
-        d_w_in = d_w_out = None
-        if ctx.schedule == "blocked":
+        w_b = _fast_layout(w_in.to(dtype)) if need_x else None, _fast_layout(w_out.to(dtype))  # [E, H, D], [E, D, F]
+        grads = {
+            "weights": torch.empty(token_ids.shape, dtype=torch.float32, device=x_TD.device),  # [M]
+            "x": torch.zeros_like(x_TD) if need_x else None,
+            "w_in": None, "w_out": None,
+        }
+        if ctx.schedule == "blocked":  # each expert's block writes its slice; idle experts get zeros
             idle = sorted(set(range(w_in.shape[0])) - {e for b in blocks for e, _, _ in b.experts})
-            d_w_in = _empty_grad(w_in, dtype, idle) if need_in else None
-            d_w_out = _empty_grad(w_out, dtype, idle) if need_out else None
+            grads["w_in"] = _empty_grad(w_in, dtype, idle) if need_in else None
+            grads["w_out"] = _empty_grad(w_out, dtype, idle) if need_out else None
         for blk in blocks:
-            rows = slice(blk.start, blk.end)
-            ids, h, w_M1 = token_ids[rows], h_all[rows], weights[rows].to(dtype)[:, None]
-            dy = d_out.index_select(0, ids)  # [m, D]
-            du = _mm(dy, w_out_b, blk, offs)  # [m, F]
-            dh = torch.empty_like(h)
-            u, d_weights[rows] = _weighted_activation(h, du, w_M1, dh, act)  # u lives in dh's memory
-            if need_out:
-                d_w_out = _wgrad(dy, u, blk, offs, out=d_w_out)  # [E, D, F]
-            dh = _activation_grad(h, du.mul_(w_M1), dh, act)  # [m, H], over u
-            if need_x or need_in:
-                x = torch.index_select(x_TD, 0, ids, out=dy)  # gathered again, into dy's memory
-                if need_in:
-                    d_w_in = _wgrad(dh, x, blk, offs, out=d_w_in)  # [E, H, D]
-                if need_x:
-                    dx_TD.index_add_(0, ids, _mm(dh, w_in_b, blk, offs))  # [m, D] -> [T, D]
-        d_w_in = d_w_in.to(w_in.dtype) if need_in else None
-        d_w_out = d_w_out.to(w_out.dtype) if need_out else None
-        return dx_TD, None, d_weights.to(weights.dtype) if need_w else None, d_w_in, d_w_out, None, None, None
+            _backward_block(x_TD, token_ids, weights, h_all, w_b, offs, blk, act, d_out, grads, need_in, need_out)
+        d_w_in = grads["w_in"].to(w_in.dtype) if need_in else None
+        d_w_out = grads["w_out"].to(w_out.dtype) if need_out else None
+        d_weights = grads["weights"].to(weights.dtype) if need_w else None
+        return grads["x"], None, d_weights, d_w_in, d_w_out, None, None, None
+
+
+def _backward_block(x_TD, token_ids, weights, h_all, w_b, offs, blk: _Block, act: str, d_out, grads: dict,
+                    need_in: bool, need_out: bool) -> None:
+    """Steps 6-10 for one block, writing into ``grads`` (the grouped schedule's weight
+    gradients are new tensors, stored there)."""
+    rows = slice(blk.start, blk.end)
+    ids, h, w_M1 = token_ids[rows], h_all[rows], weights[rows].to(x_TD.dtype)[:, None]
+    dy = d_out.index_select(0, ids)  # [m, D]
+    du = _mm(dy, w_b[1], blk, offs)  # [m, F]
+    dh = torch.empty_like(h)
+    u, grads["weights"][rows] = _weighted_activation(h, du, w_M1, dh, act)  # u lives in dh's memory
+    if need_out:
+        grads["w_out"] = _wgrad(dy, u, blk, offs, out=grads["w_out"])  # [E, D, F]
+    dh = _activation_grad(h, du.mul_(w_M1), dh, act)  # [m, H], over u
+    if grads["x"] is None and not need_in:
+        return
+    x = torch.index_select(x_TD, 0, ids, out=dy)  # gathered again, into dy's memory
+    if need_in:
+        grads["w_in"] = _wgrad(dh, x, blk, offs, out=grads["w_in"])  # [E, H, D]
+    if grads["x"] is not None:
+        grads["x"].index_add_(0, ids, _mm(dh, w_b[0], blk, offs))  # [m, D] -> [T, D]
 
 
 def _empty_grad(w: torch.Tensor, dtype: torch.dtype, idle: list[int]) -> torch.Tensor:
