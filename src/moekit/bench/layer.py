@@ -32,7 +32,6 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moekit import MoEConfig, MoELayer

@@ -10,11 +10,12 @@ fastest in half precision and what grouped GEMM kernels take as their transposed
 Each impl maps the tokens and a ``DispatchPlan`` to the weighted sum of their experts'
 outputs, [T, D] fp32: gather by ``plan.token_ids``, experts, weighted scatter back. Three
 interchangeable ways to compute the same thing (``impl``):
-- ``"grouped"``: gather, one grouped matmul per projection over all slices and the weighted
-  scatter as one autograd node with a custom backward (``grouped_mm.py``); the training and
-  prefill path.
+- ``"grouped"``: gather, both projections and the weighted scatter as one autograd node with
+  a custom backward (``grouped_mm.py``: a few experts at a time on CPU, one grouped matmul
+  per projection on GPU); the training and prefill path.
 - ``"decode"``: a few tokens touch a few experts: multiply only the non-empty slices against
-  views of their experts' weights (no weight copies, no work for the idle experts).
+  views of their experts' weights (no weight copies, no work for the idle experts). One token
+  needs no plan at all (``single_token``, called by ``MoELayer``).
 - ``"loop"``: the plain per-expert loop under autograd, kept as the readable reference.
 """
 
@@ -29,6 +30,11 @@ from moekit.layers.grouped_mm import grouped_moe
 from moekit.layers.mlp import activate, first_proj_width
 
 IMPLS = ("grouped", "decode", "loop")
+
+# Expert matrices up to this size multiply a vector as a product and a row sum
+# (``_StreamGemv``); larger ones through BLAS, since the product's extra write and read stop
+# fitting in cache (and the scratch buffer, one matrix per layer, stops being small).
+STREAM_GEMV_MAX_BYTES = 8 << 20
 
 
 class Experts(nn.Module):
@@ -129,15 +135,6 @@ class Experts(nn.Module):
     def reset_parameters(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w_in, std=std)
         nn.init.normal_(self.w_out, std=out_std)
-
-
-
-
-
-# Expert matrices up to this size multiply a vector as a product and a row sum
-# (``_StreamGemv``); larger ones through BLAS, since the product's extra write and read stop
-# fitting in cache (and the scratch buffer, one matrix per layer, stops being small).
-STREAM_GEMV_MAX_BYTES = 8 << 20
 
 
 def _blas_gemv(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
