@@ -215,8 +215,12 @@ def peak_bytes(module: nn.Module, x: torch.Tensor, dy: torch.Tensor | None) -> i
     grads = {p.grad.untyped_storage().data_ptr() for p in module.parameters() if p.grad is not None}
     for p in module.parameters():
         p.grad = None
+    try:
+        timeline = prof._memory_profile().timeline  # private to torch: may change between releases
+    except (AttributeError, ValueError):
+        return None
     live = peak = 0
-    for _, action, (key, _), size in prof._memory_profile().timeline:
+    for _, action, (key, _), size in timeline:
         storage = getattr(key, "storage", None)  # plain Keys (no tensor id) are counted
         if storage is not None and storage.ptr in grads:
             continue
