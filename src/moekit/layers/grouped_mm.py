@@ -229,10 +229,9 @@ def _row_bytes(x_TD: torch.Tensor, w_in: torch.Tensor) -> int:
     return max(w_in.shape[1], x_TD.shape[-1]) * x_TD.element_size()
 
 
-def _forward(x_TD, token_ids, weights, w_in, w_out, offs, activation: str, schedule: str, keep_h: bool):
+def _forward(x_TD, token_ids, weights, w_in, w_out, offs, activation: str, schedule: str, blocks, keep_h: bool):
     """Steps 1-5 over every block: out_TD [T, D] fp32, and h [M, H] when ``keep_h``."""
     dtype = x_TD.dtype
-    blocks = _blocks(offs, token_ids.shape[0], schedule, _row_bytes(x_TD, w_in))
     # .to(dtype): a no-op unless fp32 master weights meet half activations (autocast).
     w_T = w_in.to(dtype).mT, w_out.to(dtype).mT  # [E, D, H], [E, F, D] views
     h_all = x_TD.new_empty(token_ids.shape[0], w_in.shape[1]) if keep_h and schedule == "blocked" else None
@@ -263,11 +262,11 @@ def _forward_block(x_TD, token_ids, weights, w_T, offs, blk: _Block, activation:
 
 class _GroupedMoE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, token_ids, weights, w_in, w_out, offs, activation: str, schedule: str):
+    def forward(ctx, x_TD, token_ids, weights, w_in, w_out, offs, activation: str, schedule: str, blocks):
         with torch.autocast(x_TD.device.type, enabled=False):
-            out_TD, h = _forward(x_TD, token_ids, weights, w_in, w_out, offs, activation, schedule, keep_h=True)
+            out_TD, h = _forward(x_TD, token_ids, weights, w_in, w_out, offs, activation, schedule, blocks, keep_h=True)
         ctx.save_for_backward(x_TD, token_ids, weights, h, w_in, w_out, offs)
-        ctx.activation, ctx.schedule = activation, schedule
+        ctx.activation, ctx.schedule, ctx.blocks = activation, schedule, blocks
         return out_TD
 
     @staticmethod
@@ -280,7 +279,7 @@ class _GroupedMoE(torch.autograd.Function):
         x_TD, token_ids, weights, h_all, w_in, w_out, offs = ctx.saved_tensors
         dtype, act = x_TD.dtype, ctx.activation
         need_x, need_w, need_in, need_out = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
-        blocks = _blocks(offs, token_ids.shape[0], ctx.schedule, _row_bytes(x_TD, w_in))
+        blocks = ctx.blocks
         d_out = d_out.to(dtype)  # [T, D] once, rather than every gathered copy (k times as many rows)
         w_b = _fast_layout(w_in.to(dtype)) if need_x else None, _fast_layout(w_out.to(dtype))  # [E, H, D], [E, D, F]
         grads = {
@@ -297,7 +296,7 @@ class _GroupedMoE(torch.autograd.Function):
         d_w_in = grads["w_in"].to(w_in.dtype) if need_in else None
         d_w_out = grads["w_out"].to(w_out.dtype) if need_out else None
         d_weights = grads["weights"].to(weights.dtype) if need_w else None
-        return grads["x"], None, d_weights, d_w_in, d_w_out, None, None, None
+        return grads["x"], None, d_weights, d_w_in, d_w_out, None, None, None, None
 
 
 def _backward_block(x_TD, token_ids, weights, h_all, w_b, offs, blk: _Block, act: str, d_out, grads: dict,
@@ -355,7 +354,8 @@ def grouped_moe(
     elif schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
     offs = torch.cumsum(counts, 0).to(torch.int32)  # [E]
-    args = (x_TD, token_ids, weights, w_in, w_out, offs, activation, schedule)
+    blocks = _blocks(offs, token_ids.shape[0], schedule, _row_bytes(x_TD, w_in))  # backward reuses them
+    args = (x_TD, token_ids, weights, w_in, w_out, offs, activation, schedule, blocks)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, weights, w_in, w_out)):
         return _GroupedMoE.apply(*args)
     with torch.autocast(x_TD.device.type, enabled=False):
