@@ -2,6 +2,7 @@
 
     from moekit.training import TrainConfig, train, load_run
     result = train(TrainConfig(max_steps=100), get_preset("tiny-moe"), "runs/x")
+    train(cfg, model, "runs/ft", tokenizer=tok, loss_fn=my_loss, param_filter=lambda n, p: "experts" in n)
     run = load_run("runs/x")          # model, configs, tokenizer; run.validation_batches()
 
 The run folder's layout is in ``moekit/training/run.py``; the README's "Training" section has the CLI.
@@ -12,9 +13,12 @@ from moekit.training.checkpoint import CheckpointError, find_checkpoint, list_ch
 from moekit.training.config import TrainConfig
 from moekit.training.loop import (
     EvalResult,
+    LossFn,
     NonFiniteLossError,
+    ParamFilter,
     TrainResult,
     evaluate,
+    next_token_loss,
     resume_run,
     train,
     train_step,
@@ -31,6 +35,9 @@ __all__ = [
     "resume_run",
     "train_step",
     "evaluate",
+    "next_token_loss",
+    "LossFn",
+    "ParamFilter",
     "TrainResult",
     "EvalResult",
     "NonFiniteLossError",
