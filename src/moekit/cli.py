@@ -58,11 +58,30 @@ def cmd_inspect(args) -> int:
     label, cfg = resolve_config(args.target)
     if args.seq_len is not None and args.seq_len < 1:
         raise UsageError(f"--seq-len must be >= 1, got {args.seq_len}")
+    split = _parallel_split(cfg, args)
     if args.json:
-        print(json.dumps({"name": label, "config": cfg.to_dict(), **summary(cfg, args.seq_len)}, indent=2))
+        extra = {"parallel": split} if split else {}
+        print(json.dumps({"name": label, "config": cfg.to_dict(), **summary(cfg, args.seq_len), **extra}, indent=2))
     else:
         print(format_report(cfg, label, args.seq_len))
+        if split:
+            from moekit.distributed.arithmetic import format_parallel
+
+            print(format_parallel(split))
     return 0
+
+
+def _parallel_split(cfg: ModelConfig, args) -> dict | None:
+    """``inspect --ep/--gpus``: all-to-all volume and memory per GPU (distributed/arithmetic.py)."""
+    if args.ep is None and args.gpus is None:
+        if args.batch_size is not None:
+            raise UsageError("--batch-size needs --ep or --gpus (it sizes the all-to-all traffic per step)")
+        return None
+    from moekit.distributed.arithmetic import parallel_summary
+
+    ep = args.ep or 1
+    seq_len = args.seq_len or min(cfg.max_seq_len, 4096)
+    return parallel_summary(cfg, ep, args.gpus or ep, seq_len, args.batch_size)
 
 
 def cmd_presets(args) -> int:
@@ -117,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a preset name (see `moekit presets`), a moekit or Hugging Face config JSON, or a folder with config.json",
     )
     s.add_argument("--seq-len", type=int, default=None, help="context length for attention FLOPs (default: max_seq_len)")
+    s.add_argument("--ep", type=int, default=None,
+                   help="expert-parallel degree: adds all-to-all bytes and memory per GPU (default with --gpus: 1)")
+    s.add_argument("--gpus", type=int, default=None,
+                   help="GPUs in all, a multiple of --ep: memory per GPU and GPUs needed (default: --ep)")
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="with --ep/--gpus: sequences per step over all GPUs, for traffic per step (default: 1 per GPU; "
+                        "sequence length: --seq-len, else min(max_seq_len, 4096))")
     s.add_argument("--json", action="store_true", help="print the numbers as JSON")
     s.set_defaults(func=cmd_inspect)
 
