@@ -6,6 +6,8 @@ A boolean ``valid`` mask (True = real token) removes padding from every count an
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -29,7 +31,8 @@ def expert_fraction(expert_ids: torch.Tensor, num_experts: int, valid: torch.Ten
 
 
 def switch_load_balancing_loss(
-    probs: torch.Tensor, expert_ids: torch.Tensor, valid: torch.Tensor | None = None
+    probs: torch.Tensor, expert_ids: torch.Tensor, valid: torch.Tensor | None = None,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Switch Transformer load-balancing loss (Fedus et al. 2021, eqs. 4-6), batch-wise:
 
@@ -40,12 +43,28 @@ def switch_load_balancing_loss(
     k at perfect balance: this matches transformers' ``load_balancing_loss_func``, so a
     coefficient ported from a Mixtral/Qwen config means the same here.
 
-    probs [T, E] fp32, expert_ids [T, K], valid [T] bool or None.
+    probs [T, E] fp32, expert_ids [T, K], valid [T] bool or None. ``sum_over_ranks`` (data
+    parallelism with global statistics): a differentiable sum of a tensor over every rank;
+    f and P are then the whole global batch's, and the loss is the single-process one.
     """
     E = probs.shape[-1]
+    if sum_over_ranks is not None:
+        return E * torch.sum(_global_f_and_P(probs, expert_ids, valid, sum_over_ranks).prod(0))
     f = expert_fraction(expert_ids, E, valid)  # [E]
     P = _masked_mean(probs, valid)  # [E]
     return E * torch.sum(f * P)
+
+
+def _global_f_and_P(probs: torch.Tensor, expert_ids: torch.Tensor, valid: torch.Tensor | None,
+                    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """[2, E]: f and P of the Switch loss over every rank's tokens (sums, then one division)."""
+    E = probs.shape[-1]
+    w = torch.ones(probs.shape[0], device=probs.device) if valid is None else valid.float()  # [T]
+    slots = torch.zeros(E, device=probs.device).index_add_(0, expert_ids.reshape(-1),
+                                                           w.repeat_interleave(expert_ids.shape[-1]))  # [E]
+    sums = sum_over_ranks(torch.cat([(probs * w[:, None]).sum(0), slots.detach(), w.sum()[None]]))  # [2E + 1]
+    n = sums[-1].detach().clamp(min=1)
+    return torch.stack([sums[E:2 * E].detach(), sums[:E]]) / n
 
 
 def sequence_balance_loss(

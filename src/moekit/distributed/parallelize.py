@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.distributed._composable.replicate import replicate
 from torch.distributed.fsdp import fully_shard
@@ -41,6 +42,9 @@ def parallelize(model: MoETransformer, ctx: DistContext, pcfg: ParallelConfig) -
     if not ctx.distributed:
         return model
     counter = CommCounter()
+    if pcfg.balance_stats == "global":
+        for layer in model.moe_layers():
+            layer.sum_over_ranks = _sum_over_world
     ep_modules = _shard_experts(model, ctx, counter) if ctx.ep > 1 else []
     if pcfg.fsdp:
         _fully_shard(model, ctx, ep_modules)
@@ -97,6 +101,12 @@ def _fully_shard(model: MoETransformer, ctx: DistContext, ep_modules: list[nn.Mo
     for block in model.blocks:
         fully_shard(block, mesh=world_mesh)
     fully_shard(model, mesh=world_mesh)
+
+
+def _sum_over_world(t: torch.Tensor) -> torch.Tensor:
+    """A differentiable all-reduce: its backward sums the gradient over ranks too, which DDP's
+    average then turns into the single-process gradient of the global loss."""
+    return dist_fn.all_reduce(t)
 
 
 def expert_parameters(model: nn.Module) -> set[nn.Parameter]:

@@ -95,6 +95,9 @@ class MoELayer(nn.Module):
         self._last: _LastForward | None = None  # what aux_loss and last_stats are computed from
         self._no_aux = torch.zeros(())  # aux_loss before the first forward
         self.impl = "auto"
+        # None: the Switch loss sees this forward's tokens. distributed.parallelize sets a
+        # differentiable sum over ranks for global balancing statistics (--balance-stats global).
+        self.sum_over_ranks = None
         self.reset_parameters()  # a standalone layer must be usable; MoETransformer re-inits with its own std
 
     def expert_impl(self, num_tokens: int) -> str:
@@ -162,7 +165,7 @@ class MoELayer(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         token_choice = not r.expert_choice  # expert choice is balanced by construction
         if cfg.load_balance_coef > 0 and token_choice:
-            lb = switch_load_balancing_loss(r.probs, r.ids, valid_T)
+            lb = switch_load_balancing_loss(r.probs, r.ids, valid_T, self.sum_over_ranks)
             total, losses["load_balance"] = total + cfg.load_balance_coef * lb, lb.detach()
         if cfg.seq_balance_coef > 0 and token_choice:
             valid_BS = None if valid_T is None else valid_T.view(B, S)

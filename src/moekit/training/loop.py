@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from rich.console import Console
@@ -41,6 +42,9 @@ from moekit.training.optim import build_optimizer, lr_at, set_lr
 from moekit.training.plots import plot_run
 from moekit.training.report import Reporter, routing_table, summary_table
 from moekit.training.run import TOKENIZER_FILE, is_run_dir, write_run_files
+
+if TYPE_CHECKING:
+    from moekit.distributed.mesh import DistContext
 
 
 class NonFiniteLossError(RuntimeError):
@@ -117,33 +121,68 @@ def _autocast(precision: str, device: torch.device):
 
 
 def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, batches: list[torch.Tensor],
-               cfg: TrainConfig, lr: float, device: torch.device, loss_fn: LossFn | None = None) -> StepResult:
+               cfg: TrainConfig, lr: float, device: torch.device, loss_fn: LossFn | None = None,
+               dist: DistContext | None = None) -> StepResult:
     """One optimizer step over ``batches`` (micro-batches [B, S+1], gradients accumulated).
 
     ``loss_fn`` (default ``next_token_loss``: the LM loss plus the balancing losses) gives what
     is backpropagated; the aux-loss-free bias moves once, after the optimizer step. Nothing is
     updated when the loss or gradient norm is not finite.
+
+    ``dist`` (a model ``parallelize``d over several ranks): every rank gets the same global
+    ``batches`` and trains on its rows of each; the losses, the gradient norm and the expert
+    loads are all-reduced, so every rank reports and does what one process would.
     """
     loss_fn = loss_fn or next_token_loss
     model.train()
     sums = torch.zeros(3, device=device)  # total, lm, aux: summed over micro-batches, one sync at the end
     for batch in batches:
-        batch = batch.to(device, non_blocking=True)
+        batch = _rows(batch, dist).to(device, non_blocking=True)
         with _autocast(cfg.precision, device):
             out = model(batch[:, :-1])
         parts = loss_fn(out, batch)
         (parts.total / len(batches)).backward()
         sums += torch.stack([parts.total.detach(), parts.lm.detach(), parts.aux.detach()])
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    total, lm, aux = (sums / len(batches)).tolist()
+    grad_norm = _clip_grad_norm(model, max_norm, dist)
+    total, lm, aux = (_mean_over_ranks(sums, dist) / len(batches)).tolist()
     result = StepResult(total, lm, aux, grad_norm, [s.max_violation for s in model.routing_stats() if s])
     if result.finite:
         set_lr(optimizer, lr)
         optimizer.step()
+        _sync_balancing_state(model, dist)
         model.update_expert_bias()
     optimizer.zero_grad(set_to_none=True)
     return result
+
+
+# Single process unless a DistContext spanning several ranks is given; torch.distributed and
+# FSDP are imported only then (``moekit train`` start-up stays as it was).
+def _rows(batch: torch.Tensor, dist: DistContext | None) -> torch.Tensor:
+    return dist.shard_rows(batch) if dist is not None and dist.distributed else batch
+
+
+def _clip_grad_norm(model: nn.Module, max_norm: float, dist: DistContext | None) -> float:
+    if dist is None or not dist.distributed:
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    from moekit.distributed.parallelize import clip_grad_norm_
+
+    return clip_grad_norm_(model, max_norm, dist)
+
+
+def _mean_over_ranks(t: torch.Tensor, dist: DistContext | None) -> torch.Tensor:
+    if dist is None or not dist.distributed:
+        return t
+    from moekit.distributed.parallelize import all_reduce_mean
+
+    return all_reduce_mean(t, dist)
+
+
+def _sync_balancing_state(model: nn.Module, dist: DistContext | None) -> None:
+    if dist is not None and dist.distributed:
+        from moekit.distributed.parallelize import sync_balancing_state
+
+        sync_balancing_state(model, dist)
 
 
 @torch.no_grad()
