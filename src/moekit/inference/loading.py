@@ -1,0 +1,81 @@
+"""One call from a folder to everything generation needs: model, tokenizer, generation defaults.
+
+MODEL is either a moekit run folder (``train_config.json``: the model comes from its last
+checkpoint, the tokenizer is the run's own) or a Hugging Face model folder (``config.json``
+with ``model_type``: weights through ``moekit.from_pretrained``, tokenizer from
+``tokenizer.json``). The tokenizer is read first, so a folder without one fails in a moment
+with a line naming the missing file, not after minutes of loading weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moekit.errors import UsageError
+from moekit.inference.generation_config import GenerationDefaults, load_generation_defaults
+from moekit.inference.tokenization import TextTokenizer, load_tokenizer
+
+DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+               "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``torch.bfloat16`` or a name ("bf16", "float32", ...); None keeps the checkpoint's."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPE_NAMES:
+        raise UsageError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[dtype]
+
+
+def folder_kind(folder: Path) -> str:
+    """"run" (moekit train's folder) or "hf" (a Hugging Face model folder); UsageError otherwise."""
+    from moekit.fileio import read_json_object
+    from moekit.interop.registry import is_hf_config
+    from moekit.training.run import is_run_dir
+
+    if not folder.exists():
+        raise UsageError(f"no such model folder: {folder}")
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is a file; MODEL must be a moekit run folder or a Hugging Face model folder")
+    if is_run_dir(folder):
+        return "run"
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            if is_hf_config(read_json_object(config)):
+                return "hf"
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    raise UsageError(f"{folder} is neither a moekit run folder (no train_config.json) nor a Hugging Face "
+                     "model folder (no config.json with a model_type)")
+
+
+def load_for_inference(path: str | Path, dtype: torch.dtype | str | None = None,
+                       device: str | torch.device | None = None,
+                       checkpoint: str | int = "last") -> tuple[torch.nn.Module, TextTokenizer, GenerationDefaults]:
+    """(model in eval mode, tokenizer, generation defaults) of a run folder or HF folder.
+    ``checkpoint`` ("last", "best" or a step) applies to run folders only."""
+    folder = Path(path)
+    kind = folder_kind(folder)
+    dtype = parse_dtype(dtype)
+    tokenizer = load_tokenizer(folder)
+    try:
+        if kind == "run":
+            from moekit.training.run import load_run
+
+            model = load_run(folder, checkpoint, device=device or "cpu").model
+            if dtype is not None:
+                model = model.to(dtype)
+        else:
+            from moekit.interop import from_pretrained
+
+            model = from_pretrained(folder, dtype=dtype, device=device)
+    except ValueError as e:  # interop reports unsupported configs and bad files as ValueError
+        raise UsageError(" ".join(str(e).split())) from None
+    return model.eval(), tokenizer, load_generation_defaults(folder, tokenizer)
+
+
+__all__ = ["load_for_inference", "folder_kind", "parse_dtype", "DTYPE_NAMES"]
