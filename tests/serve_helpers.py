@@ -44,5 +44,5 @@ def make_state(max_batch: int = 4, max_waiting: int = 16, api_key: str | None = 
         text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
         return tok.encode(text)
 
-    return ServeState(scheduler, tok, MODEL, model.cfg.vocab_size, lambda: DiffDetokenizer(tok.decode),
-                      chat_prompt=chat_prompt, api_key=api_key)
+    return ServeState(scheduler, tok, MODEL, model.cfg.vocab_size, lambda _prompt: DiffDetokenizer(tok.decode),
+                      stop_ids=frozenset(tok.eos_ids), chat_prompt=chat_prompt, api_key=api_key)

@@ -56,9 +56,9 @@ def test_models_health_and_greedy_completion_equals_recompute(served):
     prompt = "The quick brown fox"
     r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
     ids = state.tokenizer.encode(prompt)
-    ref = greedy_reference(state.scheduler.backend.model, ids, 12, state.tokenizer.eos_ids)
-    assert r.choices[0].text == state.tokenizer.decode([i for i in ref if i not in state.tokenizer.eos_ids])
-    assert r.choices[0].finish_reason == ("stop" if ref[-1] in state.tokenizer.eos_ids else "length")
+    ref = greedy_reference(state.scheduler.backend.model, ids, 12, state.stop_ids)
+    assert r.choices[0].text == state.tokenizer.decode([i for i in ref if i not in state.stop_ids])
+    assert r.choices[0].finish_reason == ("stop" if ref[-1] in state.stop_ids else "length")
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(ref))
     assert r.usage.total_tokens == len(ids) + len(ref)
 

@@ -35,8 +35,6 @@ _DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its cl
 
 
 class ServedTokenizer(Protocol):
-    eos_ids: list[int] | set[int] | frozenset[int]
-
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
@@ -50,7 +48,8 @@ class ServeState:
     tokenizer: ServedTokenizer
     model_name: str
     vocab_size: int
-    new_detokenizer: Callable[[], Detokenizer]
+    new_detokenizer: Callable[[list[int]], Detokenizer]  # prompt ids -> a detokenizer continuing them
+    stop_ids: frozenset[int] = frozenset()  # EOS ids of the tokenizer and generation_config.json
     chat_prompt: Callable[[list[dict]], list[int]] | None = None  # messages -> prompt ids; None: no template
     api_key: str | None = None
     defaults: dict = field(default_factory=dict)  # generation_config.json: temperature, top_p, top_k
@@ -181,7 +180,7 @@ def _sampling(state: ServeState, body, max_tokens: int | None, prompt_len: int) 
             top_k=None if top_k in (None, 0, -1) else top_k,
             seed=body.seed,
             stop=body.stop_list(),
-            stop_ids=frozenset(state.tokenizer.eos_ids),
+            stop_ids=state.stop_ids,
         )
     except ValueError as e:
         raise ApiError(400, str(e), param=str(e).split(" ", 1)[0]) from None
@@ -192,7 +191,7 @@ async def _generate(state: ServeState, request: Request, body, shape: ResponseSh
     params = _sampling(state, body, max_tokens, len(prompt_ids))
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     seq = SeqRequest(prompt_ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-                     state.new_detokenizer(), want_routing=body.moe)
+                     state.new_detokenizer(prompt_ids), want_routing=body.moe)
     try:
         state.scheduler.submit(seq)
     except QueueFull as e:

@@ -8,10 +8,12 @@ slot, then advances any set of occupied slots by one token together, and release
 when its sequence retires or is cancelled. Every call returns next-token logits and, when
 the router can be read, the experts of the tokens it just ran (``routing.py``).
 
+``KVCacheBackend`` is the real one: the model's preallocated KV cache (layers/kv_cache.py)
+with one slot per sequence, so a decode step runs one new token per sequence.
 ``RecomputeBackend`` keeps each slot's tokens and runs the whole batch of contexts again at
 every step (right-padded; attention is causal, so padding after a sequence's last token
-cannot reach it). It is exact and needs nothing but ``model(ids, attention_mask)``, which is
-why it is the reference; a KV-cache backend does the same with one token per sequence per step.
+cannot reach it). It needs nothing but ``model(ids, attention_mask)``: the reference the
+cached one is tested against.
 """
 
 from __future__ import annotations
@@ -87,4 +89,41 @@ class RecomputeBackend:
         self._tokens.pop(slot, None)
 
 
-__all__ = ["Backend", "StepOutput", "RecomputeBackend"]
+class KVCacheBackend:
+    """One KV-cache slot per sequence: prefill writes the prompt's keys, decode one token each."""
+
+    def __init__(self, model: nn.Module, num_slots: int, max_len: int | None = None):
+        from moekit.layers.kv_cache import KVCache
+
+        self.model = model.eval()
+        weight = next(model.parameters())
+        self.cache = KVCache(model.cfg, num_slots, max_len, dtype=weight.dtype, device=weight.device)
+        self.num_slots, self.max_len, self.device = num_slots, self.cache.max_len, weight.device
+        self._routing = RoutingRecorder(model)
+        self.num_experts = self._routing.num_experts
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: list[int]) -> StepOutput:
+        self.cache.reset(slot)
+        view = self.cache.view([slot], [len(ids)], len(ids))
+        last = torch.tensor([len(ids) - 1], device=self.device)
+        out = self.model(torch.tensor([ids], device=self.device), cache=view, logits_at=last)
+        self.cache.commit(view)
+        return StepOutput(out.logits[:, -1].float(), self._routing.take())  # [1, V], [S, K] per layer
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], tokens: list[int]) -> StepOutput:
+        view = self.cache.view(slots, [1] * len(slots), 1)
+        out = self.model(torch.tensor(tokens, device=self.device)[:, None], cache=view)  # [B, 1] -> [B, 1, V]
+        self.cache.commit(view)
+        return StepOutput(out.logits[:, 0].float(), self._routing.take())  # [B, V], [B, K] per layer
+
+    def release(self, slot: int) -> None:
+        self.cache.reset(slot)  # nothing to free: the slot's memory is preallocated and reused
+
+
+def make_backend(model: nn.Module, num_slots: int, kv_cache: bool = True) -> Backend:
+    return KVCacheBackend(model, num_slots) if kv_cache else RecomputeBackend(model, num_slots)
+
+
+__all__ = ["Backend", "StepOutput", "RecomputeBackend", "KVCacheBackend", "make_backend"]

@@ -241,9 +241,9 @@ class Scheduler:
             elif len(req.generated) >= p.max_tokens or len(req.prompt_ids) + len(req.generated) >= self.backend.max_len:
                 piece, finish = piece + req.stream.finish(), "length"
         if piece or req.want_routing:
-            req.on_event(Event("text", piece, experts if req.want_routing else None))
+            self._emit(req, Event("text", piece, experts if req.want_routing else None))
         if finish is not None:
-            req.on_event(Event("done", finish_reason=finish, usage=self._usage(req)))
+            self._emit(req, Event("done", finish_reason=finish, usage=self._usage(req)))
             self.counters["completed"] += 1
             self._retire(req)
 
@@ -254,8 +254,17 @@ class Scheduler:
             usage["moe"] = {"tokens_per_expert": req.moe_load or []}
         return usage
 
+    def _emit(self, req: Request, event: Event) -> None:
+        """Deliver an event; a listener that is gone (its event loop closed) cancels the request
+        instead of taking the engine down."""
+        try:
+            req.on_event(event)
+        except Exception as e:
+            print(f"moekit serve: request {req.id}: cannot deliver its output ({e}); cancelling it", file=sys.stderr)
+            req.cancelled = True
+
     def _fail(self, req: Request, message: str) -> None:
-        req.on_event(Event("error", text=message))
+        self._emit(req, Event("error", text=message))
         self.counters["failed"] += 1
         self._retire(req)
 

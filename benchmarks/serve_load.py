@@ -1,0 +1,239 @@
+"""Load test of ``moekit serve``: concurrent streaming clients against a live server on 127.0.0.1.
+
+The server runs in a child process (this script with --serve), so client and server do not
+share a GIL; both share the machine's cores, as a local deployment would. For each number
+of concurrent clients (default 1, 4, 16, 32) and each mode (continuous batching with
+--max-batch, and batching off = --max-batch 1, one sequence at a time), every client sends
+streaming completions one after another with mixed prompt and output lengths; we report
+
+    output tok/s   completion tokens of all requests / wall time of the level
+    TTFT p50/p99   request sent -> first text chunk
+    ITL p50/p99    gaps between a stream's successive text chunks (about one token each)
+    failed         requests that did not end with [DONE]
+
+Usage:
+    python benchmarks/serve_load.py                      # the table, ~10 minutes on 2 cores
+    python benchmarks/serve_load.py --clients 1,16 --requests 2 --quick
+    python benchmarks/serve_load.py --soak-minutes 10    # + memory across a soak at 16 clients
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+# ---- the server side (child process) ----------------------------------------------------
+
+
+def build_model(args):
+    import torch
+
+    from moekit.config import ModelConfig, MoEConfig
+    from moekit.model import MoETransformer
+
+    torch.manual_seed(0)
+    # Mixtral-shaped, scaled down so 32 streams fit a 2-core CPU: 8 experts top-2, GQA.
+    moe = MoEConfig(d_model=args.d_model, d_expert=args.d_expert, num_experts=8, top_k=2)
+    cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=8, n_kv_heads=2,
+                      max_seq_len=512, moe=moe)
+    return MoETransformer(cfg).eval()
+
+
+def serve(args) -> None:
+    import torch
+
+    from moekit.data.tokenizer import bytes_tokenizer
+    from moekit.serve.app import ServeState
+    from moekit.serve.backend import make_backend
+    from moekit.serve.scheduler import Scheduler
+    from moekit.serve.server import run
+    from moekit.serve.text import DiffDetokenizer
+
+    torch.set_num_threads(args.threads)
+    model = build_model(args)
+    tok = bytes_tokenizer()  # prompts are sent as token ids; text is only what the stream carries
+    decode = lambda ids: "".join(chr(33 + i % 90) for i in ids)  # one visible character per token  # noqa: E731
+    scheduler = Scheduler(make_backend(model, args.max_batch, not args.no_kv_cache), max_waiting=256)
+    # No stop ids: a random model's EOS would cut outputs short and make the load uneven.
+    state = ServeState(scheduler, tok, "bench", model.cfg.vocab_size, lambda _p: DiffDetokenizer(decode))
+    run(state, "127.0.0.1", args.port, log_level="warning")
+
+
+# ---- the client side -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, __file__, "--serve", "--port", str(port), "--max-batch", str(max_batch),
+           "--threads", str(args.threads), "--d-model", str(args.d_model), "--d-expert", str(args.d_expert),
+           "--layers", str(args.layers), "--vocab", str(args.vocab)] + (["--no-kv-cache"] if args.no_kv_cache else [])
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not come up")
+
+
+async def one_request(client, url: str, prompt: list[int], max_tokens: int) -> dict:
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    sent, stamps, tokens, done = time.perf_counter(), [], 0, False
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                elif chunk["choices"] and chunk["choices"][0]["text"]:
+                    stamps.append(time.perf_counter())
+    except Exception as e:  # counted as failed
+        return {"ok": False, "error": repr(e)}
+    ok = done and tokens == max_tokens and bool(stamps)
+    return {"ok": ok, "tokens": tokens, "ttft": stamps[0] - sent if stamps else None,
+            "itl": [b - a for a, b in zip(stamps, stamps[1:])]}
+
+
+def workload(rng: random.Random, n: int, vocab: int) -> list[tuple[list[int], int]]:
+    """Mixed lengths: prompts of 16-192 tokens, outputs of 16-96 (a long request among short ones)."""
+    return [([rng.randrange(vocab) for _ in range(rng.choice((16, 48, 96, 192)))], rng.choice((16, 32, 64, 96)))
+            for _ in range(n)]
+
+
+async def run_level(url: str, clients: int, per_client: int, vocab: int, seed: int) -> dict:
+    import httpx
+
+    rng = random.Random(seed)
+    jobs = [workload(rng, per_client, vocab) for _ in range(clients)]
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def one_client(mine):
+            return [await one_request(client, url, p, m) for p, m in mine]
+
+        t0 = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(one_client(j) for j in jobs)) for r in rs]
+        wall = time.perf_counter() - t0
+    good = [r for r in results if r["ok"]]
+    itl = sorted(x for r in good for x in r["itl"])
+    ttft = sorted(r["ttft"] for r in good)
+    pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")  # noqa: E731
+    return {"clients": clients, "requests": len(results), "failed": len(results) - len(good),
+            "tokens": sum(r["tokens"] for r in good), "wall_s": wall,
+            "tok_s": sum(r["tokens"] for r in good) / wall,
+            "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99), "itl_p50": pct(itl, 0.5), "itl_p99": pct(itl, 0.99)}
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def soak(url: str, pid: int, minutes: float, clients: int, vocab: int) -> list[tuple[float, float]]:
+    """Keep ``clients`` streams busy for ``minutes``; sample the server's RSS every 15 s."""
+    import httpx
+
+    samples, stop_at, rng = [], time.monotonic() + 60 * minutes, random.Random(1)
+    async with httpx.AsyncClient(timeout=600) as client:
+        async def loop():
+            while time.monotonic() < stop_at:
+                (p, m), = workload(rng, 1, vocab)
+                await one_request(client, url, p, m)
+
+        async def sampler():
+            t0 = time.monotonic()
+            while time.monotonic() < stop_at:
+                samples.append((time.monotonic() - t0, rss_mb(pid)))
+                await asyncio.sleep(15)
+
+        await asyncio.gather(sampler(), *(loop() for _ in range(clients)))
+    return samples
+
+
+def fmt(r: dict, mode: str) -> str:
+    return (f"| {mode:<9} | {r['clients']:>3} | {r['requests']:>4} | {r['failed']:>2} | {r['tok_s']:>8.1f} | "
+            f"{1000 * r['ttft_p50']:>7.0f} | {1000 * r['ttft_p99']:>7.0f} | {1000 * r['itl_p50']:>6.0f} | "
+            f"{1000 * r['itl_p99']:>6.0f} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--clients", default="1,4,16,32", help="comma list of concurrent client counts (default: 1,4,16,32)")
+    p.add_argument("--requests", type=int, default=2, help="requests per client at each level (default: 2)")
+    p.add_argument("--max-batch", type=int, default=32, help="the batching server's --max-batch (default: 32)")
+    p.add_argument("--no-off", action="store_true", help="skip the batching-off baseline")
+    p.add_argument("--soak-minutes", type=float, default=0, help="then a soak at 16 clients, RSS sampled (default: off)")
+    p.add_argument("--threads", type=int, default=2, help="the server's torch threads (default: 2)")
+    p.add_argument("--d-model", type=int, default=512, help="model width (default: 512)")
+    p.add_argument("--d-expert", type=int, default=1024, help="expert FFN width (default: 1024)")
+    p.add_argument("--layers", type=int, default=6, help="decoder layers (default: 6)")
+    p.add_argument("--vocab", type=int, default=8192, help="vocabulary (default: 8192)")
+    p.add_argument("--no-kv-cache", action="store_true", help="serve with full recomputation (the reference backend)")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the child process
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve:
+        serve(args)
+        return 0
+    levels = [int(c) for c in args.clients.split(",")]
+    modes = [("batching", args.max_batch)] + ([] if args.no_off else [("off", 1)])
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    rows, record = [], {"args": vars(args), "results": []}
+    for mode, max_batch in modes:
+        proc, url = start_server(args, max_batch)
+        try:
+            asyncio.run(run_level(url, 1, 1, args.vocab, seed=99))  # warm-up
+            for c in levels:
+                r = asyncio.run(run_level(url, c, args.requests, args.vocab, seed=c))
+                r["mode"] = mode
+                rows.append(fmt(r, mode))
+                record["results"].append(r)
+                print(rows[-1], f"(load {os.getloadavg()[0]:.1f})", flush=True)
+            if args.soak_minutes and mode == "batching":
+                samples = asyncio.run(soak(url, proc.pid, args.soak_minutes, 16, args.vocab))
+                record["soak_rss_mb"] = samples
+                print("soak RSS MB (t s, MB):", [(round(t), round(m, 1)) for t, m in samples], flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    print("| mode      | clients | requests | failed | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")
+    print("\n".join(rows))
+    print(f"load average after: {os.getloadavg()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
