@@ -1,5 +1,20 @@
+import os
+
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_root(tmp_path_factory):
+    # The user's cache root for every test and the subprocesses they start: nothing lands in
+    # ~/.cache, and a run's cache_dir outside its folder falls back here (training/run.py).
+    old = os.environ.get("MOEKIT_CACHE")
+    os.environ["MOEKIT_CACHE"] = str(tmp_path_factory.mktemp("moekit-cache-root"))
+    yield
+    if old is None:
+        os.environ.pop("MOEKIT_CACHE", None)
+    else:
+        os.environ["MOEKIT_CACHE"] = old
 
 
 @pytest.fixture(autouse=True, scope="session")

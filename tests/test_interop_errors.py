@@ -143,3 +143,26 @@ def test_cli_inspect_unsupported_config_is_one_line(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "unsupported architecture 'FooForCausalLM'" in err and "Qwen3MoeForCausalLM" in err
+
+
+@pytest.mark.parametrize("shard", ["../other/model.safetensors", "/etc/model.safetensors", "sub/../../x.safetensors"])
+def test_an_index_entry_outside_the_model_folder_is_refused(copy_of, tmp_path, shard, no_reads):
+    folder, tensors = copy_of
+    (folder / "model").mkdir()
+    (folder / "model" / "config.json").write_text((folder / "config.json").read_text())
+    (folder / "other").mkdir()
+    save_file(tensors, str(folder / "other" / "model.safetensors"))  # a real file the entry could reach
+    (folder / "model" / INDEX).write_text(json.dumps({"weight_map": {name: shard for name in tensors}}))
+    with pytest.raises(ValueError, match=f"lists shard '{shard}', which is not inside"):
+        moekit.from_pretrained(folder / "model")
+
+
+def test_nan_in_a_hugging_face_checkpoint_is_named(copy_of):
+    folder, tensors = copy_of
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"tensor '{name}' in model.safetensors holds 1 NaN/inf value"):
+        moekit.from_pretrained(folder)
+    model = moekit.from_pretrained(folder, check_finite=False)
+    assert torch.isnan(model.blocks[0].attn.wq.weight).sum() == 1

@@ -99,16 +99,20 @@ def cmd_demo(args) -> int:
     import torch
 
     from moekit.accounting import format_report
+    from moekit.memory import check_fits
     from moekit.model import MoETransformer, lm_loss
 
     label, cfg = resolve_config(args.preset)
     print(format_report(cfg, label, args.seq_len))
+    threads = training_cli.apply_threads(args.threads)
+    check_fits(cfg, "cpu", training=True, force=args.force, what=label)
     torch.manual_seed(args.seed)
     model = MoETransformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     seq = min(args.seq_len or 128, cfg.max_seq_len)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch_size, seq + 1))
-    print(f"\n{args.steps} forward/backward steps, batch {args.batch_size} x {seq} random tokens:")
+    print(f"\n{args.steps} forward/backward steps, batch {args.batch_size} x {seq} random tokens, "
+          f"{threads} CPU thread(s):")
     for step in range(1, args.steps + 1):
         t0 = time.perf_counter()
         out = model(tokens[:, :-1])
@@ -155,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
     s.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    training_cli.add_resource_args(s)
     s.set_defaults(func=cmd_demo)
     training_cli.add_parser(sub)  # train, eval, sample
     bench_cli.add_parser(sub)  # bench layer

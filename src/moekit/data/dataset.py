@@ -132,7 +132,10 @@ def _get_tokenizer(cfg: DataConfig, corpus: Corpus, split: "_LazySplit", cache: 
                cfg.vocab_size, cfg.tokenizer_train_chars)
     path = cache / "tokenizers" / f"{key}.json"
     if path.exists():
-        return load_tokenizer(path)
+        try:
+            return load_tokenizer(path)
+        except UsageError as e:  # truncated or damaged on disk: rebuild it, as a bad data entry is
+            log(f"note: the cached tokenizer is unreadable ({e}); training it again")
     val, _ = split.get()
     log(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on the training split")
     t0 = time.perf_counter()

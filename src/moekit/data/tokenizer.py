@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from moekit.errors import UsageError
 from moekit.fileio import atomic_write_text
@@ -84,8 +85,48 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192) -> TextTokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte, so nothing is unknown
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer)
+    _interruptible(lambda stop: tok.train_from_iterator(_until(texts, stop), trainer))
     return TextTokenizer("bpe", tok)
+
+
+def _until(texts: Iterable[str], stop: threading.Event) -> Iterator[str]:
+    for text in texts:
+        if stop.is_set():
+            return
+        yield text
+
+
+def _interruptible(work) -> None:
+    """Run ``work(stop)`` so that Ctrl-C interrupts it.
+
+    The ``tokenizers`` trainer swallows a KeyboardInterrupt raised while it pulls texts, and
+    Python runs signal handlers only in the main thread between bytecodes, which it never
+    reaches while the Rust trainer runs: Ctrl-C went unnoticed. So the work runs in a
+    thread while the main thread waits in an interruptible join; on Ctrl-C ``stop`` ends the
+    texts early, the thread is abandoned (a daemon: it dies with the process), and the
+    KeyboardInterrupt goes on up, before anything is saved.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        work(threading.Event())  # no signal arrives here anyway
+        return
+    stop, errors = threading.Event(), []
+
+    def run() -> None:
+        try:
+            work(stop)
+        except BaseException as e:  # handed to the main thread
+            errors.append(e)
+
+    worker = threading.Thread(target=run, name="moekit-bpe", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        stop.set()
+        raise
+    if errors:
+        raise errors[0]
 
 
 def tokenizer_from_json(text: str, source: str = "tokenizer") -> TextTokenizer:

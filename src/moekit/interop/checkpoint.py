@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -60,8 +60,11 @@ class Checkpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"cannot read {index}: {e}") from e
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"cannot read {index}: weight_map is not a mapping")
             files = list(dict.fromkeys(weight_map.values()))
             for file in files:
+                _check_inside(file, index)
                 if not (self.folder / file).is_file():
                     names = [n for n, f in weight_map.items() if f == file]
                     raise ValueError(
@@ -93,6 +96,16 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         entry = self.entries[name]
         return self._handles[entry.file].get_tensor(name)
+
+
+def _check_inside(file, index: Path) -> None:
+    """A shard named by the index must be a plain relative path within the model folder: an
+    entry like ``../other/model.safetensors`` or ``/etc/x`` would read files the folder does not
+    hold. Checked on the name, not the resolved path, because hub caches link shards to blobs
+    elsewhere."""
+    parts = PurePosixPath(file).parts if isinstance(file, str) else ()
+    if not parts or PurePosixPath(file).is_absolute() or "\\" in file or ".." in parts or ":" in parts[0]:
+        raise ValueError(f"{index} lists shard {file!r}, which is not inside {index.parent}: refused")
 
 
 def parse_size(size: int | str) -> int:

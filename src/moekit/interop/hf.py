@@ -47,10 +47,17 @@ def read_hf_config(folder: Path) -> HFConfig:
 
 
 def from_pretrained(
-    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None, *,
+    check_memory: bool = True, check_finite: bool = True,
 ) -> MoETransformer:
     """Load a local Hugging Face model folder into a ``MoETransformer`` (in eval mode, as
-    transformers returns it). ``dtype`` None keeps the checkpoint's dtype (that of its embedding)."""
+    transformers returns it). ``dtype`` None keeps the checkpoint's dtype (that of its embedding).
+
+    Before allocating, the model's bytes are compared with the memory free on ``device``
+    (``check_memory=False`` skips it; see ``moekit.memory``); every tensor is checked for
+    NaN/inf as it is copied (``check_finite=False`` skips it), and a bad one is named.
+    """
+    from moekit.memory import check_fits
     folder = Path(path)
     hf = read_hf_config(folder)
     family = family_for(hf)
@@ -63,8 +70,9 @@ def from_pretrained(
     with Checkpoint(folder) as ckpt:
         plan = _plan_load(_shapes(meta), cfg, family, hf, ckpt)
         dtype = dtype or DTYPES[ckpt.entries["model.embed_tokens.weight"].dtype]
+        check_fits(cfg, str(device or "cpu"), dtype=str(dtype), force=not check_memory, what=str(folder))
         model = _materialize(meta, dtype, torch.device(device or "cpu"))
-        _copy(model, plan, ckpt)
+        _copy(model, plan, ckpt, check_finite)
     model.hf_config = hf
     return model.eval()
 
@@ -143,13 +151,18 @@ def _materialize(meta: MoETransformer, dtype: torch.dtype, device: torch.device)
 
 
 @torch.no_grad()
-def _copy(model: MoETransformer, plan: dict[str, list[Piece]], ckpt: Checkpoint) -> None:
+def _copy(model: MoETransformer, plan: dict[str, list[Piece]], ckpt: Checkpoint, check_finite: bool = True) -> None:
     state = model.state_dict(keep_vars=True)
     for name, pieces in plan.items():
         target = state[name]
         for piece in pieces:
             dst = target if piece.index == WHOLE else target[piece.index]
-            dst.copy_(piece.transform.to_moekit(ckpt.get(piece.hf)))
+            src = ckpt.get(piece.hf)
+            if check_finite and not bool(torch.isfinite(src).all()):
+                bad = int((~torch.isfinite(src)).sum())
+                raise ValueError(f"tensor {piece.hf!r} in {ckpt.where(piece.hf)} holds {bad} NaN/inf value(s); "
+                                 "nothing was returned (check_finite=False loads it anyway)")
+            dst.copy_(piece.transform.to_moekit(src))
 
 
 @dataclass

@@ -10,7 +10,14 @@ A checkpoint is a folder ``RUN/checkpoints/step-NNNNNNNN/`` holding
 It is written into ``.tmp-step-NNNNNNNN-*`` (each file fsynced, meta.json last) and renamed
 into place, so a crash leaves the previous checkpoints intact and never a folder that looks
 complete. Loading checks every size and checksum first: a truncated or modified file raises
-``CheckpointError`` naming it, and nothing is loaded.
+``CheckpointError`` naming it, and nothing is loaded. Then every tensor's name and shape is
+compared with the model's, and (unless ``check_finite=False``) its values are checked for
+NaN/inf, so a bad tensor is named before anything is copied. When the newest checkpoint is
+corrupt, the error names the newest intact one, to resume from with ``--checkpoint N``.
+
+A ``.tmp-step-*`` folder outlives its writer only when the process was killed mid-write;
+``remove_stale_temps`` deletes them when a run starts or resumes (the run folder's lock,
+``run.py``, says no other process is writing them).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -33,10 +41,15 @@ from moekit.fileio import atomic_write_json, fsync_dir, fsync_file, make_temp_di
 FORMAT_VERSION = 1
 CHECKPOINT_FILES = ("model.safetensors", "state.pt")
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+_TEMP_DIR = re.compile(r"^\.tmp-step-\d{8}-[A-Za-z0-9_]+$")  # make_temp_dir's names, nothing else
 
 
 class CheckpointError(UsageError):
     """A checkpoint that is missing, truncated or corrupt."""
+
+
+class CheckpointContentError(CheckpointError):
+    """An intact checkpoint whose tensors do not fit the model or are not finite."""
 
 
 @dataclass(frozen=True)
@@ -108,10 +121,16 @@ def verify_checkpoint(path: str | Path) -> dict:
     return meta
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
-    """Verify, then load the weights into ``model`` -> (training state from state.pt, meta.json)."""
+def load_checkpoint(path: str | Path, model: nn.Module, map_location: str | torch.device = "cpu",
+                    check_finite: bool = True) -> tuple[dict, dict]:
+    """Verify, then load the weights into ``model`` -> (training state from state.pt, meta.json).
+
+    Nothing is copied into ``model`` unless every file, name, shape (and, with
+    ``check_finite``, every value) is sound; the error names the tensor.
+    """
     path = Path(path)
     meta = verify_checkpoint(path)
+    check_tensors(path / "model.safetensors", model, check_finite)
     try:
         state = torch.load(path / "state.pt", map_location=map_location, weights_only=True)
     except Exception as e:  # unpickling errors come in many types
@@ -122,6 +141,41 @@ def load_checkpoint(path: str | Path, model: nn.Module, map_location: str | torc
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} does not fit this model: {first}") from None
     return state, meta
+
+
+def check_tensors(file: Path, model: nn.Module, check_finite: bool = True) -> None:
+    """Every tensor of ``model`` is in ``file`` with its shape (and finite): else CheckpointError.
+
+    Reads one tensor at a time (memory-mapped), so the check costs a read of the file, not a
+    second copy of the model.
+    """
+    want = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    with safe_open(str(file), framework="pt") as f:
+        have = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        # a tied output matrix is saved once (safetensors' save_model drops the alias)
+        missing = [n for n in missing if not _is_tied_alias(model, n, have)]
+        if missing or extra:
+            what = f"lacks tensor {missing[0]!r}" if missing else f"has tensor {extra[0]!r} that this model lacks"
+            more = len(missing) + len(extra) - 1
+            raise CheckpointContentError(f"checkpoint {file.parent} does not fit this model: it {what}"
+                                  + (f" (and {more} more difference(s))" if more else ""))
+        for name, shape in have.items():
+            if shape != want[name]:
+                raise CheckpointContentError(f"checkpoint {file.parent} does not fit this model: tensor {name!r} has "
+                                      f"shape {list(shape)} in the checkpoint but {list(want[name])} in the model")
+        if check_finite:
+            for name in have:
+                t = f.get_tensor(name)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad = int((~torch.isfinite(t)).sum())
+                    raise CheckpointContentError(f"checkpoint {file.parent}: tensor {name!r} holds {bad} NaN/inf "
+                                          f"value(s) (--no-check-finite loads it anyway)")
+
+
+def _is_tied_alias(model: nn.Module, name: str, have: dict) -> bool:
+    sd = model.state_dict()
+    return any(other in have and sd[other].data_ptr() == sd[name].data_ptr() for other in sd if other != name)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
@@ -170,6 +224,52 @@ def find_checkpoint(run_dir: str | Path, which: str | int = "last") -> Path:
                           f"(have: {', '.join(str(c.step) for c in infos)})")
 
 
+def newest_intact(run_dir: str | Path, below: int | None = None) -> CheckpointInfo | None:
+    """The newest checkpoint (older than step ``below``) whose files pass their checksums."""
+    for c in reversed(list_checkpoints(run_dir)):
+        if below is not None and c.step >= below:
+            continue
+        try:
+            verify_checkpoint(c.path)
+        except CheckpointError:
+            continue
+        return c
+    return None
+
+
+def intact_hint(run_dir: str | Path, bad: Path) -> str:
+    """For an error about checkpoint ``bad``: the newest older one that is intact, if any."""
+    m = _STEP_DIR.match(Path(bad).name)
+    good = newest_intact(run_dir, int(m.group(1)) if m else None)
+    if good is None:
+        return "no older checkpoint is intact"
+    return f"the newest intact checkpoint is step {good.step}: use --checkpoint {good.step}"
+
+
+def load_from_run(run_dir: str | Path, which: str | int, model: nn.Module, map_location: str | torch.device = "cpu",
+                  check_finite: bool = True) -> tuple[Path, dict, dict]:
+    """``find_checkpoint`` then ``load_checkpoint`` -> (its folder, state, meta); a corrupt
+    checkpoint's error names the newest intact older one to fall back to."""
+    path = find_checkpoint(run_dir, which)
+    try:
+        state, meta = load_checkpoint(path, model, map_location, check_finite)
+    except CheckpointError as e:
+        if isinstance(e, CheckpointContentError):
+            raise
+        raise CheckpointError(f"{e}; {intact_hint(run_dir, path)}") from None
+    return path, state, meta
+
+
+def remove_stale_temps(run_dir: str | Path) -> list[Path]:
+    """Delete the ``.tmp-step-*`` folders of checkpoint writes that were killed. The caller holds
+    the run folder's lock, so no live writer owns one. -> the folders removed."""
+    root = checkpoint_root(run_dir)
+    stale = [p for p in root.iterdir() if p.is_dir() and _TEMP_DIR.match(p.name)] if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     """Delete step checkpoints beyond the newest ``keep_last``, always keeping the best."""
     infos = list_checkpoints(run_dir)
@@ -182,6 +282,7 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
 
 __all__ = [
     "CheckpointError",
+    "CheckpointContentError",
     "CheckpointInfo",
     "save_checkpoint",
     "load_checkpoint",
@@ -191,4 +292,9 @@ __all__ = [
     "best_checkpoint",
     "prune_checkpoints",
     "checkpoint_root",
+    "check_tensors",
+    "newest_intact",
+    "intact_hint",
+    "remove_stale_temps",
+    "load_from_run",
 ]

@@ -30,6 +30,26 @@ def _stderr_log(text: str) -> None:
     print(text, file=sys.stderr)
 
 
+def apply_threads(threads: int | None) -> int:
+    """``torch.set_num_threads(threads)`` when given -> the intra-op thread count in use."""
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def add_resource_args(s) -> None:
+    """--threads and --force: the flags of every command that builds a model."""
+    s.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (default: torch's, one per core); on a busy or shared machine "
+                        "use fewer than the idle cores, often 1")
+    s.add_argument("--force", action="store_true",
+                   help="skip the check that the model fits in the memory available")
+
+
 def _given_train_values(args) -> dict[str, object]:
     return {key: getattr(args, dest) for dest, key in TRAIN_FLAGS.items() if getattr(args, dest) is not None}
 
@@ -113,7 +133,10 @@ def cmd_eval(args) -> int:
     from moekit.training.report import routing_table
     from moekit.training.run import load_run
 
-    run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
+    threads = apply_threads(args.threads)
+    run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device), check_memory=not args.force,
+                   check_finite=not args.no_check_finite)
+    _stderr_log(f"evaluating {run.checkpoint} on {run.model.embed.weight.device} ({threads} CPU thread(s))")
     batches = run.validation_batches(batch_size=args.batch_size, max_batches=args.batches,
                                      sources=args.data or None, log=_stderr_log)
     ev = evaluate(run.model, batches, run.train_cfg.precision)
@@ -138,7 +161,9 @@ def cmd_sample(args) -> int:
 
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device))
+    apply_threads(args.threads)
+    run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device), check_memory=not args.force,
+                   check_finite=not args.no_check_finite)
     ids = run.tokenizer.encode(args.prompt) or [run.tokenizer.eos_id]  # empty prompt: a document start
     new = generate(run.model, ids, args.max_new_tokens, args.temperature, args.top_k, args.seed,
                    eos_id=run.tokenizer.eos_id)
@@ -202,6 +227,9 @@ def _run_args(s) -> None:
     s.add_argument("run_dir", help="a run folder written by moekit train")
     s.add_argument("--checkpoint", default="last", help="last (default), best, or a step number")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    s.add_argument("--no-check-finite", action="store_true",
+                   help="skip the NaN/inf check of the checkpoint's tensors (faster on large models)")
+    add_resource_args(s)
 
 
 __all__ = ["add_parser", "build_configs", "cmd_train", "cmd_eval", "cmd_sample"]

@@ -11,6 +11,12 @@
       checkpoints/step-NNNNNNNN/  model.safetensors, state.pt, meta.json (see checkpoint.py);
                            the last ``keep_last`` plus the best by validation loss
 
+A new run goes only into a missing or empty folder, or a moekit run folder without a
+checkpoint (a run that died early: its records are moved to ``RUN/previous-TIME/``, so a
+fresh run starts fresh records); anything else is refused before a byte is written. While a
+run trains it holds a lock on its folder (``flock``), so a second ``train`` into it is
+refused and the leftovers of a killed checkpoint write can be removed safely.
+
 ``load_run(RUN)`` returns the model (in eval mode), its configs and tokenizer;
 ``LoadedRun.validation_batches()`` gives the run's own held-out batches, and ``metrics()``
 its log, for analyses that compare runs.
@@ -20,18 +26,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from moekit.config import ModelConfig
-from moekit.data.dataset import TokenData, check_length, prepare_data, validation_batches
+from moekit.data.dataset import TokenData, check_length, default_cache_dir, prepare_data, validation_batches
 from moekit.data.tokenizer import TextTokenizer, load_tokenizer
 from moekit.errors import UsageError
 from moekit.fileio import atomic_write_json
 from moekit.model import MoETransformer
-from moekit.training.checkpoint import find_checkpoint, load_checkpoint
+from moekit.training.checkpoint import list_checkpoints, load_from_run, remove_stale_temps
 from moekit.training.config import TrainConfig
 from moekit.training.metrics import read_metrics
 
@@ -68,6 +76,119 @@ def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / TRAIN_CONFIG_FILE).exists()
 
 
+# What a run writes besides its configs and checkpoints: an earlier run's, when a new run starts
+# in its folder, would mix with the new one (two step-0 evaluations, two TensorBoard streams).
+RECORD_PATTERNS = ("metrics.jsonl", "events.out.tfevents.*", "loss.png")
+
+
+def check_new_run_dir(run_dir: str | Path) -> None:
+    """Refuse, before anything is written, a folder a new run must not write into."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir} is a file, not a folder: choose a new folder")
+    if is_run_dir(run_dir):
+        if list_checkpoints(run_dir):
+            raise UsageError(f"{run_dir} already holds a run: resume it with --resume {run_dir}, "
+                             "or choose another --out (or --overwrite)")
+        return  # a run that died before its first checkpoint: start_records moves its records aside
+    entries = sorted(p.name for p in run_dir.iterdir())
+    if entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UsageError(f"--out {run_dir} is not empty and not a moekit run folder (it holds {shown}): "
+                         "choose a new or empty folder")
+
+
+def trusted_cache_dir(run_dir: str | Path, cache_dir: str | None, log=print) -> str | None:
+    """The ``cache_dir`` a run folder's train_config.json names, if it lies inside the run folder
+    or the user's cache root (``default_cache_dir``); else None (the default cache) and a note.
+
+    A run folder may come from someone else: its config must not make ``eval``, ``sample``,
+    ``analyze`` or ``--resume`` write a data cache anywhere it likes.
+    """
+    if cache_dir is None:
+        return None
+    path = Path(cache_dir).expanduser().resolve()
+    for root in (Path(run_dir).resolve(), default_cache_dir().expanduser().resolve()):
+        if path == root or root in path.parents:
+            return cache_dir
+    log(f"note: {Path(run_dir) / TRAIN_CONFIG_FILE} names cache_dir {cache_dir}, outside the run folder and "
+        f"the cache root {default_cache_dir()}: using the cache root (set MOEKIT_CACHE or --cache-dir to choose)")
+    return None
+
+
+class RunLock:
+    """An exclusive ``flock`` on the run folder while a run trains in it (released on close).
+    Where ``fcntl`` does not exist (Windows) there is no lock, and stale temporary checkpoints
+    are left alone."""
+
+    def __init__(self, run_dir: Path):
+        self.fd: int | None = None
+        try:
+            import fcntl
+        except ImportError:
+            return
+        fd = os.open(run_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UsageError(f"another moekit process is training in {run_dir}: wait for it or stop it") from None
+        self.fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def claim_run_dir(run_dir: str | Path, resume: bool, log=print) -> RunLock:
+    """Create and lock the run folder; remove killed checkpoint writes' temporary folders; on a
+    fresh run, move an earlier (checkpoint-less) run's records aside. -> the held lock."""
+    run_dir = Path(run_dir)
+    if not resume:
+        check_new_run_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir)
+    try:
+        if lock.held:
+            for p in remove_stale_temps(run_dir):
+                log(f"removed {p}, left by a checkpoint write that was killed")
+        if not resume:
+            _move_old_records(run_dir, log)
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+def _move_old_records(run_dir: Path, log) -> None:
+    old = [p for pattern in RECORD_PATTERNS for p in sorted(run_dir.glob(pattern))]
+    if not old:
+        return
+    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+    aside = run_dir / f"previous-{stamp}"
+    while aside.exists():  # two early deaths within a second
+        n += 1
+        aside = run_dir / f"previous-{stamp}-{n}"
+    aside.mkdir()
+    for p in old:
+        p.rename(aside / p.name)
+    log(f"note: {run_dir} held the records of an earlier run that stopped before its first checkpoint; "
+        f"moved {', '.join(p.name for p in old)} to {aside}")
+
+
 @dataclass
 class LoadedRun:
     """A trained model with everything needed to evaluate or analyze it."""
@@ -86,7 +207,8 @@ class LoadedRun:
         cfg = self.train_cfg.data
         if sources is not None:
             cfg = dataclasses.replace(cfg, sources=list(sources), val_fraction=1.0)
-        return prepare_data(cfg, cache_dir or self.train_cfg.cache_dir, tokenizer=self.tokenizer, log=log)
+        cache_dir = cache_dir or trusted_cache_dir(self.run_dir, self.train_cfg.cache_dir, log)
+        return prepare_data(cfg, cache_dir, tokenizer=self.tokenizer, log=log)
 
     def validation_batches(self, batch_size: int | None = None, seq_len: int | None = None,
                            max_batches: int | None = None, sources: list[str] | None = None,
@@ -103,21 +225,29 @@ class LoadedRun:
         return read_metrics(self.run_dir, kind)
 
 
-def load_run(run_dir: str | Path, checkpoint: str | int = "last", device: str | torch.device = "cpu") -> LoadedRun:
+def load_run(run_dir: str | Path, checkpoint: str | int = "last", device: str | torch.device = "cpu", *,
+             check_memory: bool = True, check_finite: bool = True) -> LoadedRun:
     """Load a run folder's model from checkpoint ``last``, ``best`` or a step number.
 
-    The checkpoint's files are verified against their checksums before anything is loaded;
-    a corrupt one raises ``CheckpointError`` (a ``UsageError``) naming it.
+    The model must fit in the memory available (``check_memory``; see ``moekit.memory``). The
+    checkpoint's files are verified against their checksums, its tensors' names and shapes
+    against the model's and (``check_finite``) their values for NaN/inf, before anything is
+    loaded; a bad one raises ``CheckpointError`` (a ``UsageError``) naming it.
     """
+    from moekit.memory import check_fits
+
     run_dir = Path(run_dir)
     train_cfg, model_cfg = read_run_configs(run_dir)
     tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
-    path = find_checkpoint(run_dir, checkpoint)
+    check_fits(model_cfg, "cpu", force=not check_memory, what=f"the model of {run_dir}")
+    if str(device) != "cpu":
+        check_fits(model_cfg, str(device), force=not check_memory, what=f"the model of {run_dir}")
     model = MoETransformer(model_cfg)
-    _, meta = load_checkpoint(path, model, map_location="cpu")
+    path, _, meta = load_from_run(run_dir, checkpoint, model, map_location="cpu", check_finite=check_finite)
     model.to(device).eval()
     return LoadedRun(run_dir, model, model_cfg, train_cfg, tokenizer, path, int(meta["step"]), meta.get("val_loss"))
 
 
-__all__ = ["LoadedRun", "load_run", "read_run_configs", "write_run_files", "is_run_dir",
+__all__ = ["LoadedRun", "load_run", "read_run_configs", "write_run_files", "is_run_dir", "check_new_run_dir",
+           "claim_run_dir", "RunLock", "RECORD_PATTERNS", "trusted_cache_dir",
            "MODEL_CONFIG_FILE", "TRAIN_CONFIG_FILE", "TOKENIZER_FILE"]
