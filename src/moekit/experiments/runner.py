@@ -11,7 +11,8 @@ The budget is ``steps`` optimizer steps per variant; without it, ``minutes`` of 
 experiment are turned into steps by timing a few steps of every variant first (so the
 variants still get equal tokens). ``scale`` multiplies the steps. A variant whose run folder
 already holds a finished run with the same configs is reused, so an interrupted experiment
-continues where it stopped.
+continues where it stopped. Ctrl-C checkpoints the variant in training and stops the whole
+experiment (KeyboardInterrupt; the CLI exits 130) without writing results.
 """
 
 from __future__ import annotations
@@ -147,7 +148,9 @@ def run_experiment(name: str, out: str | Path, cfg: TrainConfig, *, steps: int |
             log(f"reusing the finished run {run_dir}")
         else:
             log(f"{'resuming' if action == 'resume' else 'training'} {v.name}: {v.description}")
-            train(run_cfg, v.model, run_dir, resume=action == "resume", console=console)
+            result = train(run_cfg, v.model, run_dir, resume=action == "resume", console=console)
+            if result.status == "interrupted":  # Ctrl-C: the variant is checkpointed; stop here, not at the next
+                raise KeyboardInterrupt
         curves.append(dict(name=v.name, description=v.description, **variant_curve(run_dir)))
     result = dict(experiment=name, question=exp.question, command=command, steps=steps,
                   tokens_per_step=cfg.tokens_per_step, seed=cfg.seed, device=str(device), machine=machine(),
