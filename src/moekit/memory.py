@@ -133,5 +133,13 @@ def check_fits(cfg: ModelConfig, device: str = "cpu", *, dtype: str = "fp32", tr
         f"{what_fits(cfg, avail, dtype, training)} (--force skips this check)")
 
 
-__all__ = ["check_fits", "available_bytes", "cpu_available_bytes", "required_bytes", "what_fits",
+def is_out_of_memory(e: BaseException) -> bool:
+    """An allocation failure: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    import torch
+
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
+
+
+__all__ = ["check_fits", "is_out_of_memory", "available_bytes", "cpu_available_bytes", "required_bytes", "what_fits",
            "InsufficientMemoryError", "HEADROOM"]

@@ -260,6 +260,23 @@ def load_from_run(run_dir: str | Path, which: str | int, model: nn.Module, map_l
     return path, state, meta
 
 
+def discard_after(run_dir: str | Path, step: int) -> list[Path]:
+    """Move checkpoints newer than ``step`` to ``RUN/discarded/`` (a run resumed from an older
+    checkpoint trains those steps again; the old ones are kept, not deleted) -> their new paths."""
+    later = [c for c in list_checkpoints(run_dir) if c.step > step]
+    if not later:
+        return []
+    aside = Path(run_dir) / "discarded"
+    aside.mkdir(exist_ok=True)
+    moved = []
+    for c in later:
+        target = aside / f"{c.path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        c.path.rename(target)
+        moved.append(target)
+    fsync_dir(checkpoint_root(run_dir))
+    return moved
+
+
 def remove_stale_temps(run_dir: str | Path) -> list[Path]:
     """Delete the ``.tmp-step-*`` folders of checkpoint writes that were killed. The caller holds
     the run folder's lock, so no live writer owns one. -> the folders removed."""
@@ -297,4 +314,5 @@ __all__ = [
     "intact_hint",
     "remove_stale_temps",
     "load_from_run",
+    "discard_after",
 ]

@@ -104,12 +104,19 @@ def _resume_overrides(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    from moekit.training.loop import NonFiniteLossError, resume_run, train
+    from moekit.training.loop import NonFiniteLossError, OutOfMemoryStop, resume_run, train
     from moekit.training.run import is_run_dir
 
+    if not args.resume:
+        for flag in ("checkpoint", "change_optimizer"):
+            if getattr(args, flag) not in (None, False):
+                raise UsageError(f"--{flag.replace('_', '-')} needs --resume RUN_DIR")
+    apply_threads(args.threads)
     try:
         if args.resume:
-            result = resume_run(args.resume, _resume_overrides(args))
+            result = resume_run(args.resume, _resume_overrides(args), checkpoint=args.checkpoint or "last",
+                                change_optimizer=args.change_optimizer, check_memory=not args.force,
+                                check_finite=not args.no_check_finite)
         else:
             label, cfg, model_cfg = build_configs(args)
             out = Path(args.out or f"runs/{Path(label).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -117,8 +124,8 @@ def cmd_train(args) -> int:
                 if not is_run_dir(out):
                     raise UsageError(f"--overwrite refuses to delete {out}: it is not a moekit run folder")
                 shutil.rmtree(out)
-            result = train(cfg, model_cfg, out)
-    except NonFiniteLossError as e:
+            result = train(cfg, model_cfg, out, check_memory=not args.force)
+    except (NonFiniteLossError, OutOfMemoryStop) as e:
         print(f"moekit train: error: {e}", file=sys.stderr)
         return 1
     if result.final_val_loss is not None:
@@ -185,6 +192,14 @@ def add_parser(sub) -> None:
     s.add_argument("--out", help="run folder (default: runs/PRESET-TIMESTAMP)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing run folder at --out")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint, exactly")
+    s.add_argument("--checkpoint", metavar="STEP",
+                   help="with --resume: continue from this step's checkpoint (e.g. when the newest is corrupt); "
+                        "later ones are moved to RUN_DIR/discarded")
+    s.add_argument("--change-optimizer", action="store_true",
+                   help="with --resume: allow new optimizer settings (--lr, --warmup-steps, --set beta2=...), "
+                        "recorded in metrics.jsonl")
+    s.add_argument("--no-check-finite", action="store_true",
+                   help="with --resume: skip the NaN/inf check of the checkpoint's tensors")
     s.add_argument("--max-steps", type=int, help="optimizer steps, also the cosine horizon (default: 1000)")
     s.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop after this many minutes of training")
     s.add_argument("--batch-size", type=int, help="sequences per micro-batch (default: 8)")
@@ -202,6 +217,7 @@ def add_parser(sub) -> None:
     s.add_argument("--cache-dir", help="tokenized data cache (default: $MOEKIT_CACHE or ~/.cache/moekit)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any field: moe.top_k=1, lr=1e-3, data.val_fraction=0.1 (repeatable)")
+    add_resource_args(s)
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="validation loss, perplexity and routing statistics of a run's checkpoint")

@@ -21,6 +21,9 @@ PRECISIONS = ("fp32", "bf16")
 # of the steps already planned (max_steps does move the cosine horizon: the user's call).
 RESUMABLE_FIELDS = ("max_steps", "time_budget", "eval_every", "eval_batches", "ckpt_every", "keep_last",
                     "log_every", "device", "cache_dir")
+# What may change on resume when asked explicitly (--change-optimizer): the remedy for a run that
+# diverged is to lower the learning rate and go on from a good checkpoint.
+OPTIMIZER_FIELDS = ("lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip")
 
 
 @dataclass
@@ -168,4 +171,4 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-__all__ = ["TrainConfig", "PRECISIONS", "RESUMABLE_FIELDS", "apply_override", "parse_value", "load_config_file", "merge"]
+__all__ = ["TrainConfig", "PRECISIONS", "RESUMABLE_FIELDS", "OPTIMIZER_FIELDS", "apply_override", "parse_value", "load_config_file", "merge"]

@@ -35,13 +35,16 @@ from moekit.data.dataset import TokenData, check_length, prepare_data, train_bat
 from moekit.data.tokenizer import TextTokenizer, load_tokenizer
 from moekit.errors import UsageError
 from moekit.model import LossParts, ModelOutput, MoETransformer, lm_loss
-from moekit.training.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from moekit.memory import check_fits, is_out_of_memory
+from moekit.training.checkpoint import discard_after, load_from_run, prune_checkpoints, save_checkpoint
 from moekit.training.config import TrainConfig
 from moekit.training.metrics import LayerRouting, MetricsLog, aggregate_routing
-from moekit.training.optim import build_optimizer, lr_at, set_lr
+from moekit.training.optim import apply_hyperparameters, build_optimizer, lr_at, set_lr
 from moekit.training.plots import plot_run
 from moekit.training.report import Reporter, routing_table, summary_table
-from moekit.training.run import TOKENIZER_FILE, is_run_dir, write_run_files
+from moekit.training.run import (
+    TOKENIZER_FILE, check_new_run_dir, claim_run_dir, is_run_dir, trusted_cache_dir, write_run_files,
+)
 
 if TYPE_CHECKING:
     from moekit.distributed.mesh import DistContext
@@ -53,6 +56,21 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, step: int, value: float, checkpoint: Path | None):
         last = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
         super().__init__(f"non-finite loss or gradient ({value}) at step {step}; stopped without saving: {last}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class OutOfMemoryStop(RuntimeError):
+    """A training step ran out of memory; the run stopped without saving (the folder stays as
+    it was after the last checkpoint, with an ``end`` record saying why)."""
+
+    def __init__(self, step: int, cfg: TrainConfig, n_params: int, device: torch.device, checkpoint: Path | None,
+                 cause: str):
+        last = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
+        fewer = f"--batch-size {max(1, cfg.batch_size // 2)} --grad-accum {cfg.grad_accum * 2}"
+        super().__init__(
+            f"out of memory at step {step} (batch {cfg.batch_size} x {cfg.seq_len} tokens, grad_accum "
+            f"{cfg.grad_accum}, {n_params / 1e6:,.1f}M parameters on {device}; {cause}): use smaller micro-batches "
+            f"with the same tokens per step, e.g. {fewer}; {last}")
         self.step, self.checkpoint = step, checkpoint
 
 
@@ -310,7 +328,9 @@ class _Session:
 
 def train(cfg: TrainConfig, model: ModelConfig | nn.Module, run_dir: str | Path, *, resume: bool = False,
           console: Console | None = None, stop_after: int | None = None, loss_fn: LossFn = next_token_loss,
-          param_filter: ParamFilter | None = None, tokenizer: TextTokenizer | None = None) -> TrainResult:
+          param_filter: ParamFilter | None = None, tokenizer: TextTokenizer | None = None,
+          resume_from: str | int = "last", changed: dict | None = None, check_memory: bool = True,
+          check_finite: bool = True) -> TrainResult:
     """Train ``model`` on ``cfg.data`` into ``run_dir`` (resume: continue its last checkpoint).
 
     ``model`` is a ``ModelConfig`` (a fresh model is built, its vocabulary fitted to the
@@ -319,13 +339,18 @@ def train(cfg: TrainConfig, model: ModelConfig | nn.Module, run_dir: str | Path,
     The defaults are plain pre-training: every parameter, next-token loss.
     ``stop_after`` pauses after that many total steps, exactly as Ctrl-C would (a checkpoint,
     status "interrupted"): for schedules split over sessions, and for tests of resume.
-    Raises ``UsageError`` for bad input and ``NonFiniteLossError`` if training diverges.
+    A resume starts from checkpoint ``resume_from`` (later ones are moved to ``RUN/discarded/``);
+    ``changed`` ({field: [old, new]}, from ``resume_run``) is recorded in the metrics.
+    ``check_memory`` refuses a model that would not fit (``moekit.memory``); ``check_finite``
+    refuses a checkpoint holding NaN/inf.
+    Raises ``UsageError`` for bad input, ``NonFiniteLossError`` if training diverges and
+    ``OutOfMemoryStop`` if a step runs out of memory.
     """
     console = console or Console(soft_wrap=True)  # long paths stay on one line in logs
     say = lambda text: console.print(text, markup=False, highlight=False)  # noqa: E731  (paths may hold [ ])
     run_dir = Path(run_dir)
-    if not resume and (run_dir / "checkpoints").exists():
-        raise UsageError(f"{run_dir} already holds a run: resume it with --resume {run_dir}, or choose another --out")
+    if not resume:
+        check_new_run_dir(run_dir)  # a foreign folder is refused before anything is read or written
     device = resolve_device(cfg.device)
 
     # 1. Data, model, optimizer; on resume, the run's tokenizer and last checkpoint.
@@ -333,34 +358,35 @@ def train(cfg: TrainConfig, model: ModelConfig | nn.Module, run_dir: str | Path,
     data = prepare_data(cfg.data, cfg.cache_dir, tokenizer=saved_tok, log=say)
     check_length(data, cfg.seq_len)
     torch.manual_seed(cfg.seed)
-    model = _build_model(model, data.tokenizer, cfg.seq_len).to(device)
+    model = _build_model(model, data.tokenizer, cfg.seq_len, device, check_memory).to(device)
     freeze_parameters(model, param_filter)
     optimizer = build_optimizer(model, cfg)
     state, last_ckpt = RunState(), None
-    if resume:
-        state, last_ckpt = _restore(run_dir, model, optimizer, device)
-        say(f"resuming {run_dir} from step {state.step} ({last_ckpt.name})")
-    write_run_files(run_dir, cfg, model.cfg, data.tokenizer)
-    val_batches = validation_batches(data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-    log = MetricsLog(run_dir, resume_step=state.step if resume else None)
-    s = _Session(cfg, run_dir, device, model, optimizer, loss_fn, data, val_batches, log, state,
-                 last_ckpt, ckpt_step=state.step if resume else None)
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"training {model.num_params() / 1e6:.1f}M parameters"
-        + (f" ({trained / 1e6:.1f}M trainable)" if trained != model.num_params() else "")
-        + f" on {device}, {cfg.tokens_per_step:,} tokens/step, into {run_dir}")
+    with claim_run_dir(run_dir, resume, say):  # the lock: one trainer per folder, until the end
+        if resume:
+            state, last_ckpt = _restore(run_dir, model, optimizer, device, resume_from, check_finite, say)
+            apply_hyperparameters(optimizer, cfg)  # the optimizer's saved betas/decay, or changed ones
+            say(f"resuming {run_dir} from step {state.step} ({last_ckpt.name})")
+        write_run_files(run_dir, cfg, model.cfg, data.tokenizer)
+        val_batches = validation_batches(data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+        log = MetricsLog(run_dir, resume_step=state.step if resume else None)
+        if resume:
+            log.write(dict(kind="resume", step=state.step, checkpoint=last_ckpt.name, changed=changed or {}))
+        s = _Session(cfg, run_dir, device, model, optimizer, loss_fn, data, val_batches, log, state,
+                     last_ckpt, ckpt_step=state.step if resume else None)
+        _say_start(s, say)
 
-    # 2. The loop, then the end: a final evaluation (unless interrupted) and checkpoint.
-    try:
-        status = _run_loop(s, console, stop_after)
-        if status != "interrupted" and s.ev_step != state.step:
-            _evaluate_and_log(s)
-        if s.ckpt_step != state.step:
-            _save(s)
-        log.write(dict(kind="end", step=state.step, status=status, val_loss=s.final_val(), tokens=state.tokens,
-                       elapsed=state.elapsed))
-    finally:
-        log.close()
+        # 2. The loop, then the end: a final evaluation (unless interrupted) and checkpoint.
+        try:
+            status = _run_loop(s, console, stop_after)
+            if status != "interrupted" and s.ev_step != state.step:
+                _evaluate_and_log(s)
+            if s.ckpt_step != state.step:
+                _save(s)
+            log.write(dict(kind="end", step=state.step, status=status, val_loss=s.final_val(),
+                           tokens=state.tokens, elapsed=state.elapsed))
+        finally:
+            log.close()
 
     # 3. The plot and the summary.
     plot = plot_run(run_dir)
@@ -371,10 +397,26 @@ def train(cfg: TrainConfig, model: ModelConfig | nn.Module, run_dir: str | Path,
     return result
 
 
-def _build_model(model: ModelConfig | nn.Module, tokenizer: TextTokenizer, seq_len: int) -> nn.Module:
-    """A fresh model for a config (vocabulary = the tokenizer's), or a given model checked to fit."""
+def _say_start(s: _Session, say) -> None:
+    model, cfg = s.model, s.cfg
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    threads = f" with {torch.get_num_threads()} CPU thread(s)" if s.device.type == "cpu" else ""
+    say(f"training {model.num_params() / 1e6:.1f}M parameters"
+        + (f" ({trained / 1e6:.1f}M trainable)" if trained != model.num_params() else "")
+        + f" on {s.device}{threads}, {cfg.tokens_per_step:,} tokens/step, into {s.run_dir}")
+
+
+def _build_model(model: ModelConfig | nn.Module, tokenizer: TextTokenizer, seq_len: int,
+                 device: torch.device, check_memory: bool = True) -> nn.Module:
+    """A fresh model for a config (vocabulary = the tokenizer's; refused if it would not fit in
+    memory for training), or a given model checked to fit the data."""
     if isinstance(model, ModelConfig):
-        return MoETransformer(fit_model_config(model, tokenizer, seq_len))
+        cfg = fit_model_config(model, tokenizer, seq_len)
+        # built on the CPU, then moved: the CPU must hold the weights, the device everything
+        check_fits(cfg, "cpu", training=device.type == "cpu", force=not check_memory, what="the model")
+        if device.type != "cpu":
+            check_fits(cfg, str(device), training=True, force=not check_memory, what="the model")
+        return MoETransformer(cfg)
     if seq_len > model.cfg.max_seq_len:
         raise UsageError(f"seq_len {seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
     if tokenizer.vocab_size > model.cfg.vocab_size:
@@ -392,14 +434,19 @@ def freeze_parameters(model: nn.Module, param_filter: ParamFilter | None) -> Non
             p.requires_grad_(False)
 
 
-def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-             device: torch.device) -> tuple[RunState, Path]:
-    """Load the run's last checkpoint: weights, optimizer, RNG and counters."""
-    path = find_checkpoint(run_dir, "last")
-    saved, _ = load_checkpoint(path, model, map_location=device)
+def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+             which: str | int, check_finite: bool, say) -> tuple[RunState, Path]:
+    """Load checkpoint ``which`` (default the last): weights, optimizer, RNG and counters. Later
+    checkpoints are moved aside: their steps are about to be trained again."""
+    path, saved, _ = load_from_run(run_dir, which, model, map_location=device, check_finite=check_finite)
     optimizer.load_state_dict(saved["optimizer"])
     _set_rng_state(saved["rng"], device)
-    return RunState(**saved["run"]), path
+    state = RunState(**saved["run"])
+    moved = discard_after(run_dir, state.step)
+    if moved:
+        say(f"moved {len(moved)} later checkpoint(s) ({', '.join(p.name for p in moved)}) to "
+            f"{moved[0].parent}: the run continues from step {state.step}")
+    return state, path
 
 
 def _run_loop(s: _Session, console: Console, stop_after: int | None) -> str:
@@ -410,6 +457,9 @@ def _run_loop(s: _Session, console: Console, stop_after: int | None) -> str:
     budget_s = cfg.time_budget * 60 if cfg.time_budget is not None else None
     with stop.installed(), Reporter(console, cfg.max_steps, state.step, cfg.log_every, budget_s) as reporter:
         if state.initial_val is None:
+            b = s.val_batches[0].shape
+            console.print(f"evaluating the untrained model on {len(s.val_batches)} validation batch(es) of "
+                          f"{b[0]} x {b[1] - 1} tokens", markup=False, highlight=False)
             state.initial_val = _evaluate_and_log(s).loss
         while True:
             state.elapsed = base_elapsed + time.perf_counter() - t_start
@@ -418,7 +468,12 @@ def _run_loop(s: _Session, console: Console, stop_after: int | None) -> str:
                 return status
             lr = lr_at(state.step, state.elapsed, cfg)
             t0 = time.perf_counter()
-            res = train_step(s.model, s.optimizer, _train_batches(s), cfg, lr, s.device, s.loss_fn)
+            try:
+                res = train_step(s.model, s.optimizer, _train_batches(s), cfg, lr, s.device, s.loss_fn)
+            except RuntimeError as e:
+                if not is_out_of_memory(e):
+                    raise
+                _out_of_memory(s, e)
             dt = time.perf_counter() - t0
             if not res.finite:
                 _diverged(s, res)
@@ -450,6 +505,20 @@ def _train_batches(s: _Session) -> list[torch.Tensor]:
     """The next step's micro-batches: a pure function of the seed and the step."""
     cfg, first = s.cfg, s.state.step * s.cfg.grad_accum
     return [train_batch(s.data.train, cfg.batch_size, cfg.seq_len, cfg.seed, first + i) for i in range(cfg.grad_accum)]
+
+
+def _out_of_memory(s: _Session, e: RuntimeError) -> None:
+    """Free what the failed step held, record why the run ended, and stop without saving: the
+    weights may be half-updated if the optimizer step itself ran out, so the last checkpoint
+    stays the newest."""
+    step = s.state.step + 1
+    s.optimizer.zero_grad(set_to_none=True)
+    cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    del e
+    if s.device.type == "cuda":
+        torch.cuda.empty_cache()
+    s.log.write(dict(kind="end", step=step, status="oom", error=cause))
+    raise OutOfMemoryStop(step, s.cfg, s.model.num_params(), s.device, s.last_ckpt, cause) from None
 
 
 def _diverged(s: _Session, res: StepResult) -> None:
@@ -489,22 +558,39 @@ def _print_summary(console: Console, r: TrainResult, plot: Path) -> None:
 
 
 def resume_run(run_dir: str | Path, overrides: dict | None = None, console: Console | None = None,
-               stop_after: int | None = None) -> TrainResult:
-    """Continue a run from its last checkpoint with its own configs; ``overrides`` may change
-    only the fields in ``RESUMABLE_FIELDS`` (more steps, a new time budget, ...)."""
-    from moekit.training.config import RESUMABLE_FIELDS
+               stop_after: int | None = None, *, checkpoint: str | int = "last", change_optimizer: bool = False,
+               check_memory: bool = True, check_finite: bool = True) -> TrainResult:
+    """Continue a run from its last checkpoint (or ``checkpoint``) with its own configs.
+
+    ``overrides`` may change only the fields in ``RESUMABLE_FIELDS`` (more steps, a new time
+    budget, ...), and with ``change_optimizer`` those in ``OPTIMIZER_FIELDS`` too (a lower
+    learning rate after a divergence: the usual remedy); what changed is recorded in the
+    metrics (a ``resume`` record). A ``cache_dir`` from the run folder is used only if it is
+    inside the run folder or the cache root.
+    """
+    from moekit.training.config import OPTIMIZER_FIELDS, RESUMABLE_FIELDS
     from moekit.training.run import read_run_configs
 
+    console = console or Console(soft_wrap=True)
     if not is_run_dir(run_dir):
         raise UsageError(f"{run_dir} is not a moekit run folder (no train_config.json)")
     cfg, model_cfg = read_run_configs(run_dir)
-    bad = sorted(set(overrides or {}) - set(RESUMABLE_FIELDS))
+    overrides = dict(overrides or {})
+    allowed = RESUMABLE_FIELDS + (OPTIMIZER_FIELDS if change_optimizer else ())
+    bad = sorted(set(overrides) - set(allowed))
     if bad:
-        raise UsageError(f"cannot change {', '.join(bad)} when resuming (allowed: {', '.join(RESUMABLE_FIELDS)})")
-    cfg = TrainConfig.from_dict({**cfg.to_dict(), **(overrides or {})})
-    return train(cfg, model_cfg, run_dir, resume=True, console=console, stop_after=stop_after)
+        raise UsageError(f"cannot change {', '.join(bad)} when resuming (allowed: {', '.join(RESUMABLE_FIELDS)}; "
+                         f"and {', '.join(OPTIMIZER_FIELDS)} with --change-optimizer)")
+    if "cache_dir" not in overrides:
+        say = lambda text: console.print(text, markup=False, highlight=False)  # noqa: E731
+        overrides["cache_dir"] = trusted_cache_dir(run_dir, cfg.cache_dir, say)
+    old = cfg.to_dict()
+    cfg = TrainConfig.from_dict({**old, **overrides})
+    changed = {k: [old[k], v] for k, v in overrides.items() if k in OPTIMIZER_FIELDS and v != old[k]}
+    return train(cfg, model_cfg, run_dir, resume=True, console=console, stop_after=stop_after,
+                 resume_from=checkpoint, changed=changed, check_memory=check_memory, check_finite=check_finite)
 
 
 __all__ = ["train", "resume_run", "train_step", "evaluate", "next_token_loss", "freeze_parameters", "LossFn",
            "ParamFilter", "TrainResult", "StepResult", "EvalResult",
-           "NonFiniteLossError", "RunState", "resolve_device", "fit_model_config"]
+           "NonFiniteLossError", "OutOfMemoryStop", "RunState", "resolve_device", "fit_model_config"]

@@ -62,9 +62,18 @@ def lr_at(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Put ``cfg``'s betas and weight decay into an optimizer restored from a checkpoint
+    (``load_state_dict`` brings back the saved ones). Group 0 decays, group 1 never does
+    (``param_groups``); the learning rate is set every step from the schedule."""
+    for group in optimizer.param_groups:
+        group["betas"] = (cfg.beta1, cfg.beta2)
+    optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
-__all__ = ["param_groups", "build_optimizer", "lr_at", "schedule_progress", "set_lr"]
+__all__ = ["param_groups", "build_optimizer", "apply_hyperparameters", "lr_at", "schedule_progress", "set_lr"]
