@@ -60,9 +60,12 @@ def byte_level(folder: Path, specials: list[str], bos: str | None = None, vocab_
     return folder
 
 
-def sentencepiece(folder: Path, specials: list[str], bos: str | None = "<s>", vocab_size: int = 400) -> Path:
-    """A Llama-style tokenizer.json: BPE with byte fallback, Metaspace, '<unk>' first."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def sentencepiece(folder: Path, specials: list[str], bos: str | None = "<s>", vocab_size: int = 400,
+                  legacy_normalizer: bool = False) -> Path:
+    """A Llama-style tokenizer.json: BPE with byte fallback, Metaspace, '<unk>' first. With
+    ``legacy_normalizer`` the older form Mixtral and Llama 2 ship: a normalizer that prepends '▁'
+    and turns spaces into '▁', no pre-tokenizer."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     # Train merges on '▁'-words, then rebuild the model with the 256 byte-fallback tokens in the
     # vocabulary itself (not as added tokens: those would count as special and vanish on decode).
@@ -79,6 +82,9 @@ def sentencepiece(folder: Path, specials: list[str], bos: str | None = "<s>", vo
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    if legacy_normalizer:
+        tok.pre_tokenizer = None
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(content=" ", left=1, right=0)])
     if bos is not None:
@@ -118,3 +124,12 @@ def llama_like(folder: Path, chat_template: str | None = None) -> Path:
     sentencepiece(folder, ["<unk>", "<s>", "</s>"])
     return write_config(folder, chat_template, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                         add_bos_token=True, add_eos_token=False, tokenizer_class="LlamaTokenizer")
+
+
+def mixtral_like(folder: Path, chat_template: str | None = None) -> Path:
+    """Mixtral-8x7B-Instruct's layout: the legacy sentencepiece tokenizer.json, LlamaTokenizer
+    declared, config.json model_type mixtral (transformers then uses the file as written)."""
+    sentencepiece(folder, ["<unk>", "<s>", "</s>"], legacy_normalizer=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]}))
+    return write_config(folder, chat_template, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                        add_bos_token=True, add_eos_token=False, legacy=True, tokenizer_class="LlamaTokenizer")

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
 # template file -> the tokenizer folder it ships with (special tokens the template reads)
-MODELS = {"mixtral_instruct": H.llama_like, "qwen2": H.qwen_like, "qwen3": H.qwen_like, "deepseek_v3": H.deepseek_like}
+MODELS = {"mixtral_instruct": H.mixtral_like, "qwen2": H.qwen_like, "qwen3": H.qwen_like, "deepseek_v3": H.deepseek_like}
 
 SYSTEM = {"role": "system", "content": "You are a terse assistant. Réponds en français si on te parle français."}
 USER = {"role": "user", "content": "Which expert handles 日本語 and emoji 🙂?"}

@@ -16,7 +16,7 @@ from moekit.inference.tokenization import load_tokenizer
 transformers = pytest.importorskip("transformers")
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
-FOLDERS = {"qwen": H.qwen_like, "deepseek": H.deepseek_like, "llama": H.llama_like}
+FOLDERS = {"qwen": H.qwen_like, "deepseek": H.deepseek_like, "llama": H.llama_like, "mixtral": H.mixtral_like}
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,67 @@ def test_bos_and_eos_are_the_folders(folders, name):
     assert ours.bos_id == theirs.bos_token_id
     assert ours.eos_ids == [theirs.eos_token_id]
     # BOS comes first exactly when transformers puts it there (the post-processor decides).
-    assert (ours.encode("the expert")[:1] == [ours.bos_id]) == (name in ("deepseek", "llama"))
+    assert (ours.encode("the expert")[:1] == [ours.bos_id]) == (name in ("deepseek", "llama", "mixtral"))
     assert ours.bos_id not in ours.encode("the expert", add_special_tokens=False)
+
+
+MORE_TEXT = H.SAMPLES + ["12345 and 6789.5", " x", "", "  two", "<s>[INST] hi [/INST] ok</s>", "a</s> naïve"]
+
+
+def compare(folder, texts=MORE_TEXT):
+    ours, theirs = load_tokenizer(folder), auto(folder)
+    for text in texts:
+        ids = theirs(text)["input_ids"]
+        assert ours.encode(text) == ids, text
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
+    assert ours.special_tokens == theirs.special_tokens_map
+    assert (ours.bos_id, ours.eos_ids) == (theirs.bos_token_id, [theirs.eos_token_id])
+    return type(theirs).__name__
+
+
+@pytest.mark.parametrize("model_type,legacy,add_prefix_space,cls", [
+    ("mixtral", True, None, "TokenizersBackend"),  # Mistral family: the file as written
+    ("llama", None, None, "LlamaTokenizer"),  # Llama 2: transformers rebuilds the pipeline
+    ("llama", True, None, "LlamaTokenizer"),
+    (None, None, False, "LlamaTokenizer"),
+])
+def test_sentencepiece_files_tokenize_as_transformers_class_does(tmp_path, model_type, legacy, add_prefix_space, cls):
+    folder = H.mixtral_like(tmp_path)
+    (folder / "config.json").unlink()
+    if model_type:
+        (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("legacy")
+    config.update({k: v for k, v in (("legacy", legacy), ("add_prefix_space", add_prefix_space)) if v is not None})
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert compare(folder) == cls
+
+
+@pytest.mark.parametrize("model_type,declared,cls", [
+    ("olmoe", "GPTNeoXTokenizer", "GPTNeoXTokenizer"),  # rebuilt: NFC, no BOS from the file
+    ("deepseek_v3", "LlamaTokenizerFast", "TokenizersBackend"),  # byte-level file declared Llama
+    ("qwen2", "PreTrainedTokenizerFast", "Qwen2Tokenizer"),  # class overridden by model type
+    ("qwen3_moe", "Qwen2Tokenizer", "Qwen2Tokenizer"),
+])
+def test_byte_level_files_tokenize_as_transformers_class_does(tmp_path, model_type, declared, cls):
+    folder = H.deepseek_like(tmp_path)
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = declared
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert compare(folder) == cls
+
+
+def test_class_defaults_fill_unnamed_special_tokens(tmp_path):
+    folder = H.qwen_like(tmp_path)  # no unk_token in its config: Qwen2Tokenizer's default applies
+    (folder / "config.json").write_text(json.dumps({"model_type": "olmoe"}))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "GPTNeoXTokenizer"  # defaults include '<|padding|>', not in the vocabulary
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    compare(folder)
+    assert load_tokenizer(folder).special_tokens["pad_token"] == "<|endoftext|>"  # the config's own wins
+    assert load_tokenizer(folder).special_tokens["unk_token"] == "<|endoftext|>"
 
 
 def test_add_bos_token_in_the_config_does_not_override_tokenizer_json(tmp_path):

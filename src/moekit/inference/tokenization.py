@@ -13,6 +13,10 @@ Two kinds of folder:
 ``encode(text)`` adds BOS/EOS exactly as transformers 5 does for a folder with a
 ``tokenizer.json``: the file's post-processor decides (transformers ignores ``add_bos_token``
 in ``tokenizer_config.json`` then, and adds nothing when there is no post-processor).
+
+Some transformers tokenizer classes rebuild part of the file's pipeline (LlamaTokenizer for
+sentencepiece-style Llama 2 files, GPTNeoXTokenizer for OLMoE); ``hf_classes`` applies the
+same rules, so a prompt gets the ids transformers gives it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from moekit.errors import UsageError
 from moekit.inference.chat_template import render_chat
 from moekit.inference.detokenize import IncrementalDetokenizer
 from moekit.inference.generation_config import GenerationDefaults, load_generation_defaults
+from moekit.inference.hf_classes import class_default_specials, rebuild_pipeline, transformers_class
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -196,13 +201,17 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _special_tokens(config: dict, legacy_map: dict) -> dict[str, str]:
+def _special_tokens(config: dict, legacy_map: dict, class_defaults: dict[str, str]) -> dict[str, str]:
     """Named special tokens: the standard names, then model-specific ``*_token`` keys
-    (transformers 5 passes those to templates too); special_tokens_map.json fills gaps."""
+    (transformers 5 passes those to templates too). A name the config leaves out comes from
+    special_tokens_map.json, else the tokenizer class's default; one set to null stays unset."""
     names = list(SPECIAL_TOKEN_NAMES) + [k for k in config if k.endswith("_token") and k not in SPECIAL_TOKEN_NAMES]
     tokens = {}
     for name in names:
-        content = _token_content(config.get(name)) or _token_content(legacy_map.get(name))
+        if name in config:
+            content = _token_content(config[name])
+        else:
+            content = _token_content(legacy_map.get(name)) or class_defaults.get(name)
         if content is not None:
             tokens[name] = content
     return tokens
@@ -247,6 +256,18 @@ def read_chat_templates(folder: Path, config: dict) -> dict[str, str]:
     return {}
 
 
+def _model_type(folder: Path) -> str | None:
+    """config.json's model_type (transformers picks the tokenizer class by it, too)."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None  # the model loader reports a broken config.json; the tokenizer does not need it
+    return value if isinstance(value, str) else None
+
+
 def _missing_tokenizer_message(folder: Path) -> str:
     if (folder / "tokenizer.model").is_file():
         return (f"{folder} has tokenizer.model (sentencepiece) but no {TOKENIZER_FILE}; moekit reads "
@@ -265,12 +286,15 @@ def _load_hf(folder: Path) -> TextTokenizer:
     if not path.is_file():
         raise UsageError(_missing_tokenizer_message(folder))
     try:
-        backend = Tokenizer.from_file(str(path))
+        text = path.read_text(encoding="utf-8")
+        backend = Tokenizer.from_str(text)
     except Exception as e:  # tokenizers raises a bare Exception for a malformed file
         raise UsageError(f"{path} is not a tokenizers JSON file ({' '.join(str(e).split())})") from None
     config = _read_json(folder / TOKENIZER_CONFIG_FILE) if (folder / TOKENIZER_CONFIG_FILE).is_file() else {}
+    cls = transformers_class(config, _model_type(folder), text)
+    rebuild_pipeline(backend, cls, config)
     legacy = _read_json(folder / SPECIAL_TOKENS_MAP_FILE) if (folder / SPECIAL_TOKENS_MAP_FILE).is_file() else {}
-    specials = _special_tokens(config, legacy)
+    specials = _special_tokens(config, legacy, class_default_specials(cls))
     _add_missing_specials(backend, [*specials.values(), *_extra_special_tokens(config)])
     clean_up = bool(config.get("clean_up_tokenization_spaces")) and type(backend.model).__name__ != "BPE"
     return TextTokenizer(backend, specials, read_chat_templates(folder, config), str(folder), clean_up)
