@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from moekit.config import ModelConfig
+from moekit.layers.kv_cache import kv_values_per_token, uncompressed_kv_values_per_token
 from moekit.layers.mla import mla_params
 from moekit.layers.mlp import first_proj_width
 
@@ -110,9 +111,14 @@ def weight_bytes(n_params: int) -> dict[str, float]:
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: float = 2.0) -> float:
-    if cfg.attention == "mla":  # MLA caches the kv latent and the shared rope key, not k and v
-        return cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * bytes_per_value
-    return 2 * cfg.n_layers * cfg.kv_heads * cfg.resolved_head_dim * bytes_per_value
+    """Bytes moekit's KV cache (layers/kv_cache.py) holds per token; MLA caches the kv latent
+    and the shared rope key, not k and v."""
+    return kv_values_per_token(cfg) * bytes_per_value
+
+
+def kv_cache_uncompressed_bytes_per_token(cfg: ModelConfig, bytes_per_value: float = 2.0) -> float:
+    """What full per-head keys and values would take (equal to the above except for MLA)."""
+    return uncompressed_kv_values_per_token(cfg) * bytes_per_value
 
 
 def summary(cfg: ModelConfig, seq_len: int | None = None) -> dict:
@@ -135,6 +141,8 @@ def summary(cfg: ModelConfig, seq_len: int | None = None) -> dict:
         "weight_bytes": mem,
         "gpus_80gb_for_weights": {k: math.ceil(v / GPU_BYTES) for k, v in mem.items()},
         "kv_cache_bytes_per_token_bf16": kv_cache_bytes_per_token(cfg),
+        "kv_cache_uncompressed_bytes_per_token_bf16": kv_cache_uncompressed_bytes_per_token(cfg),
+        "kv_cache_bytes_at_seq_len_bf16": kv_cache_bytes_per_token(cfg) * seq_len,
     }
 
 
@@ -143,6 +151,15 @@ def human(n: float, unit: str = "") -> str:
         if abs(n) >= div:
             return f"{n / div:.2f}{suffix}{unit}"
     return f"{n:.0f}{unit}"
+
+
+def _kv_line(s: dict) -> str:
+    kv, full = s["kv_cache_bytes_per_token_bf16"], s["kv_cache_uncompressed_bytes_per_token_bf16"]
+    line = (f"  KV cache per token {human(kv, 'B'):>10}  (bf16; {human(s['kv_cache_bytes_at_seq_len_bf16'], 'B')} "
+            f"per sequence of {s['seq_len']})")
+    if full != kv:
+        line += f"; MLA latent vs full k/v {human(full, 'B')}: {full / kv:.1f}x smaller"
+    return line
 
 
 def format_report(cfg: ModelConfig, name: str, seq_len: int | None = None) -> str:
@@ -163,6 +180,6 @@ def format_report(cfg: ModelConfig, name: str, seq_len: int | None = None) -> st
         f"training ~3x: {human(s['train_flops_per_token'])})",
         "  weight memory      " + "  ".join(f"{k} {human(v, 'B')}" for k, v in s["weight_bytes"].items()),
         "  80 GB GPUs (weights only) " + "  ".join(f"{k} {v}" for k, v in s["gpus_80gb_for_weights"].items()),
-        f"  KV cache per token {human(s['kv_cache_bytes_per_token_bf16'], 'B'):>10}  (bf16)",
+        _kv_line(s),
     ]
     return "\n".join(lines)

@@ -3,6 +3,9 @@
 Each block is pre-norm attention then a pre-norm FFN, dense or MoE by ``ModelConfig``'s layer
 pattern. A dense model is the same class with ``moe=None``, so dense and MoE are compared on
 equal footing. Single-device code: parallelism wraps a built model from outside.
+
+Generation passes a ``CacheView`` (layers/kv_cache.py): the rows' cache slots and positions.
+That is all the model learns of it; prefill and decode are the same forward.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch import nn
 
 from moekit.config import ModelConfig
 from moekit.layers.attention import Attention
+from moekit.layers.kv_cache import CacheView
 from moekit.layers.mla import MLAttention
 from moekit.layers.mlp import MLP
 from moekit.layers.moe import MoELayer, RoutingStats
@@ -23,10 +27,22 @@ from moekit.layers.norms import RMSNorm
 from moekit.layers.rope import rope_cache
 
 
-@dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, S, vocab]
-    aux_loss: torch.Tensor  # scalar: the weighted balancing losses summed over MoE layers
+    """logits [B, S, vocab] and ``aux_loss``, the weighted balancing losses summed over MoE
+    layers (a scalar), computed when first read so that generation does not pay for them.
+    The layers keep only their last forward's routing, so read it before the next forward."""
+
+    def __init__(self, logits: torch.Tensor, model: MoETransformer):
+        self.logits = logits
+        self._model, self._forward_id, self._aux = model, model._forward_count, None
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        if self._aux is None:
+            if self._model._forward_count != self._forward_id:
+                raise RuntimeError("aux_loss of an older forward: read it before running the model again")
+            self._aux = self._model._aux_loss(self.logits)
+        return self._aux
 
 
 @dataclass
@@ -43,10 +59,11 @@ class Block(nn.Module):
         self.attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_id)
+        self.layer_id = layer_id
         self.ffn = MoELayer(cfg.moe) if self.is_moe else MLP(cfg.d_model, cfg.d_ff, cfg.ffn_activation)
 
-    def forward(self, x, cos, sin, padding_mask=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, padding_mask=None, cache: CacheView | None = None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, None if cache is None else cache.layer(self.layer_id))
         h = self.ffn_norm(x)
         return x + (self.ffn(h, padding_mask) if self.is_moe else self.ffn(h))
 
@@ -61,6 +78,7 @@ class MoETransformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self._forward_count = 0  # which forward a ModelOutput's lazy aux_loss belongs to
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -81,21 +99,41 @@ class MoETransformer(nn.Module):
             elif isinstance(module, MoELayer):
                 module.reset_parameters(std, out_std)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ModelOutput:
-        """input_ids [B, S] -> logits [B, S, vocab].
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: CacheView | None = None, logits_at: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids [B, S] -> logits [B, S, vocab] (or [B, 1, vocab] with ``logits_at``).
 
         ``attention_mask`` [B, S] (1 = real token) keeps padding out of routing, balancing
         losses and statistics. Attention is causal, so right padding needs no attention mask.
+        ``cache``: the rows' KV-cache slots and positions (their padding is the view's);
+        ``logits_at`` [B]: compute only row b's logits at position logits_at[b] (generation
+        needs one per sequence, and the output projection is the widest matmul).
         """
         B, S = input_ids.shape
-        if S > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = rope_cache(S, self.cfg.rope_dim, self.cfg.rope_theta, input_ids.device, self.cfg.rope_scaling)
+        if cache is None:
+            if S > self.cfg.max_seq_len:
+                raise ValueError(f"sequence length {S} exceeds max_seq_len={self.cfg.max_seq_len}")
+            cos, sin = self.rope_tables(input_ids.device)
+            cos, sin = cos[:S], sin[:S]
+        else:
+            cos, sin = (t[cache.positions].unsqueeze(1) for t in self.rope_tables(input_ids.device))  # [B, 1, S, R]
+            attention_mask = cache.valid
+        self._forward_count += 1
         x = self.embed(input_ids)
         for block in self.blocks:
-            x = block(x, cos, sin, attention_mask)
-        logits = self.lm_head(self.norm(x))
-        return ModelOutput(logits=logits, aux_loss=self._aux_loss(logits))
+            x = block(x, cos, sin, attention_mask, cache)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)  # [B, 1, D]
+        return ModelOutput(self.lm_head(self.norm(x)), self)
+
+    def rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [max_seq_len, rope_dim] (fp32), built once per device: position p's row
+        is the same whatever the sequence length, so training and decode share them."""
+        tables = self.__dict__.setdefault("_rope_tables", {})  # plain attribute: not state, not moved by .to()
+        if device not in tables:
+            c = self.cfg
+            tables[device] = rope_cache(c.max_seq_len, c.rope_dim, c.rope_theta, device, c.rope_scaling)
+        return tables[device]
 
     def _aux_loss(self, like: torch.Tensor) -> torch.Tensor:
         aux = like.new_zeros((), dtype=torch.float32)

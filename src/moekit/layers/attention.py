@@ -2,6 +2,10 @@
 
 Options cover the published MoE families: QKV bias (Qwen2), RMSNorm on q/k per head (Qwen3)
 or over the whole projection (OLMoE), and Mistral's sliding window.
+
+With a ``LayerCache`` (see kv_cache.py) the layer writes its new keys/values into the cache and
+attends over everything cached for each row; the tables ``cos``/``sin`` then carry each row's
+own positions. Without one, it is plain causal attention over the S tokens given.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import ModelConfig
+from moekit.layers.kv_cache import LayerCache
 from moekit.layers.norms import RMSNorm
 from moekit.layers.rope import apply_rope
 
@@ -20,6 +25,30 @@ def sliding_window_mask(seq_len: int, window: int, device=None) -> torch.Tensor:
     i = torch.arange(seq_len, device=device)[:, None]
     j = torch.arange(seq_len, device=device)[None, :]
     return (j <= i) & (i - j < window)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
+           window: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """Softmax attention for both attention kinds (GQA and MLA) -> [B, H, S, Dv].
+
+    q [B, H, S, Dk]; k [B, Hk, T, Dk] and v [B, Hk, T, Dv] with H a multiple of Hk (query head h
+    reads kv head h // (H / Hk)). ``mask`` [B, 1, S, T] bool (True = may attend) comes from a
+    ``CacheView``; without one the keys are the queries' own tokens (T = S), causal, limited to
+    ``window`` keys back when given.
+    """
+    B, H, S, _ = q.shape
+    Hk = k.shape[1]
+    if mask is not None:
+        # Fold each kv head's query heads into its rows ([B, Hk, rep*S, Dk]) so the cached keys
+        # and values are read once rather than copied per query head (decode is bound by reading them).
+        y = F.scaled_dot_product_attention(q.reshape(B, Hk, -1, q.shape[-1]), k, v,
+                                           attn_mask=mask.repeat(1, 1, H // Hk, 1), scale=scale)
+        return y.view(B, H, S, -1)
+    if Hk != H:
+        k, v = k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)
+    if window is not None and window < S:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(S, window, q.device), scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
 class Attention(nn.Module):
@@ -40,8 +69,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(q_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(kv_dim, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, S, D], rope tables [S, head_dim] -> [B, S, D]."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """x [B, S, D], rope tables [S, hd] (or [B, 1, S, hd] per row with a cache) -> [B, S, D]."""
         B, S, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         if self.qk_norm == "full":
@@ -52,12 +81,9 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if self.sliding_window is not None and self.sliding_window < S:
-            mask = sliding_window_mask(S, self.sliding_window, x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        mask = None
+        if cache is not None:
+            k, v = cache.append(k, v)  # [B, Hkv, T, hd] each (T = S on a fresh cache)
+            mask = None if cache.view.fresh else cache.view.mask
+        y = attend(q, k, v, mask=mask, window=self.sliding_window)
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))

@@ -12,6 +12,13 @@ by all heads carry position ("decoupled RoPE"):
     k, v = wkv_b(kv_norm(c_kv))                       -> k_nope [B, H, S, N], v [B, H, S, V]
     y   = softmax([q_nope|rope(q_rope)] . [k_nope|rope(k_rope)] * scale) v   -> wo -> [B, S, D]
 
+With a cache (see kv_cache.py) only [kv_norm(c_kv) | rope(k_rope)] is stored per token, Ckv + R
+values instead of H * (N + R + V). Attending over cached tokens then absorbs wkv_b (DeepSeek-V2
+appendix; its reference code's "absorb" mode): with W_uk, W_uv the k and v rows of wkv_b per head,
+    q_nope . (W_uk c) = (W_uk^T q_nope) . c   and   sum_t a_t W_uv c_t = W_uv (sum_t a_t c_t),
+so queries move into the latent space ([B, H, S, Ckv + R]) and all heads share one cached "head".
+A fresh prefill (nothing cached yet) expands k and v as in training: fewer FLOPs for long S.
+
 RoPE here uses moekit's half-split layout; DeepSeek's own checkpoints interleave the rope dims,
 which moekit.interop undoes by permuting rows of wq/wq_b/wkv_a once at load time.
 """
@@ -19,11 +26,11 @@ which moekit.interop undoes by permuting rows of wq/wq_b/wkv_a once at load time
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moekit.config import ModelConfig
-from moekit.layers.attention import sliding_window_mask
+from moekit.layers.attention import attend
+from moekit.layers.kv_cache import LayerCache
 from moekit.layers.norms import RMSNorm
 from moekit.layers.rope import apply_rope, yarn_mscale
 
@@ -66,24 +73,37 @@ class MLAttention(nn.Module):
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         return self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, S, D], rope tables [S, R] -> [B, S, D]."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """x [B, S, D], rope tables [S, R] (or [B, 1, S, R] per row with a cache) -> [B, S, D]."""
         B, S, _ = x.shape
         H = self.n_heads
         q = self._query(x).view(B, S, H, self.nope + self.rope).transpose(1, 2)  # [B, H, S, N+R]
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin)
         c_kv, k_rope = self.wkv_a(x).split([self.kv_rank, self.rope], dim=-1)  # [B, S, Ckv], [B, S, R]
+        latent = self.kv_norm(c_kv)
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin)  # [B, 1, S, R], one key shared by all heads
-        kv = self.wkv_b(self.kv_norm(c_kv)).view(B, S, H, self.nope + self.v_dim).transpose(1, 2)
+        if cache is not None:
+            (cached,) = cache.append(torch.cat((latent.unsqueeze(1), k_rope), dim=-1))  # [B, 1, T, Ckv+R]
+            if not cache.view.fresh:
+                return self._absorbed(q_nope, q_rope, cached, cache.view.mask)
+        kv = self.wkv_b(latent).view(B, S, H, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [B, H, S, N], [B, H, S, V]
-        q = torch.cat((q_nope, apply_rope(q_rope, cos, sin)), dim=-1)  # [B, H, S, N+R]
+        q = torch.cat((q_nope, q_rope), dim=-1)  # [B, H, S, N+R]
         k = torch.cat((k_nope, k_rope.expand(B, H, S, self.rope)), dim=-1)
-        if self.sliding_window is not None and self.sliding_window < S:
-            mask = sliding_window_mask(S, self.sliding_window, x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        y = attend(q, k, v, window=self.sliding_window, scale=self.scale)
         return self.wo(y.transpose(1, 2).reshape(B, S, H * self.v_dim))
+
+    def _absorbed(self, q_nope, q_rope, cached, mask) -> torch.Tensor:
+        """Attention in the latent space over cached [B, 1, T, Ckv+R] entries -> [B, S, D]."""
+        B, H, S, _ = q_nope.shape
+        w = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # [H, N, Ckv], [H, V, Ckv]
+        q_lat = torch.einsum("bhsn,hnc->bhsc", q_nope, w_uk)  # [B, H, S, Ckv]
+        q = torch.cat((q_lat, q_rope), dim=-1)  # [B, H, S, Ckv+R], against [latent | rope key]
+        y_lat = attend(q, cached, cached[..., : self.kv_rank], mask=mask, scale=self.scale)  # [B, H, S, Ckv]
+        y = torch.einsum("bhsc,hvc->bshv", y_lat, w_uv)  # [B, S, H, V]
+        return self.wo(y.reshape(B, S, H * self.v_dim))
 
 
 def mla_params(cfg: ModelConfig) -> int:
