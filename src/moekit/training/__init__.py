@@ -26,7 +26,6 @@ from moekit.training.loop import (
 from moekit.training.metrics import LayerRouting, read_metrics
 from moekit.training.plots import plot_run
 from moekit.training.run import LoadedRun, load_run
-from moekit.training.sampling import generate, sample_next
 
 __all__ = [
     "TrainConfig",
@@ -50,6 +49,4 @@ __all__ = [
     "plot_run",
     "LoadedRun",
     "load_run",
-    "generate",
-    "sample_next",
 ]

@@ -162,19 +162,26 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    from moekit.inference.engine import Engine
+    from moekit.inference.sampling import SamplingParams
+    from moekit.inference.tokenization import load_tokenizer
     from moekit.training.loop import resolve_device
     from moekit.training.run import load_run
-    from moekit.training.sampling import generate
 
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     apply_threads(args.threads)
     run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device), check_memory=not args.force,
                    check_finite=not args.no_check_finite)
-    ids = run.tokenizer.encode(args.prompt) or [run.tokenizer.eos_id]  # empty prompt: a document start
-    new = generate(run.model, ids, args.max_new_tokens, args.temperature, args.top_k, args.seed,
-                   eos_id=run.tokenizer.eos_id)
-    print(args.prompt + run.tokenizer.decode(new))
+    tokenizer = load_tokenizer(args.run_dir)  # the run's own, with the streaming detokenizer
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            seed=args.seed, stop_token_ids=tuple(tokenizer.eos_ids))
+    ids = tokenizer.encode(args.prompt) or tokenizer.eos_ids  # empty prompt: a document start
+    ids = ids[-run.model_cfg.max_seq_len:]  # the most recent tokens that fit the context
+    print(args.prompt, end="", flush=True)
+    for piece in Engine(run.model, tokenizer, max_batch=1).stream(ids, params):
+        print(piece, end="", flush=True)
+    print()
     return 0
 
 
