@@ -47,6 +47,17 @@ def build_model(args):
     return MoETransformer(cfg).eval()
 
 
+class OneCharPerToken:
+    """A random model's text is noise; one visible character per token makes every token one
+    streamed chunk, so chunk gaps are inter-token latencies."""
+
+    def push(self, token_id: int) -> str:
+        return chr(33 + token_id % 90)
+
+    def flush(self) -> str:
+        return ""
+
+
 def serve(args) -> None:
     import torch
 
@@ -55,15 +66,13 @@ def serve(args) -> None:
     from moekit.serve.backend import make_backend
     from moekit.serve.scheduler import Scheduler
     from moekit.serve.server import run
-    from moekit.serve.text import DiffDetokenizer
 
     torch.set_num_threads(args.threads)
     model = build_model(args)
     tok = bytes_tokenizer()  # prompts are sent as token ids; text is only what the stream carries
-    decode = lambda ids: "".join(chr(33 + i % 90) for i in ids)  # one visible character per token  # noqa: E731
     scheduler = Scheduler(make_backend(model, args.max_batch, not args.no_kv_cache), max_waiting=256)
     # No stop ids: a random model's EOS would cut outputs short and make the load uneven.
-    state = ServeState(scheduler, tok, "bench", model.cfg.vocab_size, lambda _p: DiffDetokenizer(decode))
+    state = ServeState(scheduler, tok, "bench", model.cfg.vocab_size, lambda _prompt: OneCharPerToken())
     run(state, "127.0.0.1", args.port, log_level="warning")
 
 

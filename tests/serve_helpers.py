@@ -1,31 +1,21 @@
-"""A tiny random MoE and a real BPE tokenizer behind a live server on 127.0.0.1 (serve tests)."""
+"""A tiny random MoE saved as a Hugging Face folder with a real tokenizer (byte-level BPE, a
+Qwen2 chat template), loaded as ``moekit serve`` loads it, for the serve tests."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import hf_tokenizers as H
 import torch
 
 from moekit.config import ModelConfig, MoEConfig
-from moekit.data.tokenizer import train_bpe
+from moekit.inference.loading import load_for_inference
 from moekit.model import MoETransformer
 from moekit.serve.app import ServeState
-from moekit.serve.backend import RecomputeBackend
-from moekit.serve.scheduler import Scheduler
-from moekit.serve.text import DiffDetokenizer
+from moekit.serve.cli import build_state
 
 MODEL = "tiny-serve"
-TEXT = ["The quick brown fox jumps over the lazy dog. Experts route tokens; routers pick experts.",
-        "Mixture of experts models activate a few experts per token, décor café naïve 東京."] * 4
-
-
-class _Tok:
-    def __init__(self, tok):
-        self.tok, self.eos_ids = tok, {tok.eos_id}
-
-    def encode(self, text):
-        return self.tok.encode(text)
-
-    def decode(self, ids):
-        return self.tok.decode(ids)
+TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
 
 
 def tiny_model(vocab_size: int, seed: int = 0) -> MoETransformer:
@@ -35,14 +25,16 @@ def tiny_model(vocab_size: int, seed: int = 0) -> MoETransformer:
     return MoETransformer(cfg).eval()
 
 
-def make_state(max_batch: int = 4, max_waiting: int = 16, api_key: str | None = None) -> ServeState:
-    tok = _Tok(train_bpe(TEXT, vocab_size=300))
-    model = tiny_model(tok.tok.vocab_size)
-    scheduler = Scheduler(RecomputeBackend(model, max_batch), max_waiting=max_waiting)
+def model_folder(folder: Path) -> Path:
+    """config.json + safetensors of a random tiny Mixtral-layout MoE, and a Qwen-like tokenizer."""
+    H.qwen_like(folder, (TEMPLATES / "qwen2.jinja").read_text(encoding="utf-8"))
+    from moekit.inference.tokenization import load_tokenizer
 
-    def chat_prompt(messages):
-        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
-        return tok.encode(text)
+    tiny_model(load_tokenizer(folder).vocab_size).save_pretrained(folder, architecture="MixtralForCausalLM")
+    return folder
 
-    return ServeState(scheduler, tok, MODEL, model.cfg.vocab_size, lambda _prompt: DiffDetokenizer(tok.decode),
-                      stop_ids=frozenset(tok.eos_ids), chat_prompt=chat_prompt, api_key=api_key)
+
+def make_state(folder: Path, max_batch: int = 4, max_waiting: int = 16, api_key: str | None = None,
+               kv_cache: bool = True) -> ServeState:
+    model, tokenizer, defaults = load_for_inference(folder, dtype="fp32")
+    return build_state(model, tokenizer, defaults, MODEL, max_batch, max_waiting, api_key=api_key, kv_cache=kv_cache)

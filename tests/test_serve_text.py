@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moekit.serve.scheduler import SamplingParams, sample_token
-from moekit.serve.text import DiffDetokenizer, TextStream
+from moekit.serve.text import TextStream
 
 
 class CharDetok:
@@ -47,13 +47,6 @@ def test_text_that_could_start_a_stop_string_is_held_back():
     pieces, _ = run("say END now", ["ENDX"])
     assert pieces[4:7] == ["", "", ""]  # "E", "EN", "END" wait for the next character
     assert pieces[7] == "END "
-
-
-def test_diff_detokenizer_waits_for_a_whole_character():
-    data = "é€".encode()
-    detok = DiffDetokenizer(lambda ids: bytes(ids).decode("utf-8", errors="replace"))
-    pieces = [detok.push(b) for b in data] + [detok.flush()]
-    assert pieces == ["", "é", "", "", "€", ""]
 
 
 def test_sampling_greedy_top_k_top_p():

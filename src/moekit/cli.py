@@ -18,6 +18,7 @@ from moekit.fileio import read_json_object
 from moekit.analysis import cli as analysis_cli
 from moekit.bench import cli as bench_cli
 from moekit.experiments import cli as experiments_cli
+from moekit.serve import cli as serve_cli
 from moekit.training import cli as training_cli
 
 
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cli.add_parser(sub)  # bench layer
     analysis_cli.add_parser(sub)  # analyze
     experiments_cli.add_parser(sub)  # experiment
+    serve_cli.add_parser(sub)  # serve
     return p
 
 

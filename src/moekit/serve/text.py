@@ -8,37 +8,15 @@ client never sees text that a later stop string would have removed.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 
 class Detokenizer(Protocol):
+    """What ``moekit.inference.detokenize.IncrementalDetokenizer`` provides."""
+
     def push(self, token_id: int) -> str: ...  # text that is now final
 
     def flush(self) -> str: ...  # whatever is left once generation ends
-
-
-class DiffDetokenizer:
-    """Incremental detokenization by decoding all ids so far and releasing the new suffix;
-    the suffix waits while it ends in U+FFFD (a multi-byte character split across tokens)."""
-
-    def __init__(self, decode: Callable[[list[int]], str]):
-        self._decode = decode
-        self._ids: list[int] = []
-        self._sent = 0  # characters already released
-
-    def push(self, token_id: int) -> str:
-        self._ids.append(token_id)
-        text = self._decode(self._ids)
-        if text.endswith("\ufffd"):
-            return ""
-        return self._release(text)
-
-    def flush(self) -> str:
-        return self._release(self._decode(self._ids)) if self._ids else ""
-
-    def _release(self, text: str) -> str:
-        piece, self._sent = text[self._sent:], len(text)
-        return piece
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -85,4 +63,4 @@ class TextStream:
         return piece
 
 
-__all__ = ["Detokenizer", "DiffDetokenizer", "TextStream"]
+__all__ = ["Detokenizer", "TextStream"]

@@ -1,0 +1,104 @@
+"""``moekit serve MODEL``: load a run folder or Hugging Face folder and serve it over HTTP.
+
+FastAPI and uvicorn are imported only here, inside ``cmd_serve``, so a moekit without the
+``serve`` extra runs every other command and says what to install for this one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moekit.errors import UsageError
+
+
+def _require_server_stack() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"moekit serve needs FastAPI and uvicorn ({e.name} is missing): "
+                         "pip install 'moekit[serve]'") from None
+
+
+def _check_args(args) -> None:
+    for flag in ("max_batch", "max_waiting", "max_tokens_per_step", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+
+
+def build_state(model, tokenizer, defaults, name: str, max_batch: int, max_waiting: int,
+                max_tokens_per_step: int | None = None, api_key: str | None = None, kv_cache: bool = True):
+    """The server's shared state for a loaded (model, tokenizer, generation defaults)."""
+    from moekit.serve.app import ServeState
+    from moekit.serve.backend import make_backend
+    from moekit.serve.scheduler import Scheduler
+
+    scheduler = Scheduler(make_backend(model, max_batch, kv_cache), max_waiting, max_tokens_per_step)
+    sampling = {}
+    if defaults.source is not None and defaults.do_sample:  # the folder's generation_config.json asks to sample
+        sampling = {"temperature": defaults.temperature, "top_p": defaults.top_p, "top_k": defaults.top_k}
+
+    def chat_prompt(messages: list[dict]) -> list[int]:
+        try:
+            return tokenizer.encode_chat(messages)
+        except UsageError as e:  # the template's raise_exception: the conversation is the problem
+            raise ValueError(str(e)) from None
+
+    return ServeState(
+        scheduler, tokenizer, name, model.cfg.vocab_size, tokenizer.detokenizer,
+        stop_ids=frozenset(defaults.eos_ids) | frozenset(tokenizer.eos_ids),
+        chat_prompt=chat_prompt if tokenizer.has_chat_template else None,
+        api_key=api_key, defaults=sampling)
+
+
+def cmd_serve(args) -> int:
+    _check_args(args)
+    _require_server_stack()
+    import torch
+
+    from moekit.inference.loading import load_for_inference
+    from moekit.serve.server import run
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, defaults = load_for_inference(args.model, args.dtype, args.device)
+    name = args.served_model_name or Path(args.model).resolve().name
+    state = build_state(model, tokenizer, defaults, name, args.max_batch, args.max_waiting,
+                        args.max_tokens_per_step, args.api_key, kv_cache=not args.no_kv_cache)
+    print(f"moekit serve: {name} on http://{args.host}:{args.port} (max batch {args.max_batch}, "
+          f"{'KV cache' if not args.no_kv_cache else 'full recompute'}); the routing viewer is at /", flush=True)
+    run(state, args.host, args.port, args.log_level)
+    return 0
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching (needs moekit[serve])")
+    s.add_argument("model", help="a moekit run folder or a Hugging Face model folder")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it to the network)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 = any free port)")
+    s.add_argument("--max-batch", type=int, default=16,
+                   help="sequences decoded together at most, each with its own KV slot (default: 16; 1 = no batching)")
+    s.add_argument("--max-waiting", type=int, default=64,
+                   help="requests queued behind the running ones; beyond that a request gets 429 (default: 64)")
+    s.add_argument("--max-tokens-per-step", type=int, default=None,
+                   help="prompt tokens prefilled per engine step, so long prompts do not stall running "
+                        "streams (default: no cap; one newcomer is always admitted)")
+    s.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's)")
+    s.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
+    s.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* requests (default: no key)")
+    s.add_argument("--served-model-name", default=None,
+                   help="the model id clients send (default: the folder's name)")
+    s.add_argument("--no-kv-cache", action="store_true",
+                   help="recompute every context at each step instead of caching keys and values (a reference)")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level (default: info; debug also logs every request)")
+    s.set_defaults(func=cmd_serve)
+
+
+__all__ = ["add_parser", "cmd_serve", "build_state"]
