@@ -83,3 +83,16 @@ def test_force_skips_the_check_and_from_pretrained_checks(tmp_path, monkeypatch)
         moekit.from_pretrained(folder)
     assert moekit.from_pretrained(folder, check_memory=False) is not None
     memory.check_fits(get_preset("deepseek-v3"), force=True)
+
+
+def test_threads_are_set_and_shown_and_a_bad_count_is_one_line(capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["demo", "--steps", "1", "--batch-size", "1", "--seq-len", "8", "--threads", "1"]) == 0
+        assert "1 CPU thread(s)" in capsys.readouterr().out and torch.get_num_threads() == 1
+        assert main(["demo", "--threads", "0"]) == 2
+        assert capsys.readouterr().err.strip() == "moekit demo: error: --threads must be >= 1, got 0"
+    finally:
+        torch.set_num_threads(before)

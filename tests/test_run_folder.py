@@ -72,10 +72,18 @@ def test_train_refuses_a_foreign_folder_and_touches_nothing(corpus, tmp_path):
     assert proc.returncode == 2 and "is a file, not a folder" in proc.stderr and file.read_text() == "x"
 
 
-def test_an_empty_folder_is_accepted(corpus, tmp_path):
-    (tmp_path / "empty").mkdir()
-    result = train(tiny_cfg(corpus, tmp_path), tiny_model(), tmp_path / "empty", console=Console(quiet=True))
+def test_an_empty_folder_is_accepted_and_the_summary_prints_its_paths_whole(corpus, tmp_path):
+    import io
+
+    run = tmp_path / ("a-long-folder-name-" * 4) / "empty"
+    run.mkdir(parents=True)
+    log = io.StringIO()  # a log file: not a terminal, 80 columns
+    result = train(tiny_cfg(corpus, tmp_path), tiny_model(), run, console=Console(file=log, width=80))
     assert result.step == 2
+    assert f"checkpoint {run}/checkpoints/step-00000002\n" in log.getvalue()
+    assert f"plot {run}/loss.png\n" in log.getvalue()
+    assert "evaluating the untrained model on 1 validation batch(es) of 2 x 16 tokens" in log.getvalue()
+    assert "CPU thread(s)" in log.getvalue()
 
 
 def test_a_fresh_run_over_one_that_died_early_starts_fresh_records(corpus, tmp_path):

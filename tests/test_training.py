@@ -283,3 +283,19 @@ def test_progress_bar_expects_the_steps_a_time_budget_allows():
     assert budget.expected_steps({"step": 5, "elapsed": 0.0}) == 1000  # no pace yet
     steps = Reporter(Console(quiet=True), total_steps=1000, start_step=0, log_every=10)
     assert steps.expected_steps({"step": 30, "elapsed": 24.0}) == 1000
+
+
+def test_log_lines_start_at_step_one_and_give_the_mean_rate_since_the_last_line():
+    import io
+
+    from moekit.training.report import Reporter
+
+    out = io.StringIO()
+    rep = Reporter(Console(file=out, width=80), total_steps=100, start_step=0, log_every=4)
+    for step, seconds in zip(range(1, 9), (1.0, 1.0, 1.0, 5.0, 1.0, 1.0, 1.0, 1.0)):
+        rep.step({"step": step, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 100 / seconds}, 100, seconds)
+    lines = out.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["1", "4", "8"]
+    assert "100 tok/s (mean of 1 step)" in lines[0]
+    assert "43 tok/s (mean of 3 steps)" in lines[1]  # 300 tokens in 7 s, not the last step's 20
+    assert "100 tok/s (mean of 4 steps)" in lines[2]

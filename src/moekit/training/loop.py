@@ -282,7 +282,7 @@ def log_metrics(log: MetricsLog, reporter: Reporter, state: RunState, res: StepR
                grad_norm=res.grad_norm, tokens=state.tokens, tokens_per_s=cfg.tokens_per_step / step_s,
                elapsed=state.elapsed, max_violation=res.max_violation)
     log.write(rec)
-    reporter.step(rec)
+    reporter.step(rec, cfg.tokens_per_step, step_s)
 
 
 def _log_eval(log: MetricsLog, state: RunState, ev: EvalResult) -> None:
@@ -548,8 +548,9 @@ def _print_summary(console: Console, r: TrainResult, plot: Path) -> None:
         rows["final val perplexity"] = math.exp(min(r.final_val_loss, 50.0))
     if r.best_val_loss is not None:
         rows["best val loss"] = r.best_val_loss
-    rows.update({"checkpoint": str(r.checkpoint), "plot": str(plot)})
     console.print(summary_table(rows))
+    # paths below the table, whole: a table cell would cut them at the console's width in logs
+    console.print(f"checkpoint {r.checkpoint}\nplot {plot}", markup=False, highlight=False, soft_wrap=True)
     if r.routing:
         console.print(routing_table(r.routing))
     if r.status == "interrupted":

@@ -8,7 +8,9 @@ seconds since the epoch):
                    elapsed (training seconds), max_violation (per MoE layer, this step's batch)
     kind="eval"    val_loss, val_ppl, routing: one entry per MoE layer (layer, tokens_per_expert,
                    max_violation, dropped_fraction, router_entropy, dead_experts, losses)
-    kind="end"     status (done | budget | interrupted | nonfinite), final numbers
+    kind="resume"  checkpoint (the folder resumed from), changed ({field: [old, new]} of the
+                   optimizer settings changed with --change-optimizer)
+    kind="end"     status (done | budget | interrupted | nonfinite | oom), final numbers
 
 Non-finite numbers are written as null, so every line is strict JSON.
 """

@@ -1,7 +1,10 @@
 """What a run shows on the console: a live progress bar (rich) and the end-of-run summary table.
 
 On a terminal the bar shows step, loss, tokens/s and the worst MoE layer's balance; when the
-output is a file or a pipe (CI, ``make demo > log``) it prints a plain line every few steps.
+output is a file or a pipe (CI, ``make demo > log``) it prints a plain line after the first
+step (so a slow configuration shows signs of life) and then every few steps. Tokens/s is the
+mean over the steps since the previous line (one step's rate swings with the machine's load),
+labelled so.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ class Reporter:
         self.console = console
         self.log_every = log_every
         self.total_steps, self.budget_s = total_steps, budget_s
+        self.start_step = start_step
+        self._tokens, self._seconds, self._steps = 0, 0.0, 0  # since the last printed line
         self._progress = None
         if console.is_terminal:
             self._progress = Progress(
@@ -39,14 +44,20 @@ class Reporter:
         if self._progress is not None:
             self._progress.stop()
 
-    def step(self, rec: dict) -> None:
-        info = f"loss {rec['loss']:.3f}  {rec['tokens_per_s']:,.0f} tok/s"
+    def step(self, rec: dict, tokens: int, seconds: float) -> None:
+        """Show step record ``rec``; the step trained ``tokens`` tokens in ``seconds``."""
+        self._tokens, self._seconds, self._steps = self._tokens + tokens, self._seconds + seconds, self._steps + 1
+        rate = self._tokens / self._seconds if self._seconds > 0 else 0.0
+        info = f"loss {rec['loss']:.3f}  {rate:,.0f} tok/s (mean of {self._steps} step{'s' * (self._steps > 1)})"
         if rec.get("max_violation"):
             info += f"  worst balance {max(rec['max_violation']):.2f}"
         if self._progress is not None:
             self._progress.update(self._task, completed=rec["step"], total=self.expected_steps(rec), info=info)
-        elif rec["step"] % self.log_every == 0:
+            if self._steps >= self.log_every:
+                self._tokens, self._seconds, self._steps = 0, 0.0, 0
+        elif rec["step"] % self.log_every == 0 or rec["step"] == self.start_step + 1:
             self.console.print(f"step {rec['step']:>6}  {info}  lr {rec['lr']:.2e}", highlight=False, markup=False)
+            self._tokens, self._seconds, self._steps = 0, 0.0, 0
 
 
     def expected_steps(self, rec: dict) -> int:
