@@ -120,8 +120,8 @@ def trusted_cache_dir(run_dir: str | Path, cache_dir: str | None, log=print) -> 
 
 class RunLock:
     """An exclusive ``flock`` on the run folder while a run trains in it (released on close).
-    Where ``fcntl`` does not exist (Windows) there is no lock, and stale temporary checkpoints
-    are left alone."""
+    Where ``fcntl`` does not exist (Windows) or the file system has no locks there is no lock,
+    and stale temporary checkpoints are left alone."""
 
     def __init__(self, run_dir: Path):
         self.fd: int | None = None
@@ -132,9 +132,12 @@ class RunLock:
         fd = os.open(run_dir, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             os.close(fd)
             raise UsageError(f"another moekit process is training in {run_dir}: wait for it or stop it") from None
+        except OSError:  # a file system without locks (some network mounts): run unlocked
+            os.close(fd)
+            return
         self.fd = fd
 
     @property
