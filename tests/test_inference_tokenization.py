@@ -255,3 +255,20 @@ def test_run_folder_without_its_tokenizer(tmp_path):
     (tmp_path / "train_config.json").write_text("{}")
     with pytest.raises(UsageError, match=r"no tokenizer\.json in the run folder"):
         load_tokenizer(tmp_path)
+
+
+def test_wordpiece_clean_up_spaces_like_transformers(tmp_path):
+    # clean_up_tokenization_spaces applies to non-BPE models only (transformers refuses it for BPE).
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.BertPreTokenizer(), decoders.WordPiece()
+    tok.train_from_iterator([" ".join(H.WORDS) + " isn't it , ok ? yes ! ."] * 20,
+                            trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[UNK]"], show_progress=False))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    H.write_config(tmp_path, unk_token="[UNK]", clean_up_tokenization_spaces=True)
+    text = "the router, isn't it? yes! ok."
+    ours, theirs = load_tokenizer(tmp_path), auto(tmp_path)
+    assert ours.encode(text) == theirs(text)["input_ids"]
+    ids = ours.encode(text)
+    assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True) == "the router, isn't it? yes! ok."
