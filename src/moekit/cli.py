@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UsageError, ValueError, FileNotFoundError) as e:
-        print(f"moekit {args.command}: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says it
+            print(f"moekit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moekit: interrupted", file=sys.stderr)

@@ -101,9 +101,13 @@ class DistContext:
             return None
         return dist.group.WORLD if dim == "world" else self.mesh.get_group(dim)
 
-    def shard_rows(self, batch: torch.Tensor) -> torch.Tensor:
+    def shard_rows(self, batch: torch.Tensor, even: bool = True) -> torch.Tensor:
         """This rank's rows of a global batch [B, ...]: B / W consecutive rows. Every rank reads
-        different sequences, so the global batch, and so the losses, do not depend on W."""
+        different sequences, so the global batch, and so the losses, do not depend on W.
+        ``even=False`` (evaluation, whose sums are token-weighted) allows a B that W does not
+        divide: the first B mod W ranks get one row more."""
+        if not even:
+            return torch.tensor_split(batch, self.world)[self.rank]
         if batch.shape[0] % self.world:
             raise UsageError(f"the global batch size {batch.shape[0]} is not divisible by the world size {self.world}")
         per = batch.shape[0] // self.world

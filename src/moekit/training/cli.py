@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -112,11 +113,12 @@ def cmd_train(args) -> int:
             if getattr(args, flag) not in (None, False):
                 raise UsageError(f"--{flag.replace('_', '-')} needs --resume RUN_DIR")
     apply_threads(args.threads)
+    parallel = _parallel_config(args)
     try:
         if args.resume:
             result = resume_run(args.resume, _resume_overrides(args), checkpoint=args.checkpoint or "last",
                                 change_optimizer=args.change_optimizer, check_memory=not args.force,
-                                check_finite=not args.no_check_finite)
+                                check_finite=not args.no_check_finite, parallel=parallel)
         else:
             label, cfg, model_cfg = build_configs(args)
             out = Path(args.out or f"runs/{Path(label).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -124,15 +126,29 @@ def cmd_train(args) -> int:
                 if not is_run_dir(out):
                     raise UsageError(f"--overwrite refuses to delete {out}: it is not a moekit run folder")
                 shutil.rmtree(out)
-            result = train(cfg, model_cfg, out, check_memory=not args.force)
+            result = train(cfg, model_cfg, out, check_memory=not args.force, parallel=parallel)
     except (NonFiniteLossError, OutOfMemoryStop) as e:
         print(f"moekit train: error: {e}", file=sys.stderr)
         return 1
-    if result.final_val_loss is not None:
+    if result.final_val_loss is not None and _is_rank_0():
         start = f" (from {result.initial_val_loss:.3f} at step 0)" if result.initial_val_loss is not None else ""
         print(f"final validation loss {result.final_val_loss:.4f}{start}, perplexity "
               f"{math.exp(min(result.final_val_loss, 50)):.1f}, after {result.step} steps; run folder {result.run_dir}")
     return 130 if result.status == "interrupted" else 0
+
+
+def _parallel_config(args):
+    """--ep/--dp/--fsdp/--balance-stats -> ParallelConfig, or None (one process, or plain data
+    parallelism under torchrun)."""
+    if args.ep is None and args.dp is None and not args.fsdp and args.balance_stats is None:
+        return None
+    from moekit.distributed.mesh import ParallelConfig
+
+    return ParallelConfig(ep=args.ep or 1, dp=args.dp, fsdp=args.fsdp, balance_stats=args.balance_stats or "local")
+
+
+def _is_rank_0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def cmd_eval(args) -> int:
@@ -209,7 +225,8 @@ def add_parser(sub) -> None:
                    help="with --resume: skip the NaN/inf check of the checkpoint's tensors")
     s.add_argument("--max-steps", type=int, help="optimizer steps, also the cosine horizon (default: 1000)")
     s.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop after this many minutes of training")
-    s.add_argument("--batch-size", type=int, help="sequences per micro-batch (default: 8)")
+    s.add_argument("--batch-size", type=int,
+                   help="sequences per micro-batch over all ranks (global; each of W ranks takes 1/W; default: 8)")
     s.add_argument("--seq-len", type=int, help="tokens per sequence (default: 128)")
     s.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: 1)")
     s.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3)")
@@ -225,6 +242,14 @@ def add_parser(sub) -> None:
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any field: moe.top_k=1, lr=1e-3, data.val_fraction=0.1 (repeatable)")
     add_resource_args(s)
+    s.add_argument("--ep", type=int, help="under torchrun: split each MoE layer's experts over this many ranks "
+                   "(expert parallelism; must divide the experts and the world size; default: 1)")
+    s.add_argument("--dp", type=int, help="under torchrun: replicas of each expert slice; must equal world size / --ep "
+                   "(default: that)")
+    s.add_argument("--fsdp", action="store_true", help="under torchrun: shard the weights with FSDP2 (fully_shard) "
+                   "instead of replicating them (DDP)")
+    s.add_argument("--balance-stats", choices=("local", "global"), help="under torchrun: Switch loss from each rank's "
+                   "tokens (local, default, as Megatron-Core) or from all-reduced statistics (global = single process)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="validation loss, perplexity and routing statistics of a run's checkpoint")

@@ -47,7 +47,7 @@ from moekit.training.run import (
 )
 
 if TYPE_CHECKING:
-    from moekit.distributed.mesh import DistContext
+    from moekit.distributed.mesh import DistContext, ParallelConfig
 
 
 class NonFiniteLossError(RuntimeError):
@@ -176,8 +176,8 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, batches:
 
 # Single process unless a DistContext spanning several ranks is given; torch.distributed and
 # FSDP are imported only then (``moekit train`` start-up stays as it was).
-def _rows(batch: torch.Tensor, dist: DistContext | None) -> torch.Tensor:
-    return dist.shard_rows(batch) if dist is not None and dist.distributed else batch
+def _rows(batch: torch.Tensor, dist: DistContext | None, even: bool = True) -> torch.Tensor:
+    return dist.shard_rows(batch, even) if dist is not None and dist.distributed else batch
 
 
 def _clip_grad_norm(model: nn.Module, max_norm: float, dist: DistContext | None) -> float:
@@ -204,20 +204,23 @@ def _sync_balancing_state(model: nn.Module, dist: DistContext | None) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: MoETransformer, batches: list[torch.Tensor], precision: str = "fp32") -> EvalResult:
-    """Token-weighted mean validation cross-entropy, perplexity, and routing over all batches."""
+def evaluate(model: MoETransformer, batches: list[torch.Tensor], precision: str = "fp32",
+             dist: DistContext | None = None) -> EvalResult:
+    """Token-weighted mean validation cross-entropy, perplexity, and routing over all batches.
+    With ``dist``, each rank evaluates its rows of every batch and the sums are all-reduced."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    nll, n, stats = 0.0, 0, []
+    sums, stats = torch.zeros(2, dtype=torch.float64), []  # nll, tokens
     for batch in batches:
-        batch = batch.to(device)
+        batch = _rows(batch, dist, even=False).to(device)
         with _autocast(precision, device):
             out = model(batch[:, :-1])
-        nll += float(lm_loss(out, batch[:, 1:]).lm) * batch[:, 1:].numel()
-        n += batch[:, 1:].numel()
+        n = batch[:, 1:].numel()
+        sums += torch.tensor([float(lm_loss(out, batch[:, 1:]).lm) * n, n], dtype=torch.float64)
         stats.append(model.routing_stats())
     model.train(was_training)
+    nll, n = (_mean_over_ranks(sums, dist)).tolist()
     loss = nll / n
     return EvalResult(loss, math.exp(min(loss, 50.0)), aggregate_routing(stats, model.cfg.moe_layer_ids))
 
@@ -293,10 +296,29 @@ def _log_eval(log: MetricsLog, state: RunState, ev: EvalResult) -> None:
 
 
 def _checkpoint(run_dir: Path, model, optimizer, state: RunState, device, cfg: TrainConfig,
-                val_loss: float | None) -> Path:
+                val_loss: float | None, dist: DistContext | None = None) -> Path:
+    if dist is not None and dist.distributed:
+        return _checkpoint_distributed(run_dir, model, optimizer, state, device, cfg, val_loss, dist)
     payload = {"run": asdict(state), "optimizer": optimizer.state_dict(), "rng": _rng_state(device)}
     path = save_checkpoint(run_dir, model, {**payload, "step": state.step}, val_loss=val_loss)
     prune_checkpoints(run_dir, cfg.keep_last)
+    return path
+
+
+def _checkpoint_distributed(run_dir: Path, model, optimizer, state: RunState, device, cfg: TrainConfig,
+                            val_loss: float | None, dist: DistContext) -> Path:
+    """Every rank gathers; rank 0 writes the single-process checkpoint (distributed/checkpoint.py)."""
+    import torch.distributed as torch_dist
+
+    from moekit.distributed.checkpoint import full_optimizer_state, full_state_dict, unsharded_twin
+
+    weights, optim = full_state_dict(model, dist), full_optimizer_state(model, optimizer, dist)
+    path = run_dir / "checkpoints" / f"step-{state.step:08d}"
+    if dist.is_main:
+        payload = {"run": asdict(state), "optimizer": optim, "rng": _rng_state(device), "step": state.step}
+        path = save_checkpoint(run_dir, unsharded_twin(model, weights), payload, val_loss=val_loss)
+        prune_checkpoints(run_dir, cfg.keep_last)
+    torch_dist.barrier()  # nobody reads or prunes checkpoints while rank 0 writes
     return path
 
 
@@ -312,8 +334,9 @@ class _Session:
     loss_fn: LossFn
     data: TokenData
     val_batches: list[torch.Tensor]
-    log: MetricsLog
+    log: MetricsLog | _NoLog
     state: RunState
+    dist: DistContext
     last_ckpt: Path | None = None
     ckpt_step: int | None = None
     ev: EvalResult | None = None  # the latest evaluation, made at step ``ev_step``
@@ -330,7 +353,7 @@ def train(cfg: TrainConfig, model: ModelConfig | nn.Module, run_dir: str | Path,
           console: Console | None = None, stop_after: int | None = None, loss_fn: LossFn = next_token_loss,
           param_filter: ParamFilter | None = None, tokenizer: TextTokenizer | None = None,
           resume_from: str | int = "last", changed: dict | None = None, check_memory: bool = True,
-          check_finite: bool = True) -> TrainResult:
+          check_finite: bool = True, parallel: ParallelConfig | None = None) -> TrainResult:
     """Train ``model`` on ``cfg.data`` into ``run_dir`` (resume: continue its last checkpoint).
 
     ``model`` is a ``ModelConfig`` (a fresh model is built, its vocabulary fitted to the
@@ -345,34 +368,49 @@ def train(cfg: TrainConfig, model: ModelConfig | nn.Module, run_dir: str | Path,
     refuses a checkpoint holding NaN/inf.
     Raises ``UsageError`` for bad input, ``NonFiniteLossError`` if training diverges and
     ``OutOfMemoryStop`` if a step runs out of memory.
+
+    ``parallel`` (or a launch by torchrun): every rank runs ``train`` with the same arguments;
+    the model is ``parallelize``d (expert and data parallelism, docs/distributed.md) and
+    ``cfg.batch_size`` stays the global batch, split over the ranks; checkpoints are written
+    whole by rank 0, so a run resumes at any world size.
     """
+    device = resolve_device(cfg.device)
+    dist = _dist_context(parallel, model, device)
+    if cfg.batch_size % dist.world:
+        raise UsageError(f"--batch-size {cfg.batch_size} (global) is not divisible by the world size {dist.world}")
+    # Rank 0 alone prints, logs and writes the run folder; the others run the same steps quietly.
     console = console or Console(soft_wrap=True)  # long paths stay on one line in logs
+    console = console if dist.is_main else Console(quiet=True)
     say = lambda text: console.print(text, markup=False, highlight=False)  # noqa: E731  (paths may hold [ ])
     run_dir = Path(run_dir)
     if not resume:
         check_new_run_dir(run_dir)  # a foreign folder is refused before anything is read or written
-    device = resolve_device(cfg.device)
 
     # 1. Data, model, optimizer; on resume, the run's tokenizer and last checkpoint.
     saved_tok = load_tokenizer(run_dir / TOKENIZER_FILE) if resume else tokenizer
-    data = prepare_data(cfg.data, cfg.cache_dir, tokenizer=saved_tok, log=say)
+    with _main_rank_first(dist):  # rank 0 fills the data cache, the others then read it
+        data = prepare_data(cfg.data, cfg.cache_dir, tokenizer=saved_tok, log=say)
     check_length(data, cfg.seq_len)
     torch.manual_seed(cfg.seed)
     model = _build_model(model, data.tokenizer, cfg.seq_len, device, check_memory).to(device)
     freeze_parameters(model, param_filter)
+    # On resume the weights go into the whole model, before parallelize cuts it into pieces.
+    last_ckpt, saved = _load_weights(run_dir, model, device, resume_from, check_finite) if resume else (None, None)
+    model = _parallelize(model, dist, parallel)
     optimizer = build_optimizer(model, cfg)
-    state, last_ckpt = RunState(), None
-    with claim_run_dir(run_dir, resume, say):  # the lock: one trainer per folder, until the end
-        if resume:
-            state, last_ckpt = _restore(run_dir, model, optimizer, device, resume_from, check_finite, say)
+    state = RunState()
+    with claim_run_dir(run_dir, resume, say) if dist.is_main else contextlib.nullcontext():
+        if resume:  # the lock above: one trainer per folder, until the end
+            state = _restore(run_dir, saved, model, optimizer, device, dist, say)
             apply_hyperparameters(optimizer, cfg)  # the optimizer's saved betas/decay, or changed ones
             say(f"resuming {run_dir} from step {state.step} ({last_ckpt.name})")
-        write_run_files(run_dir, cfg, model.cfg, data.tokenizer)
+        if dist.is_main:
+            write_run_files(run_dir, cfg, model.cfg, data.tokenizer)
         val_batches = validation_batches(data.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-        log = MetricsLog(run_dir, resume_step=state.step if resume else None)
+        log = MetricsLog(run_dir, resume_step=state.step if resume else None) if dist.is_main else _NoLog()
         if resume:
             log.write(dict(kind="resume", step=state.step, checkpoint=last_ckpt.name, changed=changed or {}))
-        s = _Session(cfg, run_dir, device, model, optimizer, loss_fn, data, val_batches, log, state,
+        s = _Session(cfg, run_dir, device, model, optimizer, loss_fn, data, val_batches, log, state, dist,
                      last_ckpt, ckpt_step=state.step if resume else None)
         _say_start(s, say)
 
@@ -389,7 +427,7 @@ def train(cfg: TrainConfig, model: ModelConfig | nn.Module, run_dir: str | Path,
             log.close()
 
     # 3. The plot and the summary.
-    plot = plot_run(run_dir)
+    plot = plot_run(run_dir) if dist.is_main else run_dir / "plot.png"
     result = TrainResult(run_dir, status, state.step, state.tokens, s.step_seconds,
                          s.session_tokens / s.step_seconds if s.step_seconds else 0.0, state.initial_val,
                          s.final_val(), state.best_val, s.last_ckpt, s.ev.routing if s.ev is not None else [])
@@ -403,7 +441,7 @@ def _say_start(s: _Session, say) -> None:
     threads = f" with {torch.get_num_threads()} CPU thread(s)" if s.device.type == "cpu" else ""
     say(f"training {model.num_params() / 1e6:.1f}M parameters"
         + (f" ({trained / 1e6:.1f}M trainable)" if trained != model.num_params() else "")
-        + f" on {s.device}{threads}, {cfg.tokens_per_step:,} tokens/step, into {s.run_dir}")
+        + f" on {s.device}{threads}{_ranks_text(s.dist)}, {cfg.tokens_per_step:,} tokens/step, into {s.run_dir}")
 
 
 def _build_model(model: ModelConfig | nn.Module, tokenizer: TextTokenizer, seq_len: int,
@@ -434,19 +472,81 @@ def freeze_parameters(model: nn.Module, param_filter: ParamFilter | None) -> Non
             p.requires_grad_(False)
 
 
-def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-             which: str | int, check_finite: bool, say) -> tuple[RunState, Path]:
-    """Load checkpoint ``which`` (default the last): weights, optimizer, RNG and counters. Later
-    checkpoints are moved aside: their steps are about to be trained again."""
+def _load_weights(run_dir: Path, model: nn.Module, device: torch.device, which: str | int,
+                  check_finite: bool) -> tuple[Path, dict]:
+    """Checkpoint ``which`` (default the last): its weights into ``model`` (whole, not yet
+    parallelized) -> (its folder, the rest of its state)."""
     path, saved, _ = load_from_run(run_dir, which, model, map_location=device, check_finite=check_finite)
-    optimizer.load_state_dict(saved["optimizer"])
+    return path, saved
+
+
+def _restore(run_dir: Path, saved: dict, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+             dist: DistContext, say) -> RunState:
+    """Optimizer (cut to this rank's pieces when distributed), RNG and counters. Later
+    checkpoints are moved aside: their steps are about to be trained again."""
+    if dist.distributed:
+        from moekit.distributed.checkpoint import load_optimizer_state
+
+        load_optimizer_state(model, optimizer, saved["optimizer"], dist)
+    else:
+        optimizer.load_state_dict(saved["optimizer"])
     _set_rng_state(saved["rng"], device)
     state = RunState(**saved["run"])
-    moved = discard_after(run_dir, state.step)
+    moved = discard_after(run_dir, state.step) if dist.is_main else []
     if moved:
         say(f"moved {len(moved)} later checkpoint(s) ({', '.join(p.name for p in moved)}) to "
             f"{moved[0].parent}: the run continues from step {state.step}")
-    return state, path
+    return state
+
+
+def _dist_context(parallel: ParallelConfig | None, model: ModelConfig | nn.Module, device: torch.device) -> DistContext:
+    """One process unless ``parallel`` is given or torchrun launched this one."""
+    from moekit.distributed.mesh import init_mesh, launched_by_torchrun, single_process
+
+    if parallel is None and not launched_by_torchrun():
+        return single_process(device)
+    from moekit.distributed.mesh import ParallelConfig
+
+    cfg = model if isinstance(model, ModelConfig) else model.cfg
+    return init_mesh(parallel or ParallelConfig(), cfg.moe.num_experts if cfg.moe else None, device.type)
+
+
+def _parallelize(model: nn.Module, dist: DistContext, parallel: ParallelConfig | None) -> nn.Module:
+    if not dist.distributed:
+        return model
+    from moekit.distributed.mesh import ParallelConfig
+    from moekit.distributed.parallelize import parallelize
+
+    return parallelize(model, dist, parallel or ParallelConfig())
+
+
+@contextlib.contextmanager
+def _main_rank_first(dist: DistContext):
+    """Rank 0 runs the block first; the others wait, then run it (reading what it cached)."""
+    if not dist.distributed:
+        yield
+        return
+    import torch.distributed as torch_dist
+
+    if not dist.is_main:
+        torch_dist.barrier()
+    yield
+    if dist.is_main:
+        torch_dist.barrier()
+
+
+def _ranks_text(dist: DistContext) -> str:
+    return f" x {dist.world} ranks (ep {dist.ep}, dp {dist.dp})" if dist.distributed else ""
+
+
+class _NoLog:
+    """The metrics log of ranks other than 0: rank 0 writes the run's."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _run_loop(s: _Session, console: Console, stop_after: int | None) -> str:
@@ -463,13 +563,14 @@ def _run_loop(s: _Session, console: Console, stop_after: int | None) -> str:
             state.initial_val = _evaluate_and_log(s).loss
         while True:
             state.elapsed = base_elapsed + time.perf_counter() - t_start
-            status = _stop_status(state, cfg, budget_s, stop.requested, stop_after)
+            requested = _agree(s.dist, state, stop.requested)
+            status = _stop_status(state, cfg, budget_s, requested, stop_after)
             if status is not None:
                 return status
             lr = lr_at(state.step, state.elapsed, cfg)
             t0 = time.perf_counter()
             try:
-                res = train_step(s.model, s.optimizer, _train_batches(s), cfg, lr, s.device, s.loss_fn)
+                res = train_step(s.model, s.optimizer, _train_batches(s), cfg, lr, s.device, s.loss_fn, s.dist)
             except RuntimeError as e:
                 if not is_out_of_memory(e):
                     raise
@@ -501,6 +602,19 @@ def _stop_status(state: RunState, cfg: TrainConfig, budget_s: float | None, inte
     return None
 
 
+def _agree(dist: DistContext, state: RunState, requested: bool) -> bool:
+    """Ranks stop at the same step and schedule by the same clock: the latest elapsed time and
+    any rank's Ctrl-C hold for all (else one would wait forever in the next collective)."""
+    if not dist.distributed:
+        return requested
+    import torch.distributed as torch_dist
+
+    t = torch.tensor([state.elapsed, float(requested)], dtype=torch.float64)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    state.elapsed = float(t[0])
+    return bool(t[1])
+
+
 def _train_batches(s: _Session) -> list[torch.Tensor]:
     """The next step's micro-batches: a pure function of the seed and the step."""
     cfg, first = s.cfg, s.state.step * s.cfg.grad_accum
@@ -528,13 +642,13 @@ def _diverged(s: _Session, res: StepResult) -> None:
 
 
 def _evaluate_and_log(s: _Session) -> EvalResult:
-    s.ev, s.ev_step = evaluate(s.model, s.val_batches, s.cfg.precision), s.state.step
+    s.ev, s.ev_step = evaluate(s.model, s.val_batches, s.cfg.precision, s.dist), s.state.step
     _log_eval(s.log, s.state, s.ev)
     return s.ev
 
 
 def _save(s: _Session) -> None:
-    s.last_ckpt = _checkpoint(s.run_dir, s.model, s.optimizer, s.state, s.device, s.cfg, s.final_val())
+    s.last_ckpt = _checkpoint(s.run_dir, s.model, s.optimizer, s.state, s.device, s.cfg, s.final_val(), s.dist)
     s.ckpt_step = s.state.step
 
 
@@ -560,7 +674,8 @@ def _print_summary(console: Console, r: TrainResult, plot: Path) -> None:
 
 def resume_run(run_dir: str | Path, overrides: dict | None = None, console: Console | None = None,
                stop_after: int | None = None, *, checkpoint: str | int = "last", change_optimizer: bool = False,
-               check_memory: bool = True, check_finite: bool = True) -> TrainResult:
+               check_memory: bool = True, check_finite: bool = True,
+               parallel: ParallelConfig | None = None) -> TrainResult:
     """Continue a run from its last checkpoint (or ``checkpoint``) with its own configs.
 
     ``overrides`` may change only the fields in ``RESUMABLE_FIELDS`` (more steps, a new time
@@ -589,7 +704,8 @@ def resume_run(run_dir: str | Path, overrides: dict | None = None, console: Cons
     cfg = TrainConfig.from_dict({**old, **overrides})
     changed = {k: [old[k], v] for k, v in overrides.items() if k in OPTIMIZER_FIELDS and v != old[k]}
     return train(cfg, model_cfg, run_dir, resume=True, console=console, stop_after=stop_after,
-                 resume_from=checkpoint, changed=changed, check_memory=check_memory, check_finite=check_finite)
+                 resume_from=checkpoint, changed=changed, check_memory=check_memory, check_finite=check_finite,
+                 parallel=parallel)
 
 
 __all__ = ["train", "resume_run", "train_step", "evaluate", "next_token_loss", "freeze_parameters", "LossFn",
