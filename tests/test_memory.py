@@ -96,3 +96,10 @@ def test_threads_are_set_and_shown_and_a_bad_count_is_one_line(capsys):
         assert capsys.readouterr().err.strip() == "moekit demo: error: --threads must be >= 1, got 0"
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_demo_batch_too_large_for_memory_is_one_line():
+    proc = moekit_cli("demo", "--steps", "1", "--batch-size", str(10**12), "--seq-len", "8", "--threads", "1")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == ("moekit demo: error: out of memory with a batch of 1000000000000 x 8 tokens: "
+                                   "lower --batch-size or --seq-len")

@@ -100,8 +100,8 @@ def cmd_demo(args) -> int:
     import torch
 
     from moekit.accounting import format_report
-    from moekit.memory import check_fits
-    from moekit.model import MoETransformer, lm_loss
+    from moekit.memory import check_fits, is_out_of_memory
+    from moekit.model import MoETransformer
 
     label, cfg = resolve_config(args.preset)
     print(format_report(cfg, label, args.seq_len))
@@ -111,10 +111,26 @@ def cmd_demo(args) -> int:
     model = MoETransformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     seq = min(args.seq_len or 128, cfg.max_seq_len)
-    tokens = torch.randint(0, cfg.vocab_size, (args.batch_size, seq + 1))
     print(f"\n{args.steps} forward/backward steps, batch {args.batch_size} x {seq} random tokens, "
           f"{threads} CPU thread(s):")
-    for step in range(1, args.steps + 1):
+    try:
+        _demo_steps(model, opt, torch.randint(0, cfg.vocab_size, (args.batch_size, seq + 1)), args.steps)
+    except RuntimeError as e:  # the weights fit (checked above); a batch's activations may not
+        if not is_out_of_memory(e):
+            raise
+        raise UsageError(f"out of memory with a batch of {args.batch_size} x {seq} tokens: lower --batch-size "
+                         "or --seq-len") from None
+    for i, s in enumerate(model.routing_stats()):
+        print(f"  MoE layer {i}: tokens/expert {s.tokens_per_expert.tolist()}  max_violation {s.max_violation:.2f}  "
+              f"entropy {s.router_entropy:.3f}  dead {s.dead_experts}  dropped {s.dropped_fraction:.3f}")
+    return 0
+
+
+def _demo_steps(model, opt, tokens, steps: int) -> None:
+    from moekit.model import lm_loss
+
+    batch, seq = tokens.shape[0], tokens.shape[1] - 1
+    for step in range(1, steps + 1):
         t0 = time.perf_counter()
         out = model(tokens[:, :-1])
         loss = lm_loss(out, tokens[:, 1:])
@@ -124,11 +140,7 @@ def cmd_demo(args) -> int:
         model.update_expert_bias()
         dt = time.perf_counter() - t0
         print(f"  step {step}: lm loss {loss.lm.item():.4f}  aux {loss.aux.item():.5f}  "
-              f"{args.batch_size * seq / dt:,.0f} tokens/s")
-    for i, s in enumerate(model.routing_stats()):
-        print(f"  MoE layer {i}: tokens/expert {s.tokens_per_expert.tolist()}  max_violation {s.max_violation:.2f}  "
-              f"entropy {s.router_entropy:.3f}  dead {s.dead_experts}  dropped {s.dropped_fraction:.3f}")
-    return 0
+              f"{batch * seq / dt:,.0f} tokens/s")
 
 
 def build_parser() -> argparse.ArgumentParser:
