@@ -14,6 +14,7 @@ from moekit.data import DataConfig
 from moekit.data.tokenizer import bytes_tokenizer
 from moekit.errors import UsageError
 from moekit.inference.loading import load_for_inference, parse_dtype
+from moekit.interop.checkpoint import Checkpoint
 from moekit.training import TrainConfig
 from moekit.training.checkpoint import save_checkpoint
 from moekit.training.run import write_run_files
@@ -62,9 +63,14 @@ def test_hf_folder(hf_dir):
     assert defaults.eos_ids == [2, 5] and defaults.temperature == 0.7 and defaults.do_sample
 
 
-def test_hf_folder_without_tokenizer_names_the_file(hf_dir, tmp_path):
+def test_hf_folder_without_tokenizer_names_the_file(hf_dir, tmp_path, monkeypatch):
     for name in ("config.json", "model.safetensors"):
         shutil.copy(hf_dir / name, tmp_path / name)
+
+    def refuse(self, name):
+        raise AssertionError(f"tensor {name} was read before the tokenizer was checked")
+
+    monkeypatch.setattr(Checkpoint, "get", refuse)  # the error comes before any weight is read
     with pytest.raises(UsageError, match=rf"no tokenizer\.json in {tmp_path}"):
         load_for_inference(tmp_path)
 
