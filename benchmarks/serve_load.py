@@ -48,8 +48,12 @@ def build_model(args):
 
 
 class OneCharPerToken:
-    """A random model's text is noise; one visible character per token makes every token one
-    streamed chunk, so chunk gaps are inter-token latencies."""
+    """The tokenizer's part the engine uses. A random model's text is noise; one visible
+    character per token makes every token one streamed chunk, so chunk gaps are inter-token
+    latencies."""
+
+    def detokenizer(self, prompt_ids=()):
+        return self
 
     def push(self, token_id: int) -> str:
         return chr(33 + token_id % 90)
@@ -61,18 +65,16 @@ class OneCharPerToken:
 def serve(args) -> None:
     import torch
 
-    from moekit.data.tokenizer import bytes_tokenizer
+    from moekit.inference.engine import Engine
     from moekit.serve.app import ServeState
-    from moekit.serve.backend import make_backend
     from moekit.serve.scheduler import Scheduler
     from moekit.serve.server import run
 
     torch.set_num_threads(args.threads)
     model = build_model(args)
-    tok = bytes_tokenizer()  # prompts are sent as token ids; text is only what the stream carries
-    scheduler = Scheduler(make_backend(model, args.max_batch, not args.no_kv_cache), max_waiting=256)
-    # No stop ids: a random model's EOS would cut outputs short and make the load uneven.
-    state = ServeState(scheduler, tok, "bench", model.cfg.vocab_size, lambda _prompt: OneCharPerToken())
+    scheduler = Scheduler(Engine(model, OneCharPerToken(), max_batch=args.max_batch), max_waiting=256)
+    # Prompts arrive as token ids. No stop ids: a random model's EOS would cut outputs short.
+    state = ServeState(scheduler, OneCharPerToken(), "bench", model.cfg.vocab_size)
     run(state, "127.0.0.1", args.port, log_level="warning")
 
 
@@ -89,7 +91,7 @@ def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, __file__, "--serve", "--port", str(port), "--max-batch", str(max_batch),
            "--threads", str(args.threads), "--d-model", str(args.d_model), "--d-expert", str(args.d_expert),
-           "--layers", str(args.layers), "--vocab", str(args.vocab)] + (["--no-kv-cache"] if args.no_kv_cache else [])
+           "--layers", str(args.layers), "--vocab", str(args.vocab)]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     import httpx
@@ -206,7 +208,6 @@ def main(argv=None) -> int:
     p.add_argument("--d-expert", type=int, default=1024, help="expert FFN width (default: 1024)")
     p.add_argument("--layers", type=int, default=6, help="decoder layers (default: 6)")
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary (default: 8192)")
-    p.add_argument("--no-kv-cache", action="store_true", help="serve with full recomputation (the reference backend)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the child process
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)

@@ -34,7 +34,6 @@ def model_folder(folder: Path) -> Path:
     return folder
 
 
-def make_state(folder: Path, max_batch: int = 4, max_waiting: int = 16, api_key: str | None = None,
-               kv_cache: bool = True) -> ServeState:
+def make_state(folder: Path, max_batch: int = 4, max_waiting: int = 16, api_key: str | None = None) -> ServeState:
     model, tokenizer, defaults = load_for_inference(folder, dtype="fp32")
-    return build_state(model, tokenizer, defaults, MODEL, max_batch, max_waiting, api_key=api_key, kv_cache=kv_cache)
+    return build_state(model, tokenizer, defaults, MODEL, max_batch, max_waiting, api_key=api_key)

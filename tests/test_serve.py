@@ -15,9 +15,6 @@ import torch
 from moekit.serve.server import BackgroundServer
 from serve_helpers import MODEL, make_state, model_folder
 
-KV_CACHE = False  # the server's backend: the KV cache once the engine's cache is on main
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return model_folder(tmp_path_factory.mktemp("tiny-serve"))
@@ -25,7 +22,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(folder):
-    state = make_state(folder, max_batch=4, max_waiting=16, kv_cache=KV_CACHE)
+    state = make_state(folder, max_batch=4, max_waiting=16)
     with BackgroundServer(state) as url:
         yield state, url
 
@@ -63,7 +60,7 @@ def test_models_health_and_greedy_completion_equals_recompute(served):
     prompt = "the router learns which expert"
     r = c.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
     ids = state.tokenizer.encode(prompt)
-    ref = greedy_reference(state.scheduler.backend.model, ids, 12, state.stop_ids)
+    ref = greedy_reference(state.scheduler.engine.model, ids, 12, state.stop_ids)
     assert r.choices[0].text == state.tokenizer.decode(ref)  # decode drops the special (EOS) id
     assert r.choices[0].finish_reason == ("stop" if ref[-1] in state.stop_ids else "length")
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(ref))
@@ -158,10 +155,11 @@ def test_moe_usage_and_stats(served):
     for e in tokens:
         experts = e["choices"][0]["moe"]["experts"]
         assert len(experts) == 2 and all(len(set(ids)) == k and all(0 <= i < 4 for i in ids) for ids in experts)
-    load = usage["moe"]["tokens_per_expert"]  # [L][E]: prompt tokens + every generated token fed back
-    fed = usage["prompt_tokens"] + usage["completion_tokens"] - 1
-    assert [sum(layer) for layer in load] == [fed * k] * 2
+    load = usage["moe"]["tokens_per_expert"]  # [L][E]: the experts that produced each generated token
+    assert [sum(layer) for layer in load] == [usage["completion_tokens"] * k] * 2
+    assert load[0] == [sum(e["choices"][0]["moe"]["experts"][0].count(x) for e in tokens) for x in range(4)]
     after = httpx.get(url + "/v1/moe/stats").json()
+    fed = usage["prompt_tokens"] + usage["completion_tokens"] - 1  # every real token run; the last is never fed
     grown = [sum(a["tokens_per_expert"]) - sum(b["tokens_per_expert"]) for a, b in zip(after["layers"], before["layers"])]
     assert grown == [fed * k] * 2 and after["max_violation"] >= 0
 
@@ -219,7 +217,7 @@ def test_page_is_served_and_uses_the_endpoints(served):
 
 
 def test_api_key_is_required_when_set(folder):
-    state = make_state(folder, max_batch=1, api_key="s3cret", kv_cache=KV_CACHE)
+    state = make_state(folder, max_batch=1, api_key="s3cret")
     with BackgroundServer(state) as url:
         with pytest.raises(openai.AuthenticationError):
             client(url, "wrong").models.list()
@@ -231,7 +229,7 @@ def test_api_key_is_required_when_set(folder):
 
 
 def test_burst_over_the_limit_gets_429_and_the_server_keeps_serving(folder):
-    state = make_state(folder, max_batch=1, max_waiting=2, kv_cache=KV_CACHE)
+    state = make_state(folder, max_batch=1, max_waiting=2)
     with BackgroundServer(state) as url:
         c = client(url)
 

@@ -1,10 +1,9 @@
 """``moekit serve``: an OpenAI-compatible HTTP server with continuous batching.
 
     protocol.py   the OpenAI request/response shapes and the error body
-    backend.py    what the scheduler needs from a model: prefill a slot, decode slots, release
-    routing.py    which experts each token used (router hooks) and the server-wide MoE load
-    text.py       generated ids -> streamed text pieces, cut at stop strings
-    scheduler.py  the engine loop: admit, prefill, one batched decode step, retire
+    scheduler.py  the engine thread: a bounded queue, limits and cancellation around
+                  ``inference.Engine`` (KV slots, batched prefill/decode, sampling, stop strings)
+    routing.py    MoE telemetry: experts per request (usage.moe) and load since start
     app.py        the FastAPI endpoints and server-sent events
     cli.py        ``moekit serve MODEL ...``
 

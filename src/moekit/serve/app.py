@@ -26,9 +26,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from moekit.inference.sampling import SamplingParams
 from moekit.serve.protocol import ChatRequest, CompletionRequest, ResponseShape, error_body
-from moekit.serve.scheduler import ContextTooLong, Event, QueueFull, Request as SeqRequest, SamplingParams, Scheduler
-from moekit.serve.text import Detokenizer
+from moekit.serve.scheduler import ContextTooLong, Event, QueueFull, Request as SeqRequest, Scheduler
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 _DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
@@ -48,11 +48,10 @@ class ServeState:
     tokenizer: ServedTokenizer
     model_name: str
     vocab_size: int
-    new_detokenizer: Callable[[list[int]], Detokenizer]  # prompt ids -> a detokenizer continuing them
     stop_ids: frozenset[int] = frozenset()  # EOS ids of the tokenizer and generation_config.json
     chat_prompt: Callable[[list[dict]], list[int]] | None = None  # messages -> prompt ids; None: no template
     api_key: str | None = None
-    defaults: dict = field(default_factory=dict)  # generation_config.json: temperature, top_p, top_k
+    defaults: dict = field(default_factory=dict)  # generation_config.json: temperature, top_p, top_k, ...
     started: float = field(default_factory=time.time)
 
 
@@ -108,9 +107,9 @@ def build_app(state: ServeState) -> FastAPI:
 
 
 def _model_card(state: ServeState) -> dict:
-    backend = state.scheduler.backend
+    s = state.scheduler
     return {"id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "moekit",
-            "max_model_len": backend.max_len, "moe": {"num_experts": backend.num_experts}}
+            "max_model_len": s.max_len, "moe": {"num_experts": s.stats.num_experts}}
 
 
 def _check_key(state: ServeState):
@@ -171,16 +170,21 @@ def _sampling(state: ServeState, body, max_tokens: int | None, prompt_len: int) 
     d = state.defaults
     top_k = body.top_k if body.top_k is not None else d.get("top_k")
     if max_tokens is None:  # chat without a limit: whatever the context leaves
-        max_tokens = max(1, state.scheduler.backend.max_len - prompt_len)
+        max_tokens = max(1, state.scheduler.max_len - prompt_len)
+    if max_tokens < 1:
+        raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
+    pick = lambda name, default: getattr(body, name) if getattr(body, name) is not None else d.get(name, default)  # noqa: E731
     try:
         return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=body.temperature if body.temperature is not None else d.get("temperature", 1.0),
-            top_p=body.top_p if body.top_p is not None else d.get("top_p", 1.0),
+            max_new_tokens=max_tokens,
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
             top_k=None if top_k in (None, 0, -1) else top_k,
+            min_p=pick("min_p", 0.0),
+            repetition_penalty=pick("repetition_penalty", 1.0),
             seed=body.seed,
             stop=body.stop_list(),
-            stop_ids=state.stop_ids,
+            stop_token_ids=tuple(state.stop_ids),
         )
     except ValueError as e:
         raise ApiError(400, str(e), param=str(e).split(" ", 1)[0]) from None
@@ -191,7 +195,7 @@ async def _generate(state: ServeState, request: Request, body, shape: ResponseSh
     params = _sampling(state, body, max_tokens, len(prompt_ids))
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     seq = SeqRequest(prompt_ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-                     state.new_detokenizer(prompt_ids), want_routing=body.moe)
+                     want_routing=body.moe)
     try:
         state.scheduler.submit(seq)
     except QueueFull as e:

@@ -30,16 +30,21 @@ def _check_args(args) -> None:
 
 
 def build_state(model, tokenizer, defaults, name: str, max_batch: int, max_waiting: int,
-                max_tokens_per_step: int | None = None, api_key: str | None = None, kv_cache: bool = True):
+                max_tokens_per_step: int | None = None, api_key: str | None = None):
     """The server's shared state for a loaded (model, tokenizer, generation defaults)."""
+    from moekit.inference.engine import Engine
     from moekit.serve.app import ServeState
-    from moekit.serve.backend import make_backend
     from moekit.serve.scheduler import Scheduler
 
-    scheduler = Scheduler(make_backend(model, max_batch, kv_cache), max_waiting, max_tokens_per_step)
+    token_choice = all(layer.cfg.router != "expert_choice" for layer in model.moe_layers())
+    engine = Engine(model, tokenizer, max_batch=max_batch, record_routing=token_choice)  # routing: usage.moe, the page
+    scheduler = Scheduler(engine, max_waiting, max_tokens_per_step)
     sampling = {}
-    if defaults.source is not None and defaults.do_sample:  # the folder's generation_config.json asks to sample
-        sampling = {"temperature": defaults.temperature, "top_p": defaults.top_p, "top_k": defaults.top_k}
+    if defaults.source is not None:  # the folder's generation_config.json, for fields a request leaves out
+        sampling["repetition_penalty"] = defaults.repetition_penalty
+        if defaults.do_sample:
+            sampling.update(temperature=defaults.temperature, top_p=defaults.top_p, top_k=defaults.top_k,
+                            min_p=defaults.min_p)
 
     def chat_prompt(messages: list[dict]) -> list[int]:
         try:
@@ -48,7 +53,7 @@ def build_state(model, tokenizer, defaults, name: str, max_batch: int, max_waiti
             raise ValueError(str(e)) from None
 
     return ServeState(
-        scheduler, tokenizer, name, model.cfg.vocab_size, tokenizer.detokenizer,
+        scheduler, tokenizer, name, model.cfg.vocab_size,
         stop_ids=frozenset(defaults.eos_ids) | frozenset(tokenizer.eos_ids),
         chat_prompt=chat_prompt if tokenizer.has_chat_template else None,
         api_key=api_key, defaults=sampling)
@@ -67,9 +72,8 @@ def cmd_serve(args) -> int:
     model, tokenizer, defaults = load_for_inference(args.model, args.dtype, args.device)
     name = args.served_model_name or Path(args.model).resolve().name
     state = build_state(model, tokenizer, defaults, name, args.max_batch, args.max_waiting,
-                        args.max_tokens_per_step, args.api_key, kv_cache=not args.no_kv_cache)
-    print(f"moekit serve: {name} on http://{args.host}:{args.port} (max batch {args.max_batch}, "
-          f"{'KV cache' if not args.no_kv_cache else 'full recompute'}); the routing viewer is at /", flush=True)
+                        args.max_tokens_per_step, args.api_key)
+    print(f"moekit serve: {name}, up to {args.max_batch} sequences per step; the routing viewer is at /", flush=True)
     run(state, args.host, args.port, args.log_level)
     return 0
 
@@ -94,8 +98,6 @@ def add_parser(sub) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* requests (default: no key)")
     s.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: the folder's name)")
-    s.add_argument("--no-kv-cache", action="store_true",
-                   help="recompute every context at each step instead of caching keys and values (a reference)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level (default: info; debug also logs every request)")
     s.set_defaults(func=cmd_serve)

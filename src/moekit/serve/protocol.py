@@ -1,7 +1,7 @@
 """The OpenAI API shapes the server speaks: requests (pydantic, unknown fields ignored, as
 vLLM does, so clients that send newer fields keep working) and response/chunk builders.
 
-Extensions: ``top_k`` (sampling) and ``moe`` (true: per-token experts in streamed chunks and
+Extensions: ``top_k``, ``min_p``, ``repetition_penalty`` (sampling, as vLLM) and ``moe`` (true: per-token experts in streamed chunks and
 ``usage.moe`` with tokens per expert per MoE layer), both ignored by other servers.
 """
 
@@ -28,8 +28,10 @@ class _Sampling(_Lenient):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = None  # extension; None, 0 or -1 = off (vLLM's convention)
+    min_p: float | None = None  # extension (vLLM's)
+    repetition_penalty: float | None = None  # extension (vLLM's)
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0)
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
