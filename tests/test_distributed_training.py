@@ -8,6 +8,7 @@ import torch
 
 from dist_harness import run_ranks
 from moekit.config import ModelConfig, MoEConfig
+from moekit.distributed.checkpoint import full_state_dict
 from moekit.distributed.mesh import ParallelConfig, init_mesh, single_process
 from moekit.distributed.parallelize import parallelize
 from moekit.model import MoETransformer
@@ -43,7 +44,8 @@ def _run(ctx, pcfg: ParallelConfig | None, moe: dict) -> dict:
         losses.append(res.loss)
         norms.append(res.grad_norm)
     biases = [layer.router.expert_bias.clone() for layer in model.moe_layers() if layer.cfg.has_selection_bias]
-    return dict(losses=losses, norms=norms, biases=biases)
+    weights = full_state_dict(model, ctx) if ctx.distributed else model.state_dict()
+    return dict(losses=losses, norms=norms, biases=biases, weights={k: v.clone() for k, v in weights.items()})
 
 
 MOE = dict(bias_update_rate=0.01)  # the aux-free bias moves every step, from all-reduced loads
@@ -71,4 +73,8 @@ def test_two_process_runs_equal_the_single_process_run():
             assert run["norms"] == pytest.approx(ref["norms"], rel=1e-4), f"{name}, rank {rank}"
             for b, b_ref in zip(run["biases"], ref["biases"]):
                 assert torch.equal(b, b_ref), f"{name}, rank {rank}: aux-free bias differs"
+            assert run["weights"].keys() == ref["weights"].keys()
+            for key, w in run["weights"].items():
+                w_ref = ref["weights"][key]
+                assert (w - w_ref).abs().max() <= 1e-4 * w_ref.abs().max(), f"{name}, rank {rank}: {key}"
     assert ref["losses"][-1] < ref["losses"][0]  # it trains: the comparison is not of constants
