@@ -57,3 +57,24 @@ def test_bad_split_is_one_line_exit_2(capsys, args, message):
     assert main(["inspect", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("ep, dp, world, experts, message", [
+    (3, None, 4, 8, "--ep 3 does not divide the world size 4"),
+    (4, None, 4, 6, "--ep 4 does not divide the number of experts 6"),
+    (2, 3, 4, 8, "--dp 3 times --ep 2 must equal the world size 4"),
+    (2, None, 2, None, "--ep 2 needs an MoE model"),
+])
+def test_bad_layouts_name_the_flag(ep, dp, world, experts, message):
+    from moekit.distributed.mesh import ParallelConfig, check_layout
+    from moekit.errors import UsageError
+
+    with pytest.raises(UsageError, match=message.replace("-", r"\-")):
+        check_layout(ParallelConfig(ep=ep, dp=dp), world, experts)
+
+
+def test_layout_gives_the_replicas():
+    from moekit.distributed.mesh import ParallelConfig, check_layout
+
+    assert check_layout(ParallelConfig(ep=2), 8, 16) == 4
+    assert check_layout(ParallelConfig(), 3, None) == 3  # plain data parallelism of a dense model

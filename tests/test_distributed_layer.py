@@ -90,12 +90,17 @@ def _compare_cases(rank: int, world: int) -> dict:
             dist.all_reduce(shared)
             err["d_shared"] = _rel(shared, ref.shared.w_in.weight.grad)
         errors[case] = err
+    try:  # expert choice needs every rank's tokens to choose among: a clear error, not a wrong answer
+        shard_experts(MoELayer(MoEConfig(d_model=D, d_expert=8, num_experts=E, router="expert_choice")), ctx)
+    except ValueError as e:
+        errors["expert-choice"] = str(e)
     return errors
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_all_to_all_layer_equals_single_process(world):
     for rank, errors in enumerate(run_ranks(_compare_cases, world)):
+        assert "does not support router='expert_choice'" in errors.pop("expert-choice")
         for case, err in errors.items():
             worst = max(err.values())
             assert worst < 1e-6, f"rank {rank}, {case}: {err}"
