@@ -2,11 +2,21 @@
 
 Shape legend: T tokens, D model dim, E experts, K experts per token, C tokens per expert
 (expert choice), N routed slots (T*K for token choice, E*C for expert choice), M kept slots
-(N minus padding and capacity drops).
+(N minus padding and capacity drops), E_loc experts held by this process (E without
+expert parallelism).
 
 One sort puts every slot of expert 0 first, then expert 1, ...; the experts then see one
 contiguous slice each, and combine is a single weighted scatter-add (``combine`` here, or fused
 into the grouped experts' autograd node). No loop over tokens.
+
+Two layers of it:
+- ``plan_dispatch``: a pure function from the router's decisions to a ``DispatchPlan`` (which
+  token's slot goes to which expert, in what order, what capacity drops).
+- a ``Dispatcher`` moves the rows: ``dispatch(x_TD, plan)`` -> ``Dispatched`` (rows grouped
+  by local expert, per-expert counts, each row's routing weight, and what combine needs);
+  ``combine(y_MD, dispatched)`` -> [T, D] fp32. ``LocalDispatcher`` gathers and scatters in
+  this process; an all-to-all dispatcher for expert parallelism exchanges rows between ranks
+  in between (the contract it must keep is in ``docs/design.md``).
 """
 
 from __future__ import annotations
@@ -122,3 +132,51 @@ def combine(y_MD: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Te
     # index_add_ rather than index_put_(accumulate=True): on CPU (torch 2.13, 2 threads) the
     # latter is ~7x slower at [32768, 512] -> [4096, 512] (docs/benchmarks.md).
     return out_TD.index_add_(0, plan.token_ids, y_MD.float() * plan.weights[:, None])
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """Rows on their way to the experts, and what combine needs to bring them back.
+
+    An all-to-all dispatcher returns a subclass holding its exchange metadata as well.
+    """
+
+    x_MD: torch.Tensor  # [M, D] rows grouped by local expert, in x's dtype
+    counts: torch.Tensor  # [E_loc] int64 rows per local expert: the experts' slice lengths
+    weights_M: torch.Tensor  # [M] fp32 routing weight of each row (experts fold it in)
+    plan: DispatchPlan  # this process's plan, for its own tokens
+    num_tokens: int  # T, the rows combine returns
+
+
+class Dispatcher:
+    """Moves dispatched rows to the experts and their outputs back to the tokens.
+
+    ``local`` is True when dispatch is a plain gather in this process: the layer may then fuse
+    gather, experts and combine into one autograd node (``grouped_mm.py``) when the expert
+    weights are plain tensors.
+    """
+
+    local = False
+
+    def dispatch(self, x_TD: torch.Tensor, plan: DispatchPlan) -> Dispatched:
+        """x_TD [T, D] -> rows for this process's experts, grouped by expert."""
+        raise NotImplementedError
+
+    def combine(self, y_MD: torch.Tensor, d: Dispatched) -> torch.Tensor:
+        """Expert output rows [M, D] fp32, routing weights already applied (``d`` from this
+        forward's ``dispatch``) -> [T, D] fp32, the sum of each token's rows."""
+        raise NotImplementedError
+
+
+class LocalDispatcher(Dispatcher):
+    """Every expert lives in this process: gather by ``plan.token_ids``, scatter-add back."""
+
+    local = True
+
+    def dispatch(self, x_TD: torch.Tensor, plan: DispatchPlan) -> Dispatched:
+        x_MD = x_TD.index_select(0, plan.token_ids)  # [M, D]; index_select beats x_TD[ids] on CPU
+        return Dispatched(x_MD, plan.counts, plan.weights, plan, x_TD.shape[0])
+
+    def combine(self, y_MD: torch.Tensor, d: Dispatched) -> torch.Tensor:
+        out_TD = y_MD.new_zeros(d.num_tokens, y_MD.shape[-1], dtype=torch.float32)
+        return out_TD.index_add_(0, d.plan.token_ids, y_MD.float())

@@ -1,33 +1,38 @@
-"""Routed experts: E feed-forward networks stored as stacked 3-D weights.
+"""Routed experts: the FFN of each expert, computed on the rows dispatched to it.
 
-Shape legend: D model dim, F expert hidden width, E experts, M dispatched slots (sorted by
-expert). ``w_in`` is [E, F_in, D] with F_in = 2F for SwiGLU (gate and up fused, gate first)
-and F otherwise; ``w_out`` is [E, D, F]. Each expert's matrices are [out, in], like
-``nn.Linear.weight`` and transformers' fused experts, so expert e computes
-``F.linear(act(F.linear(x, w_in[e])), w_out[e])``. That layout is also what CPU GEMMs take
-fastest in half precision and what grouped GEMM kernels take as their transposed operand.
+Shape legend: D model dim, F expert hidden width, H first-projection width (2F for SwiGLU,
+gate and up fused, gate first; F otherwise), E experts, T tokens, M dispatched rows (grouped
+by expert). Each expert's matrices are [out, in], like ``nn.Linear.weight`` and transformers'
+fused experts: expert e computes ``F.linear(act(F.linear(x, w_in[e])), w_out[e])``. That
+layout is also what CPU GEMMs take fastest in half precision and what grouped GEMM kernels
+take as their transposed operand.
 
-Each impl maps the tokens and a ``DispatchPlan`` to the weighted sum of their experts'
-outputs, [T, D] fp32: gather by ``plan.token_ids``, experts, weighted scatter back. Three
-interchangeable ways to compute the same thing (``impl``):
-- ``"grouped"``: gather, both projections and the weighted scatter as one autograd node with
-  a custom backward (``grouped_mm.py``: a few experts at a time on CPU, one grouped matmul
-  per projection on GPU); the training and prefill path.
-- ``"decode"``: a few tokens touch a few experts: multiply only the non-empty slices against
-  views of their experts' weights (no weight copies, no work for the idle experts). One token
-  needs no plan at all (``single_token``, called by ``MoELayer``).
+The compute reads weights only through an ``ExpertWeights`` provider (``weights.py``) and
+sees only dispatched rows: ``expert_rows(weights, x_MD, counts, weights_M, impl)`` -> y_MD
+[M, D] fp32, each row its expert's output times its routing weight. Three interchangeable
+ways to compute the same thing (``impl``):
+- ``"grouped"``: both projections as one autograd node with a custom backward
+  (``grouped_mm.py``: a few experts at a time on CPU, one grouped matmul per projection on
+  GPU); the training and prefill path.
+- ``"decode"``: a few rows touch a few experts: only those experts' weights are fetched, and
+  only the non-empty slices multiply (no weight copies, no work for the idle experts).
 - ``"loop"``: the plain per-expert loop under autograd, kept as the readable reference.
+
+``Experts`` is the layer's default: dense stacked weights (``w_in`` [E, H, D], ``w_out``
+[E, D, F]) plus the token-level entry ``forward(x_TD, plan, impl)`` -> [T, D] fp32 for a
+local dispatch. With plain weights its grouped impl is the fused local fast path: gather,
+experts and weighted scatter in one node. ``single_token`` is decode at batch 1, with no plan.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from moekit.layers.dispatch import DispatchPlan, combine
+from moekit.layers.dispatch import DispatchPlan, LocalDispatcher
 from moekit.layers.grouped_mm import grouped_moe
 from moekit.layers.mlp import activate, first_proj_width
+from moekit.layers.weights import ExpertWeights, StackedExpertWeights
 
 IMPLS = ("grouped", "decode", "loop")
 
@@ -37,104 +42,120 @@ IMPLS = ("grouped", "decode", "loop")
 STREAM_GEMV_MAX_BYTES = 8 << 20
 
 
-class Experts(nn.Module):
+def expert_rows(weights: ExpertWeights, x_MD: torch.Tensor, counts: torch.Tensor, weights_M: torch.Tensor,
+                impl: str = "grouped") -> torch.Tensor:
+    """Dispatched rows x_MD [M, D] (``counts`` [E] per expert, in order) -> y_MD [M, D] fp32,
+    row m = weights_M[m] * its expert's output. Every expert's weight gradient is a tensor
+    (zeros when it got no rows), never missing: data-parallel gradient reductions would
+    otherwise wait for it forever."""
+    if impl == "grouped":
+        w_in, w_out = weights.stacked()
+        rows = torch.arange(x_MD.shape[0], device=x_MD.device)  # gather and scatter are identities
+        return grouped_moe(x_MD, rows, weights_M, w_in, w_out, counts, weights.activation)
+    if impl == "decode":
+        return _decode_rows(weights, x_MD, counts, weights_M)
+    if impl == "loop":
+        return _loop_rows(weights, x_MD, counts, weights_M)
+    raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+
+
+def _decode_rows(weights: ExpertWeights, x_MD: torch.Tensor, counts: torch.Tensor,
+                 weights_M: torch.Tensor) -> torch.Tensor:
+    """Only the experts that got rows are fetched and run: with 1-64 tokens the cost is
+    reading those experts' weights once, as for a dense FFN, plus a few small ops per expert.
+    The activation and the routing weight (on the narrow [M, F] side) run once over all rows."""
+    dtype = x_MD.dtype
+    active = [(e, n) for e, n in enumerate(counts.tolist()) if n]
+    if not active:
+        return x_MD.new_zeros(x_MD.shape, dtype=torch.float32)
+    sizes = [n for _, n in active]
+    pairs = weights.get([e for e, _ in active], dtype)
+    h = torch.cat([F.linear(x_e, w_in) for (w_in, _), x_e in zip(pairs, x_MD.split_with_sizes(sizes))])  # [M, H]
+    a = activate(h, weights.activation) * weights_M.to(dtype)[:, None]  # [M, F]
+    y = torch.cat([F.linear(a_e, w_out) for (_, w_out), a_e in zip(pairs, a.split_with_sizes(sizes))])  # [M, D]
+    return y.float()
+
+
+def _loop_rows(weights: ExpertWeights, x_MD: torch.Tensor, counts: torch.Tensor,
+               weights_M: torch.Tensor) -> torch.Tensor:
+    """The reference: each expert on its slice, then the routing weight in fp32."""
+    pairs = weights.get(range(weights.num_experts), x_MD.dtype)
+    outs = [F.linear(activate(F.linear(x_e, w_in), weights.activation), w_out)  # [M_e, D]
+            for (w_in, w_out), x_e in zip(pairs, torch.split(x_MD, counts.tolist()))]
+    y_MD = torch.cat(outs) if outs else x_MD.new_zeros(0, weights.d_model)
+    return y_MD.float() * weights_M[:, None]
+
+
+def single_token(weights: ExpertWeights, x_1D: torch.Tensor, ids_1K: torch.Tensor,
+                 weights_1K: torch.Tensor) -> torch.Tensor:
+    """One token [1, D] and its K distinct experts and routing weights [1, K] -> [1, D] fp32.
+
+    The decode path at batch 1 without a dispatch plan: nothing to sort, group or drop
+    (top-k experts are distinct, and a capacity of at least one slot each keeps them all),
+    so it is K matrix-vector products per projection, and the combine is a sum. Only the
+    K routed experts' weights are fetched."""
+    dtype, x = x_1D.dtype, x_1D[0]
+    gemv = _gemv_for(weights, x)
+    pairs = weights.get(ids_1K[0].tolist(), dtype)
+    h = torch.stack([gemv(w_in, x) for w_in, _ in pairs])  # [K, H]
+    a = activate(h, weights.activation) * weights_1K[0].to(dtype)[:, None]  # [K, F]
+    y = torch.stack([gemv(w_out, a_k) for (_, w_out), a_k in zip(pairs, a)])  # [K, D]
+    return y.sum(0, keepdim=True, dtype=torch.float32)
+
+
+def _gemv_for(weights: ExpertWeights, v: torch.Tensor):
+    """The matrix-vector product for these expert matrices and vectors like v:
+    ``_StreamGemv`` for fp32 on CPU without grad, for matrices of at most
+    STREAM_GEMV_MAX_BYTES; else BLAS. bf16 keeps BLAS: in the layer the streaming
+    product measured no faster there, and BLAS accumulates exact products."""
+    n = first_proj_width(weights.d_expert, weights.activation) * weights.d_model  # the larger matrix
+    small = n * v.element_size() <= STREAM_GEMV_MAX_BYTES
+    if torch.is_grad_enabled() or v.device.type != "cpu" or v.dtype != torch.float32 or not small:
+        return _blas_gemv
+    s = getattr(weights, "_gemv_scratch", None)
+    if s is None or s.dtype != v.dtype or s.device != v.device or s.numel() < n:
+        # Kept between calls (one matrix per layer): a fresh 1-8 MB buffer per call is, in
+        # some allocator states, a fresh mmap each time, whose page faults cost more than
+        # the product saves.
+        s = weights._gemv_scratch = v.new_empty(n)
+    return _StreamGemv(s)
+
+
+class Experts(StackedExpertWeights):
+    """E dense experts as stacked weights, with the token-level entry for a local dispatch."""
+
     def __init__(self, num_experts: int, d_model: int, d_expert: int, activation: str = "swiglu"):
-        super().__init__()
-        self.num_experts, self.d_model, self.d_expert = num_experts, d_model, d_expert
-        self.activation = activation
-        self.w_in = nn.Parameter(torch.empty(num_experts, first_proj_width(d_expert, activation), d_model))
-        self.w_out = nn.Parameter(torch.empty(num_experts, d_model, d_expert))
+        super().__init__(num_experts, d_model, d_expert, activation)
         self._gemv_scratch: torch.Tensor | None = None  # single_token's product buffer (one expert matrix)
 
     def forward(self, x_TD: torch.Tensor, plan: DispatchPlan, impl: str = "grouped") -> torch.Tensor:
         """x_TD [T, D] -> [T, D] fp32: for each token, its kept slots' expert outputs times
-        their routing weights, summed (zeros for a token with no kept slot).
-
-        Each expert multiplies its contiguous slice of the dispatched tokens. Each expert's
-        weight gradient is a tensor (zeros when it got no tokens), never missing: data-parallel
-        gradient reductions would otherwise wait for it forever (the weights are single stacked
-        parameters, so this holds for every impl).
-        """
-        if impl == "grouped":
-            return grouped_moe(x_TD, plan.token_ids, plan.weights, self.w_in, self.w_out, plan.counts, self.activation)
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
-        if impl == "decode":
-            return self._decode(x_TD, plan)
-        y_MD = self._loop(x_TD[plan.token_ids], plan.counts)  # [M, D] grouped by expert
-        return combine(y_MD, plan, x_TD.shape[0])
-
-    def _decode(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """Only the experts that got slots run, on views of their weights: with 1-64 tokens
-        the cost is reading those experts' weights once, as for a dense FFN, plus a few
-        small ops per expert. Everything else runs once over all slots: the activation, the
-        routing weight (on the narrow [M, F] side) and one scatter back."""
-        dtype = x_TD.dtype
-        active = [(e, n) for e, n in enumerate(plan.counts.tolist()) if n]
-        if not active:
-            return x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
-        sizes = [n for _, n in active]
-        w_in_T, w_out_T = self._transposed(self.w_in, dtype), self._transposed(self.w_out, dtype)
-        x_MD = x_TD.index_select(0, plan.token_ids)  # [M, D]
-        h = torch.cat([torch.mm(x_e, w_in_T(e)) for (e, _), x_e in zip(active, x_MD.split_with_sizes(sizes))])  # [M, H]
-        a = activate(h, self.activation) * plan.weights.to(dtype)[:, None]  # [M, F]
-        y = torch.cat([torch.mm(a_e, w_out_T(e)) for (e, _), a_e in zip(active, a.split_with_sizes(sizes))])  # [M, D]
-        return x_TD.new_zeros(x_TD.shape, dtype=torch.float32).index_add_(0, plan.token_ids, y.float())
+        their routing weights, summed (zeros for a token with no kept slot). "grouped" is the
+        fused node; the others dispatch, compute and combine in three steps."""
+        return local_experts(self, x_TD, plan, impl)
 
     def single_token(self, x_1D: torch.Tensor, ids_1K: torch.Tensor, weights_1K: torch.Tensor) -> torch.Tensor:
-        """One token [1, D] and its K distinct experts and routing weights [1, K] -> [1, D] fp32.
-
-        The decode path at batch 1 without a dispatch plan: nothing to sort, group or drop
-        (top-k experts are distinct, and a capacity of at least one slot each keeps them all),
-        so it is K matrix-vector products per projection, and the combine is a sum."""
-        dtype, x = x_1D.dtype, x_1D[0]
-        ids = ids_1K[0].tolist()
-        gemv = self._gemv_for(x)
-        # .to(dtype): a no-op unless fp32 master weights meet half activations
-        h = torch.stack([gemv(self.w_in[e].to(dtype), x) for e in ids])  # [K, H]
-        a = activate(h, self.activation) * weights_1K[0].to(dtype)[:, None]  # [K, F]
-        y = torch.stack([gemv(self.w_out[e].to(dtype), a_k) for e, a_k in zip(ids, a)])  # [K, D]
-        return y.sum(0, keepdim=True, dtype=torch.float32)
-
-    def _gemv_for(self, v: torch.Tensor):
-        """The matrix-vector product for this layer's expert matrices and vectors like v:
-        ``_StreamGemv`` for fp32 on CPU without grad, for matrices of at most
-        STREAM_GEMV_MAX_BYTES; else BLAS. bf16 keeps BLAS: in the layer the streaming
-        product measured no faster there, and BLAS accumulates exact products."""
-        n = self.w_in[0].numel()
-        small = n * v.element_size() <= STREAM_GEMV_MAX_BYTES
-        if torch.is_grad_enabled() or v.device.type != "cpu" or v.dtype != torch.float32 or not small:
-            return _blas_gemv
-        s = self._gemv_scratch
-        if s is None or s.dtype != v.dtype or s.device != v.device or s.numel() < n:
-            # Kept between calls: a fresh 1-8 MB buffer per call is, in some allocator states,
-            # a fresh mmap each time, whose page faults cost more than the product saves.
-            s = self._gemv_scratch = v.new_empty(n)
-        return _StreamGemv(s)
-
-    @staticmethod
-    def _transposed(w: torch.Tensor, dtype: torch.dtype):
-        """e -> w[e]^T in ``dtype``, a view when the dtype matches (one transpose for all experts);
-        otherwise (fp32 master weights, half activations) only the used experts are cast."""
-        if w.dtype == dtype:
-            w_T = w.mT
-            return w_T.__getitem__
-        return lambda e: w[e].to(dtype).t()
-
-    def _loop(self, x_MD: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        w_in, w_out = self.w_in.to(x_MD.dtype), self.w_out.to(x_MD.dtype)
-        outs = []
-        for e, x_e in enumerate(torch.split(x_MD, counts.tolist())):
-            outs.append(F.linear(activate(F.linear(x_e, w_in[e]), self.activation), w_out[e]))  # [M_e, D]
-        return torch.cat(outs) if outs else x_MD.new_zeros(0, self.d_model)
+        return single_token(self, x_1D, ids_1K, weights_1K)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on any [.., D] input: the plain definition, used by references and tools."""
-        return F.linear(activate(F.linear(x, self.w_in[e].to(x.dtype)), self.activation), self.w_out[e].to(x.dtype))
+        (w_in, w_out), = self.get([e], x.dtype)
+        return F.linear(activate(F.linear(x, w_in), self.activation), w_out)
 
-    def reset_parameters(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.w_in, std=std)
-        nn.init.normal_(self.w_out, std=out_std)
+
+_LOCAL = LocalDispatcher()
+
+
+def local_experts(weights: ExpertWeights, x_TD: torch.Tensor, plan: DispatchPlan, impl: str) -> torch.Tensor:
+    """Local dispatch, experts, combine: x_TD [T, D] -> [T, D] fp32. With plain weights the
+    grouped impl is the fused node (``grouped_mm.py``), which never materializes the rows."""
+    if impl == "grouped" and weights.plain:
+        w_in, w_out = weights.stacked()
+        return grouped_moe(x_TD, plan.token_ids, plan.weights, w_in, w_out, plan.counts, weights.activation)
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+    d = _LOCAL.dispatch(x_TD, plan)
+    return _LOCAL.combine(expert_rows(weights, d.x_MD, d.counts, d.weights_M, impl), d)
 
 
 def _blas_gemv(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -5,14 +5,19 @@ token, M kept slots (sorted by expert).
 
     x [B, S, D] -> x_TD [T, D]
     1. router:   x_TD -> RouterOutput (logits/probs [T, E], choices [T, K] or [E, C])
-    2. dispatch: choices -> DispatchPlan (slots grouped by expert, capacity applied)
-    3. experts:  x_TD[plan.token_ids] [M, D] -> y_MD [M, D], one contiguous slice per expert
-    4. combine:  y_MD * weights, index_add -> [T, D]; + shared experts; -> [B, S, D]
-    (Experts runs 3 and 4 together: the grouped path fuses gather, experts and combine into
-    one autograd node, see grouped_mm.py.)
-A single token (decode at batch 1) skips step 2: its K slots go to K distinct experts, so
-there is nothing to sort, group or drop (``Experts.single_token``); the plan is made only if
-the statistics or the balancing counts ask for it.
+    2. plan:     choices -> DispatchPlan (slots grouped by expert, capacity applied)
+    3. dispatch: ``self.dispatcher`` -> Dispatched (x_MD [M, D] grouped by expert, counts [E])
+    4. experts:  ``expert_rows(self.experts, x_MD, counts, weights_M)`` -> y_MD [M, D] fp32,
+                 weights read only through the provider ``self.experts`` (``weights.py``)
+    5. combine:  ``self.dispatcher`` -> [T, D] fp32; + shared experts; -> [B, S, D]
+Local fast path: with the local dispatcher and plain weights, the grouped impl runs 3-5 as
+one autograd node (``grouped_mm.py``). A single token (decode at batch 1) skips 2-5 for
+``single_token``: its K slots go to K distinct experts, so there is nothing to sort, group or
+drop; the plan is made only if the statistics or the balancing counts ask for it.
+
+Balancing state lives in buffers: the routers' ``expert_bias`` and ``load_since_update``
+(the aux-loss-free counts). ``update_expert_bias(all_reduce)`` is the one place a
+distributed step sums the counts over ranks before the bias moves (``docs/design.md``).
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ import torch
 from torch import nn
 
 from moekit.config import MoEConfig
-from moekit.layers.dispatch import DispatchPlan, plan_dispatch
+from moekit.layers.dispatch import Dispatcher, DispatchPlan, LocalDispatcher, plan_dispatch
 from moekit.layers.experts import IMPLS as EXPERT_IMPLS
-from moekit.layers.experts import Experts
+from moekit.layers.experts import Experts, expert_rows, local_experts, single_token
 from moekit.layers.mlp import MLP
 from moekit.layers.routers import Router, RouterOutput
 from moekit.losses import router_z_loss, sequence_balance_loss, switch_load_balancing_loss
@@ -87,7 +92,8 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = Router(cfg)
-        self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_expert, cfg.activation)
+        self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_expert, cfg.activation)  # the weights provider
+        self.dispatcher: Dispatcher = LocalDispatcher()
         if cfg.num_shared_experts:
             self.shared = MLP(cfg.d_model, cfg.shared_width, cfg.activation)
             if cfg.shared_expert_gate:
@@ -112,18 +118,25 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(B * S, D)
         valid_T = None if padding_mask is None else padding_mask.reshape(B * S).bool()
         r = self.router(x_TD, valid_T)
-        impl, plan = self.expert_impl(B * S), None
-        if impl == "decode" and B * S == 1 and valid_T is None and not r.expert_choice:
-            out_TD = self.experts.single_token(x_TD, r.ids, r.weights)  # [1, D] fp32
+        impl, plan, local = self.expert_impl(B * S), None, self.dispatcher.local
+        if local and impl == "decode" and B * S == 1 and valid_T is None and not r.expert_choice:
+            out_TD = single_token(self.experts, x_TD, r.ids, r.weights)  # [1, D] fp32
         else:
             plan = plan_dispatch(r, self.cfg.num_experts, self.cfg.effective_capacity_factor, valid_T)
-            out_TD = self.experts(x_TD, plan, impl)  # [T, D] fp32
+            out_TD = self._routed(x_TD, plan, impl)  # [T, D] fp32
         if self.cfg.num_shared_experts:
             out_TD = out_TD + self._shared_forward(x_TD)
         self._last = _LastForward(r, plan, self.cfg, valid_T, B, S)
         if self.training:
             self.router.record_load(self._last.plan.routed_counts)
         return out_TD.to(x.dtype).view(B, S, D)
+
+    def _routed(self, x_TD: torch.Tensor, plan: DispatchPlan, impl: str) -> torch.Tensor:
+        """Steps 3-5: dispatch, experts on the rows, combine -> [T, D] fp32."""
+        if self.dispatcher.local:
+            return local_experts(self.experts, x_TD, plan, impl)  # the fused node where it can
+        d = self.dispatcher.dispatch(x_TD, plan)
+        return self.dispatcher.combine(expert_rows(self.experts, d.x_MD, d.counts, d.weights_M, impl), d)
 
     @property
     def aux_loss(self) -> torch.Tensor:
@@ -176,9 +189,12 @@ class MoELayer(nn.Module):
             total, losses["z_loss"] = total + cfg.z_loss_coef * z, z.detach()
         return total, losses
 
-    def update_expert_bias(self) -> None:
-        """Aux-loss-free balancing step; the trainer calls it once per optimizer step."""
-        self.router.update_bias()
+    def update_expert_bias(self, all_reduce=None) -> None:
+        """Aux-loss-free balancing step; the trainer calls it once per optimizer step.
+
+        ``all_reduce`` (a callable summing a tensor in place over the data-parallel ranks, or
+        None on one process) sees the load counts first, so every rank moves its bias alike."""
+        self.router.update_bias(all_reduce)
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
         """N(0, std) weights (GPT-2); ``out_std`` (default ``std``) for the projections back to d_model."""

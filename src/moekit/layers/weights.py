@@ -1,0 +1,91 @@
+"""The expert-weights provider: the one place expert compute gets its weights from.
+
+Shape legend: D model dim, F expert hidden width, H first-projection width (2F for SwiGLU,
+gate rows first, else F), E experts held here.
+
+Expert compute (``experts.py``) never reads a weight tensor by name; it asks its provider:
+- ``get(ids, dtype)``: the listed experts' matrices in the compute dtype, as
+  (w_in [H, D], w_out [D, F]) pairs in [out, in] layout. Decode asks only for the experts its
+  tokens were routed to, so a provider that stores weights elsewhere (an offload cache over
+  disk or RAM) fetches just those.
+- ``stacked()``: every expert's weights as two stacked tensors [E, H, D] and [E, D, F], in
+  their storage dtype. When ``plain`` is True these are the trainable parameters themselves,
+  and the layer may hand them to the fused local fast path (``grouped_mm.py``).
+
+``StackedExpertWeights`` is today's provider: two 3-D parameters, ``w_in`` and ``w_out``
+(their state-dict names are part of the checkpoint and interop formats). Later providers are
+twins that replace it after loading, as gpt-fast swaps in quantized modules: int8/int4 weights
+with scales (``plain`` False; ``get`` dequantizes, or a quantized compute takes the raw
+tensors), an offload cache (``get`` fetches), base + LoRA (``get`` adds the low-rank term, or
+``plain`` stays True with a separate adapter term). Expert ids are local: in [0, E) for the E
+experts this provider holds, which under expert parallelism are the global experts
+[first_expert, first_expert + E) (``docs/design.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from moekit.layers.mlp import first_proj_width
+
+
+class ExpertWeights(nn.Module):
+    """The provider interface. Subclasses hold the weights in whatever form they like."""
+
+    plain = False  # True: stacked() returns the parameters themselves (the fused path may take them)
+    first_expert = 0  # global id of local expert 0 (expert parallelism shards the experts)
+
+    def __init__(self, num_experts: int, d_model: int, d_expert: int, activation: str):
+        super().__init__()
+        self.num_experts, self.d_model, self.d_expert = num_experts, d_model, d_expert
+        self.activation = activation
+
+    def get(self, ids: Sequence[int], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(w_in [H, D], w_out [D, F]) in ``dtype`` for each local expert id, in order."""
+        raise NotImplementedError
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every expert: w_in [E, H, D], w_out [E, D, F]. The default stacks ``get``."""
+        pairs = self.get(range(self.num_experts), self.dtype)
+        return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype compute runs in when the activations do not say otherwise."""
+        return torch.float32
+
+
+class StackedExpertWeights(ExpertWeights):
+    """Dense weights as two stacked parameters: ``w_in`` [E, H, D], ``w_out`` [E, D, F]."""
+
+    plain = True
+
+    def __init__(self, num_experts: int, d_model: int, d_expert: int, activation: str = "swiglu"):
+        super().__init__(num_experts, d_model, d_expert, activation)
+        self.w_in = nn.Parameter(torch.empty(num_experts, first_proj_width(d_expert, activation), d_model))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_model, d_expert))
+
+    def get(self, ids: Sequence[int], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # Views when the dtype matches; otherwise (fp32 master weights, half activations) only
+        # the asked-for experts are cast.
+        w_in, w_out = self.w_in, self.w_out
+        if w_in.dtype == dtype:
+            return [(w_in[e], w_out[e]) for e in ids]
+        return [(w_in[e].to(dtype), w_out[e].to(dtype)) for e in ids]
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w_in, self.w_out
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w_in.dtype
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.w_in, std=std)
+        nn.init.normal_(self.w_out, std=out_std)
+
+
+__all__ = ["ExpertWeights", "StackedExpertWeights"]
