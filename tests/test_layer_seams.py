@@ -131,6 +131,13 @@ def test_the_general_path_matches_the_fused_local_path(impl, dtype):
         assert_close_scaled(a.float(), b.float(), tol=tol)
 
 
+def test_the_zero_aux_loss_before_a_forward_moves_with_the_layer():
+    layer = MoELayer(MoEConfig(d_model=8, d_expert=8, num_experts=4, top_k=2))
+    assert layer.aux_loss.item() == 0.0
+    assert layer.to(torch.float64).aux_loss.dtype == torch.float64  # a buffer: .to() reaches it
+    assert "no_aux_loss" not in layer.state_dict()
+
+
 def test_balancing_counts_are_reduced_in_one_place_before_the_bias_moves():
     """``update_expert_bias(all_reduce)``: the bias follows the global load, not this rank's."""
     cfg = MoEConfig(d_model=8, d_expert=8, num_experts=4, top_k=1, router="sigmoid", bias_update_rate=0.1)

@@ -99,7 +99,8 @@ class MoELayer(nn.Module):
             if cfg.shared_expert_gate:
                 self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False)
         self._last: _LastForward | None = None  # what aux_loss and last_stats are computed from
-        self._no_aux = torch.zeros(())  # aux_loss before the first forward
+        # aux_loss before the first forward: a buffer, so .to(device) moves it (not saved)
+        self.register_buffer("no_aux_loss", torch.zeros(()), persistent=False)
         self.impl = "auto"
         # None: the Switch loss sees this forward's tokens. distributed.parallelize sets a
         # differentiable sum over ranks for global balancing statistics (--balance-stats global).
@@ -145,7 +146,7 @@ class MoELayer(nn.Module):
         a loss of (generation, decode) pays nothing for them."""
         last = self._last
         if last is None:
-            return self._no_aux
+            return self.no_aux_loss
         if last.aux is None:
             last.aux = self._aux_loss(last.router, last.B, last.S, last.valid_T)
         return last.aux[0]
