@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from moekit.analysis.categories import CategoryScheme, encode_with_offsets, token_categories
 from moekit.data.dataset import DataConfig, split_value
 from moekit.data.sources import Corpus, Document
+from moekit.routing_metrics import router_entropy
 
 
 @dataclass
@@ -128,7 +129,7 @@ class _RouterRecorder:
             keep = x_TD[: max(room, 0)].cpu().clone()  # a copy: a view would keep the whole batch alive
             self.kept_inputs[i] += keep.shape[0]
             probs = out.probs.detach()
-            entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1)
+            entropy = router_entropy(probs)
             self.parts[i].append((routing_mask(out, module.cfg.num_experts).cpu(), top1_of(out).cpu(),
                                   entropy.cpu(), keep))
         return hook

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from moekit.analysis.collect import routing_mask
+from moekit.routing_metrics import max_violation
 
 
 def load_stats(counts_E: np.ndarray) -> dict:
@@ -19,7 +20,7 @@ def load_stats(counts_E: np.ndarray) -> dict:
     counts = np.asarray(counts_E, dtype=np.float64)
     mean = counts.mean() if counts.size else 0.0
     return {
-        "max_violation": float(counts.max() / mean - 1) if mean > 0 else 0.0,
+        "max_violation": max_violation(counts),
         "cv": float(counts.std() / mean) if mean > 0 else 0.0,
         "dead_experts": int((counts == 0).sum()),
     }

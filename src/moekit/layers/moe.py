@@ -34,6 +34,7 @@ from moekit.layers.experts import Experts, expert_rows, local_experts, single_to
 from moekit.layers.mlp import MLP
 from moekit.layers.routers import Router, RouterOutput
 from moekit.losses import router_z_loss, sequence_balance_loss, switch_load_balancing_loss
+from moekit.routing_metrics import max_violation, router_entropy
 
 
 @dataclass
@@ -213,14 +214,12 @@ class MoELayer(nn.Module):
 def routing_stats(
     probs_TE: torch.Tensor, plan: DispatchPlan, valid_T: torch.Tensor | None, losses: dict[str, torch.Tensor]
 ) -> RoutingStats:
-    load = plan.routed_counts.float()  # [E]
-    mean = load.mean()
     probs = probs_TE if valid_T is None else probs_TE[valid_T]  # [T_real, E]
-    entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).mean() if probs.numel() else probs.new_zeros(())
+    entropy = router_entropy(probs).mean() if probs.numel() else probs.new_zeros(())
     return RoutingStats(
         tokens_per_expert=plan.routed_counts.detach().cpu(),
         dropped_fraction=plan.num_dropped / max(plan.num_routed, 1),
-        max_violation=float(load.max() / mean - 1) if mean > 0 else 0.0,
+        max_violation=max_violation(plan.routed_counts),
         router_entropy=float(entropy),
         dead_experts=int((plan.routed_counts == 0).sum()),
         num_tokens=int(probs.shape[0]),

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from moekit.fileio import atomic_write_text
+from moekit.routing_metrics import max_violation
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -54,12 +55,11 @@ def aggregate_routing(batches: Sequence[Sequence[Any]], layer_ids: Sequence[int]
             continue
         counts = [sum(int(s.tokens_per_expert[e]) for s in stats) for e in range(len(stats[0].tokens_per_expert))]
         n_tok = sum(s.num_tokens for s in stats) or 1
-        mean = sum(counts) / len(counts)
         loss_names = sorted({k for s in stats for k in s.losses})
         out.append(LayerRouting(
             layer=layer,
             tokens_per_expert=counts,
-            max_violation=max(counts) / mean - 1 if mean > 0 else 0.0,
+            max_violation=max_violation(counts),
             dropped_fraction=sum(s.dropped_fraction * s.num_tokens for s in stats) / n_tok,
             router_entropy=sum(s.router_entropy * s.num_tokens for s in stats) / n_tok,
             dead_experts=sum(c == 0 for c in counts),
