@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.analysis.categories import CategoryScheme, encode_with_offsets, token_categories
-from moekit.data.dataset import DataConfig, split_value
+from moekit.data.dataset import DataConfig, validation_names
 from moekit.data.sources import Corpus, Document
 from moekit.routing_metrics import router_entropy
 
@@ -38,18 +38,11 @@ class EvalText:
 
 
 def held_out_documents(cfg: DataConfig) -> Iterator[Document]:
-    """The documents a run held out for validation, by the same rule as the data pipeline
-    (seeded hash of the name < val_fraction; a corpus with none holds out its lowest one)."""
-    lowest, any_val = None, False
-    for doc in Corpus(cfg.sources, cfg.text_field).documents():
-        v = split_value(doc.name, cfg.split_seed)
-        if v < cfg.val_fraction:
-            any_val = True
-            yield doc
-        elif lowest is None or v < lowest[0]:
-            lowest = (v, doc)
-    if not any_val and lowest is not None:
-        yield lowest[1]
+    """The documents a run held out for validation, chosen by the data pipeline's own rule
+    (``validation_names``): one pass for the names, one for the chosen documents."""
+    corpus = Corpus(cfg.sources, cfg.text_field)
+    val = validation_names((doc.name for doc in corpus.documents()), cfg)
+    return (doc for doc in corpus.documents() if doc.name in val)
 
 
 def eval_text(docs: Iterable[Document], tokenizer, scheme: CategoryScheme, max_tokens: int) -> EvalText:

@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -89,23 +89,37 @@ def split_value(name: str, split_seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def validation_names(names: Iterable[str], cfg: DataConfig) -> set[str]:
+    """The split rule, defined here only: a document is held out when the seeded hash of its
+    name is below ``val_fraction``; a corpus of several documents of which none is held out
+    holds out the one with the lowest hash (so a small corpus still has a validation set)."""
+    val, lowest, count = set(), None, 0
+    for name in names:
+        count += 1
+        v = split_value(name, cfg.split_seed)
+        if v < cfg.val_fraction:
+            val.add(name)
+        elif lowest is None or v < lowest[0]:
+            lowest = (v, name)
+    if not val and count > 1:
+        val.add(lowest[1])
+    return val
+
+
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _scan(corpus: Corpus, cfg: DataConfig) -> tuple[set[str], dict]:
     """Pass 1: validate all documents and choose the validation set (names)."""
-    names, n_chars, val = [], 0, set()
+    names, n_chars = [], 0
     for doc in corpus.documents():
         names.append(doc.name)
         n_chars += len(doc.text)
-        if split_value(doc.name, cfg.split_seed) < cfg.val_fraction:
-            val.add(doc.name)
     if not names:
         note = f"; {len(corpus.skipped)} file(s) skipped as not UTF-8" if corpus.skipped else ""
         raise UsageError(f"the corpus is empty: no text in {corpus.description}{note}")
-    if not val and len(names) > 1:  # a small corpus still gets a validation document
-        val.add(min(names, key=lambda n: split_value(n, cfg.split_seed)))
+    val = validation_names(names, cfg)
     stats = dict(documents=len(names), characters=n_chars, val_documents=len(val),
                  skipped_files=[str(p) for p in corpus.skipped])
     return val, stats
