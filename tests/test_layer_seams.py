@@ -1,6 +1,6 @@
 """The MoE layer's seams, each on its own: the dispatcher (dispatch then combine), expert
 compute on dispatched rows against the loop, the weights provider (only routed experts are
-fetched in decode), the general path against the fused local one, and balancing state."""
+fetched in decode), the general path against the fused local one, the aux-loss placeholder."""
 
 import pytest
 import torch
@@ -9,7 +9,6 @@ from moekit import MoEConfig, MoELayer
 from moekit.layers.dispatch import LocalDispatcher, plan_dispatch
 from moekit.layers.experts import Experts, expert_rows
 from moekit.layers.routers import RouterOutput
-from moekit.layers.weights import StackedExpertWeights
 
 from test_moe_layer import D, assert_close_scaled, make_layer
 
@@ -72,12 +71,12 @@ def test_experts_on_dispatched_rows_match_the_loop(impl, dtype):
         assert torch.count_nonzero(g[1]) == 0 and torch.count_nonzero(g[4]) == 0
 
 
-class CountingWeights(StackedExpertWeights):
+class CountingWeights(Experts):
     """A provider that records which experts compute asked for; the whole stack is refused."""
 
     plain = False  # the layer must not take the fused path around it
 
-    def __init__(self, src: StackedExpertWeights):
+    def __init__(self, src: Experts):
         super().__init__(src.num_experts, src.d_model, src.d_expert, src.activation)
         self.load_state_dict(src.state_dict())
         self.fetched: list[int] = []
@@ -136,24 +135,4 @@ def test_the_zero_aux_loss_before_a_forward_moves_with_the_layer():
     assert layer.aux_loss.item() == 0.0
     assert layer.to(torch.float64).aux_loss.dtype == torch.float64  # a buffer: .to() reaches it
     assert "no_aux_loss" not in layer.state_dict()
-
-
-def test_balancing_counts_are_reduced_in_one_place_before_the_bias_moves():
-    """``update_expert_bias(all_reduce)``: the bias follows the global load, not this rank's."""
-    cfg = MoEConfig(d_model=8, d_expert=8, num_experts=4, top_k=1, router="sigmoid", bias_update_rate=0.1)
-    layer = MoELayer(cfg).train()
-    layer(torch.randn(1, 16, 8))
-    local = layer.router.load_since_update.clone()
-    other_rank = local.flip(0) + 2 * local.max()  # another rank's load: its own skew
-    seen = []
-
-    def all_reduce(t):  # the sum a data-parallel all_reduce would give
-        seen.append(t.clone())
-        t += other_rank
-
-    layer.update_expert_bias(all_reduce)
-    total = (local + other_rank).float()
-    assert torch.equal(seen[0], local)
-    assert torch.equal(layer.router.expert_bias, 0.1 * torch.sign(total.mean() - total))
-    assert layer.router.load_since_update.sum() == 0
 

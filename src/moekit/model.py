@@ -148,12 +148,10 @@ class MoETransformer(nn.Module):
         """``last_stats`` of every MoE layer, in depth order."""
         return [layer.last_stats for layer in self.moe_layers()]
 
-    def update_expert_bias(self, all_reduce=None) -> None:
-        """One aux-loss-free balancing step in every MoE layer (call once per optimizer step).
-        A distributed step passes ``all_reduce`` (sums a tensor in place over data-parallel
-        ranks): the one place balancing counts are reduced."""
+    def update_expert_bias(self) -> None:
+        """One aux-loss-free balancing step in every MoE layer (call once per optimizer step)."""
         for layer in self.moe_layers():
-            layer.update_expert_bias(all_reduce)
+            layer.update_expert_bias()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once

@@ -5,17 +5,24 @@ L = E / P experts held per rank, M rows this rank sends (its kept slots, grouped
 hence by destination rank), R rows it receives (from every rank, grouped by source rank,
 then by local expert).
 
-Plan of ``all_to_all_experts`` (torchtitan's ExpertParallel and Megatron-Core's all-to-all
-dispatcher follow the same steps), given a local ``DispatchPlan``:
+Two pieces plug into the MoE layer's seams (``docs/design.md``):
+- ``ExpertParallelExperts``: the weights provider holding this rank's experts
+  [first_expert, first_expert + L), a slice of the stacked weights.
+- ``AllToAllDispatcher``: the dispatcher that moves rows between ranks.
+
+Plan (torchtitan's ExpertParallel and Megatron-Core's all-to-all dispatcher follow the same
+steps), given a local ``DispatchPlan``:
+    dispatch:
     1. count exchange: counts [E] -> all_to_all_single -> recv_counts [P, L]
        (how many rows each source rank sends to each of my experts); a host sync, since the
        data all-to-all needs its split sizes as integers
-    2. dispatch: x_TD[token_ids] [M, D] -> all_to_all_single(uneven splits) -> [R, D]
-    3. local experts on [R, D]: the fused grouped node (``grouped_mm.py``), told to gather the
-       rows grouped by local expert (perm) and to scatter each result back to its arrival
-       position with weight 1, so the local permute and its inverse cost no extra pass
-    4. combine: [R, D] -> all_to_all_single(reversed splits) -> [M, D], then the routing
-       weights and the scatter-add to tokens, exactly as the local ``combine``
+    2. x_TD[token_ids] [M, D] -> all_to_all_single(uneven splits) -> [R, D]
+    3. arrival order (source rank, local expert) regrouped by local expert (perm); the
+       routing weights stay home, so the experts get weight 1
+    experts: ``expert_rows`` on [R, D] with counts [L] (the grouped node)
+    combine:
+    4. back to arrival order, [R, D] -> all_to_all_single(reversed splits) -> [M, D], then
+       the routing weights and the scatter-add to tokens, exactly as the local combine
 The backward of each data all-to-all is the reverse all-to-all (``torch.distributed.nn``).
 
 Every rank calls the same collectives in the same order whatever its routing: a rank that
@@ -33,8 +40,9 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
-from moekit.layers.dispatch import DispatchPlan
-from moekit.layers.grouped_mm import grouped_moe
+from moekit.layers.dispatch import Dispatched, Dispatcher, DispatchPlan
+from moekit.layers.experts import Experts
+from moekit.layers.weights import ExpertWeights
 
 
 @dataclass
@@ -54,38 +62,63 @@ class CommCounter:
         return self.dispatch_bytes + self.combine_bytes
 
 
-class ExpertParallelExperts(nn.Module):
-    """The experts of one MoE layer, split over an expert-parallel group: this rank holds
-    experts [ep_rank * L, (ep_rank + 1) * L) as ``w_in`` [L, H, D] and ``w_out`` [L, D, F]
-    (the same names and layout as ``Experts``, sliced along the expert dimension).
+class ExpertParallelExperts(Experts):
+    """This rank's slice of one MoE layer's experts: local experts 0..L-1 are the global
+    experts [first_expert, first_expert + L), held as ``w_in`` [L, H, D] and ``w_out``
+    [L, D, F] (the names and layout of ``Experts``, sliced along the expert dimension).
+    Built by ``parallelize.shard_experts``; the layer reaches it through ``rows`` only."""
 
-    Drop-in for ``Experts`` in ``MoELayer``: ``forward(x_TD, plan, impl)`` -> [T, D] fp32 for
-    this rank's tokens, whose ``plan`` ranges over all E experts. Built by ``parallelize``.
-    """
-
-    def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor, num_experts: int, activation: str,
-                 group: dist.ProcessGroup, counter: CommCounter | None = None):
-        super().__init__()
+    def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor, activation: str, first_expert: int):
+        ExpertWeights.__init__(self, w_in.shape[0], w_in.shape[-1], w_out.shape[-1], activation)  # no fresh weights
         self.w_in, self.w_out = nn.Parameter(w_in), nn.Parameter(w_out)
-        self.num_experts, self.activation, self.group = num_experts, activation, group
-        self.ep = dist.get_world_size(group)
-        self.ep_rank = dist.get_rank(group)
-        self.num_local = w_in.shape[0]
-        assert self.num_local * self.ep == num_experts, "parallelize slices experts evenly"
+        self.first_expert, self._gemv_scratch = first_expert, None
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError("expert-parallel experts run only through the all-to-all dispatcher")
+
+
+@dataclass(frozen=True)
+class ExchangedRows(Dispatched):
+    """Rows that arrived from every rank, and how to send their outputs back."""
+
+    perm: torch.Tensor | None = None  # [R] arrival positions, grouped by local expert
+    send_splits: list[int] | None = None  # [P] rows this rank sent to each rank
+    recv_splits: list[int] | None = None  # [P] rows it received from each rank
+
+
+class AllToAllDispatcher(Dispatcher):
+    """Dispatch over an expert-parallel group (see the module docstring's plan)."""
+
+    local = False
+
+    def __init__(self, group: dist.ProcessGroup, num_local: int, counter: CommCounter | None = None):
+        self.group = group
+        self.ep, self.ep_rank = dist.get_world_size(group), dist.get_rank(group)
+        self.num_local = num_local
         self.counter = counter or CommCounter()
 
-    def forward(self, x_TD: torch.Tensor, plan: DispatchPlan, impl: str = "grouped") -> torch.Tensor:
+    def dispatch(self, x_TD: torch.Tensor, plan: DispatchPlan) -> ExchangedRows:
         P, L = self.ep, self.num_local
+        assert plan.counts.numel() == P * L, "the plan ranges over all E = P * L experts"
         recv_counts_PL = self._exchange_counts(plan.counts)  # 1.
         send_splits = plan.counts.view(P, L).sum(1).tolist()  # [P] rows to each rank
         recv_splits = recv_counts_PL.sum(1).tolist()  # [P] rows from each rank
         x_MD = x_TD.index_select(0, plan.token_ids)
         x_RD = self._all_to_all(x_MD, recv_splits, send_splits)  # 2.
-        y_RD = self._local_experts(x_RD, recv_counts_PL).to(x_MD.dtype)  # 3.
-        y_MD = self._all_to_all(y_RD, send_splits, recv_splits)  # 4.
-        self._count(x_MD, y_RD, send_splits, recv_splits)
-        out_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
-        return out_TD.index_add(0, plan.token_ids, y_MD.float() * plan.weights[:, None])
+        local_expert_R = torch.arange(L, device=x_RD.device).repeat(P).repeat_interleave(recv_counts_PL.reshape(-1))
+        perm = torch.argsort(local_expert_R, stable=True)  # 3.
+        ones = torch.ones(perm.shape[0], dtype=torch.float32, device=x_RD.device)
+        self._count(x_MD, send_splits, recv_splits)
+        return ExchangedRows(x_RD.index_select(0, perm), recv_counts_PL.sum(0), ones, plan, x_TD.shape[0],
+                             perm, send_splits, recv_splits)
+
+    def combine(self, y_rows: torch.Tensor, d: ExchangedRows) -> torch.Tensor:
+        inverse = torch.empty_like(d.perm)
+        inverse[d.perm] = torch.arange(d.perm.shape[0], device=d.perm.device)
+        y_RD = y_rows.index_select(0, inverse).to(d.x_MD.dtype)  # 4. arrival order, sent in x's dtype
+        y_MD = self._all_to_all(y_RD, d.send_splits, d.recv_splits)
+        out_TD = y_MD.new_zeros(d.num_tokens, y_MD.shape[-1], dtype=torch.float32)
+        return out_TD.index_add(0, d.plan.token_ids, y_MD.float() * d.plan.weights[:, None])
 
     def _exchange_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
         """counts [E] (mine, per expert) -> [P, L]: row p = what rank p sends to each of my experts."""
@@ -97,23 +130,12 @@ class ExpertParallelExperts(nn.Module):
         out = rows.new_empty(sum(out_splits), rows.shape[-1])
         return dist_fn.all_to_all_single(out, rows.contiguous(), out_splits, in_splits, group=self.group)
 
-    def _local_experts(self, x_RD: torch.Tensor, recv_counts_PL: torch.Tensor) -> torch.Tensor:
-        """[R, D] in arrival order (source rank, then local expert) -> [R, D] fp32, same order."""
-        P, L = self.ep, self.num_local
-        local_expert_R = torch.arange(L, device=x_RD.device).repeat(P).repeat_interleave(recv_counts_PL.reshape(-1))
-        perm = torch.argsort(local_expert_R, stable=True)  # [R] arrival positions grouped by local expert
-        ones = torch.ones(perm.shape[0], dtype=torch.float32, device=x_RD.device)
-        return grouped_moe(x_RD, perm, ones, self.w_in, self.w_out, recv_counts_PL.sum(0), self.activation)
-
-    def _count(self, x_MD: torch.Tensor, y_RD: torch.Tensor, send: list[int], recv: list[int]) -> None:
+    def _count(self, x_MD: torch.Tensor, send: list[int], recv: list[int]) -> None:
         c, row = self.counter, x_MD.shape[-1] * x_MD.element_size()
         c.dispatch_bytes += sum(send) * row
         c.combine_bytes += sum(recv) * row
         c.off_rank_bytes += (sum(send) - send[self.ep_rank] + sum(recv) - recv[self.ep_rank]) * row
         c.calls += 1
 
-    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("expert-parallel experts run only through the all-to-all dispatcher")
 
-
-__all__ = ["ExpertParallelExperts", "CommCounter"]
+__all__ = ["ExpertParallelExperts", "AllToAllDispatcher", "ExchangedRows", "CommCounter"]

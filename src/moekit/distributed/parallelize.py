@@ -5,8 +5,8 @@ step transforms it in place, from outside, like torchtitan's ``parallelize`` and
 ``tp.py``. Layers never ask whether they are distributed.
 
     1. experts: each MoE layer's ``Experts`` becomes an ``ExpertParallelExperts`` holding this
-       rank's E / P experts (a slice of the stacked weights along the expert dimension) and
-       moving rows with all-to-all (``dispatcher.py``)
+       rank's E / P experts (a slice of the stacked weights along the expert dimension), and
+       its dispatcher an ``AllToAllDispatcher`` moving rows between ranks (``dispatcher.py``)
     2. expert gradients: the all-to-all's backward sums them over the ``ep`` row; they are
        then averaged over the ``dp`` column (hooks, or FSDP2 over that column with ``fsdp``),
        scaled so that every gradient is the mean over all W ranks, as DDP's are
@@ -25,10 +25,10 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.distributed._composable.replicate import replicate
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from moekit.distributed.dispatcher import CommCounter, ExpertParallelExperts
+from moekit.distributed.dispatcher import AllToAllDispatcher, CommCounter, ExpertParallelExperts
 from moekit.distributed.mesh import DistContext, ParallelConfig
 from moekit.layers.moe import MoELayer
 from moekit.model import MoETransformer
@@ -63,15 +63,18 @@ def _shard_experts(model: MoETransformer, ctx: DistContext, counter: CommCounter
 
 
 def shard_experts(layer: MoELayer, ctx: DistContext, counter: CommCounter | None = None) -> ExpertParallelExperts:
-    """Give ``layer`` this rank's slice of its experts, behind the all-to-all dispatcher."""
+    """Give ``layer`` this rank's slice of its experts (a weights provider) and the all-to-all
+    dispatcher (``docs/design.md``: the layer's seams)."""
     if layer.cfg.router == "expert_choice":
         raise ValueError("expert parallelism does not support router='expert_choice' (each expert chooses "
                          "among all tokens of the global batch); use token-choice routing or --ep 1")
-    ex, L, p = layer.experts, layer.cfg.num_experts // ctx.ep, ctx.ep_rank
-    w_in = ex.w_in.detach()[p * L:(p + 1) * L].clone()  # [L, H, D]
-    w_out = ex.w_out.detach()[p * L:(p + 1) * L].clone()  # [L, D, F]
-    layer.experts = ExpertParallelExperts(w_in, w_out, ex.num_experts, ex.activation, ctx.group("ep"), counter)
-    layer.impl = "grouped"  # never the one-token shortcut: it would skip the collectives
+    L, p = layer.cfg.num_experts // ctx.ep, ctx.ep_rank
+    w_in, w_out = layer.experts.stacked()
+    w_in = w_in.detach()[p * L:(p + 1) * L].clone()  # [L, H, D]
+    w_out = w_out.detach()[p * L:(p + 1) * L].clone()  # [L, D, F]
+    layer.experts = ExpertParallelExperts(w_in, w_out, layer.experts.activation, first_expert=p * L)
+    layer.dispatcher = AllToAllDispatcher(ctx.group("ep"), L, counter)
+    layer.impl = "grouped"  # the grouped node on the rows each rank receives
     return layer.experts
 
 
@@ -97,6 +100,7 @@ def _fully_shard(model: MoETransformer, ctx: DistContext, ep_modules: list[nn.Mo
         # The experts' slices sharded again over their R replicas; summed over the ep row by the
         # all-to-all's backward, so divided by W (not R) to give the mean over all ranks.
         fully_shard(m, mesh=ctx.mesh["dp"])
+        register_fsdp_forward_method(m, "rows")  # the layer computes through rows(), not forward()
         m.set_gradient_divide_factor(float(ctx.world))
     for block in model.blocks:
         fully_shard(block, mesh=world_mesh)

@@ -26,13 +26,16 @@ experts and weighted scatter in one node. ``single_token`` is decode at batch 1,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from moekit.layers.dispatch import DispatchPlan, LocalDispatcher
 from moekit.layers.grouped_mm import grouped_moe
 from moekit.layers.mlp import activate, first_proj_width
-from moekit.layers.weights import ExpertWeights, StackedExpertWeights
+from moekit.layers.weights import ExpertWeights
 
 IMPLS = ("grouped", "decode", "loop")
 
@@ -121,12 +124,36 @@ def _gemv_for(weights: ExpertWeights, v: torch.Tensor):
     return _StreamGemv(s)
 
 
-class Experts(StackedExpertWeights):
-    """E dense experts as stacked weights, with the token-level entry for a local dispatch."""
+class Experts(ExpertWeights):
+    """E dense experts as two stacked parameters, ``w_in`` [E, H, D] and ``w_out`` [E, D, F]:
+    the default weights provider, with the token-level entry for a local dispatch."""
+
+    plain = True
 
     def __init__(self, num_experts: int, d_model: int, d_expert: int, activation: str = "swiglu"):
         super().__init__(num_experts, d_model, d_expert, activation)
+        self.w_in = nn.Parameter(torch.empty(num_experts, first_proj_width(d_expert, activation), d_model))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_model, d_expert))
         self._gemv_scratch: torch.Tensor | None = None  # single_token's product buffer (one expert matrix)
+
+    def get(self, ids: Sequence[int], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # Views when the dtype matches; otherwise (fp32 master weights, half activations) only
+        # the asked-for experts are cast.
+        w_in, w_out = self.w_in, self.w_out
+        if w_in.dtype == dtype:
+            return [(w_in[e], w_out[e]) for e in ids]
+        return [(w_in[e].to(dtype), w_out[e].to(dtype)) for e in ids]
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w_in, self.w_out
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w_in.dtype
+
+    def rows(self, x_MD: torch.Tensor, counts: torch.Tensor, weights_M: torch.Tensor,
+             impl: str = "grouped") -> torch.Tensor:
+        return expert_rows(self, x_MD, counts, weights_M, impl)
 
     def forward(self, x_TD: torch.Tensor, plan: DispatchPlan, impl: str = "grouped") -> torch.Tensor:
         """x_TD [T, D] -> [T, D] fp32: for each token, its kept slots' expert outputs times
@@ -141,6 +168,10 @@ class Experts(StackedExpertWeights):
         """Expert e on any [.., D] input: the plain definition, used by references and tools."""
         (w_in, w_out), = self.get([e], x.dtype)
         return F.linear(activate(F.linear(x, w_in), self.activation), w_out)
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.w_in, std=std)
+        nn.init.normal_(self.w_out, std=out_std)
 
 
 _LOCAL = LocalDispatcher()

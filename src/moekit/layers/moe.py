@@ -7,7 +7,7 @@ token, M kept slots (sorted by expert).
     1. router:   x_TD -> RouterOutput (logits/probs [T, E], choices [T, K] or [E, C])
     2. plan:     choices -> DispatchPlan (slots grouped by expert, capacity applied)
     3. dispatch: ``self.dispatcher`` -> Dispatched (x_MD [M, D] grouped by expert, counts [E])
-    4. experts:  ``expert_rows(self.experts, x_MD, counts, weights_M)`` -> y_MD [M, D] fp32,
+    4. experts:  ``self.experts.rows(x_MD, counts, weights_M)`` -> y_MD [M, D] fp32,
                  weights read only through the provider ``self.experts`` (``weights.py``)
     5. combine:  ``self.dispatcher`` -> [T, D] fp32; + shared experts; -> [B, S, D]
 Local fast path: with the local dispatcher and plain weights, the grouped impl runs 3-5 as
@@ -16,8 +16,9 @@ one autograd node (``grouped_mm.py``). A single token (decode at batch 1) skips 
 drop; the plan is made only if the statistics or the balancing counts ask for it.
 
 Balancing state lives in buffers: the routers' ``expert_bias`` and ``load_since_update``
-(the aux-loss-free counts). ``update_expert_bias(all_reduce)`` is the one place a
-distributed step sums the counts over ranks before the bias moves (``docs/design.md``).
+(the aux-loss-free counts, which only training forwards add to). A distributed step sums the
+counts over ranks in one place, ``distributed.parallelize.sync_balancing_state``, right
+before ``update_expert_bias`` moves the bias (``docs/design.md``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import nn
 from moekit.config import MoEConfig
 from moekit.layers.dispatch import Dispatcher, DispatchPlan, LocalDispatcher, plan_dispatch
 from moekit.layers.experts import IMPLS as EXPERT_IMPLS
-from moekit.layers.experts import Experts, expert_rows, local_experts, single_token
+from moekit.layers.experts import Experts, local_experts, single_token
 from moekit.layers.mlp import MLP
 from moekit.layers.routers import Router, RouterOutput
 from moekit.losses import router_z_loss, sequence_balance_loss, switch_load_balancing_loss
@@ -138,7 +139,7 @@ class MoELayer(nn.Module):
         if self.dispatcher.local:
             return local_experts(self.experts, x_TD, plan, impl)  # the fused node where it can
         d = self.dispatcher.dispatch(x_TD, plan)
-        return self.dispatcher.combine(expert_rows(self.experts, d.x_MD, d.counts, d.weights_M, impl), d)
+        return self.dispatcher.combine(self.experts.rows(d.x_MD, d.counts, d.weights_M, impl), d)
 
     @property
     def aux_loss(self) -> torch.Tensor:
@@ -191,12 +192,9 @@ class MoELayer(nn.Module):
             total, losses["z_loss"] = total + cfg.z_loss_coef * z, z.detach()
         return total, losses
 
-    def update_expert_bias(self, all_reduce=None) -> None:
-        """Aux-loss-free balancing step; the trainer calls it once per optimizer step.
-
-        ``all_reduce`` (a callable summing a tensor in place over the data-parallel ranks, or
-        None on one process) sees the load counts first, so every rank moves its bias alike."""
-        self.router.update_bias(all_reduce)
+    def update_expert_bias(self) -> None:
+        """Aux-loss-free balancing step; the trainer calls it once per optimizer step."""
+        self.router.update_bias()
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
         """N(0, std) weights (GPT-2); ``out_std`` (default ``std``) for the projections back to d_model."""

@@ -136,16 +136,13 @@ class Router(nn.Module):
             self.load_since_update += tokens_per_expert.to(self.load_since_update)
 
     @torch.no_grad()
-    def update_bias(self, all_reduce=None) -> None:
+    def update_bias(self) -> None:
         """Aux-loss-free balancing (Wang et al. 2024; DeepSeek-V3 sec. 2.1.2):
         bias_i += rate * sign(mean_load - load_i), then the load count restarts.
-        Called by the trainer once per optimizer step, never inside forward; ``all_reduce``
-        (in place, over data-parallel ranks) makes the load global first."""
+        Called by the trainer once per optimizer step, never inside forward."""
         if not self.cfg.has_selection_bias or self.cfg.bias_update_rate == 0:
             return
         load = self.load_since_update
-        if all_reduce is not None:
-            all_reduce(load)
         if load.sum() > 0:
             load_f = load.float()
             self.expert_bias += self.cfg.bias_update_rate * torch.sign(load_f.mean() - load_f)

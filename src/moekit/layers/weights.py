@@ -12,8 +12,8 @@ Expert compute (``experts.py``) never reads a weight tensor by name; it asks its
   their storage dtype. When ``plain`` is True these are the trainable parameters themselves,
   and the layer may hand them to the fused local fast path (``grouped_mm.py``).
 
-``StackedExpertWeights`` is today's provider: two 3-D parameters, ``w_in`` and ``w_out``
-(their state-dict names are part of the checkpoint and interop formats). Later providers are
+``experts.Experts`` is today's provider: two 3-D parameters, ``w_in`` and ``w_out`` (their
+state-dict names are part of the checkpoint and interop formats). Later providers are
 twins that replace it after loading, as gpt-fast swaps in quantized modules: int8/int4 weights
 with scales (``plain`` False; ``get`` dequantizes, or a quantized compute takes the raw
 tensors), an offload cache (``get`` fetches), base + LoRA (``get`` adds the low-rank term, or
@@ -29,7 +29,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from moekit.layers.mlp import first_proj_width
 
 
 class ExpertWeights(nn.Module):
@@ -47,6 +46,15 @@ class ExpertWeights(nn.Module):
         """(w_in [H, D], w_out [D, F]) in ``dtype`` for each local expert id, in order."""
         raise NotImplementedError
 
+    def rows(self, x_MD: torch.Tensor, counts: torch.Tensor, weights_M: torch.Tensor,
+             impl: str = "grouped") -> torch.Tensor:
+        """These experts on dispatched rows -> y_MD [M, D] fp32; implementations return
+        ``experts.expert_rows(self, ...)``. The layer's general path enters here (a method
+        of the module, not a free function), so that a provider which is its own FSDP unit
+        (expert parallelism) can register ``rows`` as a forward method and have its
+        parameters gathered around every read (``register_fsdp_forward_method``)."""
+        raise NotImplementedError
+
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every expert: w_in [E, H, D], w_out [E, D, F]. The default stacks ``get``."""
         pairs = self.get(range(self.num_experts), self.dtype)
@@ -58,34 +66,4 @@ class ExpertWeights(nn.Module):
         return torch.float32
 
 
-class StackedExpertWeights(ExpertWeights):
-    """Dense weights as two stacked parameters: ``w_in`` [E, H, D], ``w_out`` [E, D, F]."""
-
-    plain = True
-
-    def __init__(self, num_experts: int, d_model: int, d_expert: int, activation: str = "swiglu"):
-        super().__init__(num_experts, d_model, d_expert, activation)
-        self.w_in = nn.Parameter(torch.empty(num_experts, first_proj_width(d_expert, activation), d_model))
-        self.w_out = nn.Parameter(torch.empty(num_experts, d_model, d_expert))
-
-    def get(self, ids: Sequence[int], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        # Views when the dtype matches; otherwise (fp32 master weights, half activations) only
-        # the asked-for experts are cast.
-        w_in, w_out = self.w_in, self.w_out
-        if w_in.dtype == dtype:
-            return [(w_in[e], w_out[e]) for e in ids]
-        return [(w_in[e].to(dtype), w_out[e].to(dtype)) for e in ids]
-
-    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.w_in, self.w_out
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.w_in.dtype
-
-    def reset_parameters(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.w_in, std=std)
-        nn.init.normal_(self.w_out, std=out_std)
-
-
-__all__ = ["ExpertWeights", "StackedExpertWeights"]
+__all__ = ["ExpertWeights"]
