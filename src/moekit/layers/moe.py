@@ -10,9 +10,10 @@ token, M kept slots (sorted by expert).
     4. experts:  ``self.experts.rows(x_MD, counts, weights_M)`` -> y_MD [M, D] fp32,
                  weights read only through the provider ``self.experts`` (``weights.py``)
     5. combine:  ``self.dispatcher`` -> [T, D] fp32; + shared experts; -> [B, S, D]
-Local fast path: with the local dispatcher and plain weights, the grouped impl runs 3-5 as
-one autograd node (``grouped_mm.py``). A single token (decode at batch 1) skips 2-5 for
-``single_token``: its K slots go to K distinct experts, so there is nothing to sort, group or
+With the local dispatcher the layer calls the provider's local entry, ``self.experts(x_TD,
+plan, impl)``, which for plain weights and the grouped impl runs 3-5 as one autograd node
+(``grouped_mm.py``). A single token (decode at batch 1) skips 2-5 for
+``self.experts.single_token``: its K slots go to K distinct experts, so there is nothing to sort, group or
 drop; the plan is made only if the statistics or the balancing counts ask for it.
 
 Balancing state lives in buffers: the routers' ``expert_bias`` and ``load_since_update``
@@ -31,7 +32,7 @@ from torch import nn
 from moekit.config import MoEConfig
 from moekit.layers.dispatch import Dispatcher, DispatchPlan, LocalDispatcher, plan_dispatch
 from moekit.layers.experts import IMPLS as EXPERT_IMPLS
-from moekit.layers.experts import Experts, local_experts, single_token
+from moekit.layers.experts import Experts
 from moekit.layers.mlp import MLP
 from moekit.layers.routers import Router, RouterOutput
 from moekit.losses import router_z_loss, sequence_balance_loss, switch_load_balancing_loss
@@ -123,7 +124,7 @@ class MoELayer(nn.Module):
         r = self.router(x_TD, valid_T)
         impl, plan, local = self.expert_impl(B * S), None, self.dispatcher.local
         if local and impl == "decode" and B * S == 1 and valid_T is None and not r.expert_choice:
-            out_TD = single_token(self.experts, x_TD, r.ids, r.weights)  # [1, D] fp32
+            out_TD = self.experts.single_token(x_TD, r.ids, r.weights)  # [1, D] fp32
         else:
             plan = plan_dispatch(r, self.cfg.num_experts, self.cfg.effective_capacity_factor, valid_T)
             out_TD = self._routed(x_TD, plan, impl)  # [T, D] fp32
@@ -136,8 +137,8 @@ class MoELayer(nn.Module):
 
     def _routed(self, x_TD: torch.Tensor, plan: DispatchPlan, impl: str) -> torch.Tensor:
         """Steps 3-5: dispatch, experts on the rows, combine -> [T, D] fp32."""
-        if self.dispatcher.local:
-            return local_experts(self.experts, x_TD, plan, impl)  # the fused node where it can
+        if self.dispatcher.local:  # the provider's local entry: the fused node where it can
+            return self.experts(x_TD, plan, impl)
         d = self.dispatcher.dispatch(x_TD, plan)
         return self.dispatcher.combine(self.experts.rows(d.x_MD, d.counts, d.weights_M, impl), d)
 

@@ -11,6 +11,10 @@ Expert compute (``experts.py``) never reads a weight tensor by name; it asks its
 - ``stacked()``: every expert's weights as two stacked tensors [E, H, D] and [E, D, F], in
   their storage dtype. When ``plain`` is True these are the trainable parameters themselves,
   and the layer may hand them to the fused local fast path (``grouped_mm.py``).
+- ``rows(x_MD, counts, weights_M, impl)``: the experts on dispatched rows (the general path).
+- the local entries ``forward(x_TD, plan, impl)`` -> [T, D] fp32 and ``single_token(x_1D,
+  ids_1K, weights_1K)``, which the layer calls with the local dispatcher:
+  ``experts.local_experts`` and ``experts.single_token`` implement them for any provider.
 
 ``experts.Experts`` is today's provider: two 3-D parameters, ``w_in`` and ``w_out`` (their
 state-dict names are part of the checkpoint and interop formats). Later providers are
