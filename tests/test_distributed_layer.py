@@ -27,25 +27,30 @@ CASES = {
     "padding": dict(top_k=2),
     "one-expert": dict(top_k=1),  # every token to expert 0: other experts and ranks get nothing
     "padded-rank": dict(top_k=2),  # the last rank's rows are all padding: it sends nothing
+    # Capacity over every rank's slots: the same slots dropped as by one process on the whole batch.
+    "capacity": dict(top_k=2, capacity_factor=1.0),
+    "capacity-padding": dict(top_k=2, capacity_factor=1.25),
+    "capacity-one-expert": dict(top_k=1, capacity_factor=1.0),
 }
+CAPACITY = [case for case in CASES if case.startswith("capacity")]
 
 
 def _inputs(case: str):
     x = torch.randn(B, S, D)
     mask = None
-    if case == "padding":
+    if case in ("padding", "capacity-padding"):
         mask = torch.rand(B, S) > 0.3
     elif case == "padded-rank":
         mask = torch.ones(B, S, dtype=torch.bool)
         mask[-1] = False
-    elif case == "one-expert":
+    elif case in ("one-expert", "capacity-one-expert"):
         x = x.abs() + 0.1
     return x, mask
 
 
 def _layer(case: str) -> MoELayer:
     layer = MoELayer(MoEConfig(d_model=D, d_expert=8, num_experts=E, **CASES[case]))
-    if case == "one-expert":
+    if case in ("one-expert", "capacity-one-expert"):
         with torch.no_grad():
             layer.router.weight.zero_()
             layer.router.weight[0] = 1.0
@@ -67,6 +72,7 @@ def _compare_cases(rank: int, world: int) -> dict:
         ref = copy.deepcopy(layer)
         x_ref = x.clone().requires_grad_()
         (ref(x_ref, mask) * g).sum().backward()
+        dropped = ref.last_stats.dropped_fraction
 
         shard_experts(layer, ctx)
         b = B // world

@@ -25,6 +25,15 @@ steps), given a local ``DispatchPlan``:
        the routing weights and the scatter-add to tokens, exactly as the local combine
 The backward of each data all-to-all is the reverse all-to-all (``torch.distributed.nn``).
 
+Capacity is per expert over every rank's slots, as one process would apply it to the whole
+batch of the expert-parallel group: ``plan`` keeps every routed slot (dropless) and their
+selection scores; in ``dispatch`` the scores travel with the rows (one more all-to-all, of
+R floats), the token count is all-reduced for the capacity ceil(cf * tokens * k / E), and the
+rank holding each expert keeps its highest-scoring slots (``keep_within_capacity``, the
+single-process rule); dropped rows come back as zeros. So the same slots are dropped as by
+one process (ties in score aside). Dropped rows still travel both ways: the all-to-all volume
+is the dropless one.
+
 Every rank calls the same collectives in the same order whatever its routing: a rank that
 sends or receives no row still takes part (zero-length splits), and its experts' weights
 still get a gradient (zeros), so the data-parallel reduction of expert gradients never
@@ -40,8 +49,11 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
-from moekit.layers.dispatch import Dispatched, Dispatcher, DispatchPlan
+from moekit.layers.dispatch import (
+    Dispatched, Dispatcher, DispatchPlan, expert_capacity, keep_within_capacity, plan_dispatch,
+)
 from moekit.layers.experts import Experts
+from moekit.layers.routers import RouterOutput
 from moekit.layers.weights import ExpertWeights
 
 
@@ -78,10 +90,21 @@ class ExpertParallelExperts(Experts):
 
 
 @dataclass(frozen=True)
+class UncappedPlan(DispatchPlan):
+    """A dropless plan of this rank's slots, with what the experts' ranks need to apply the
+    capacity over every rank's slots."""
+
+    scores: torch.Tensor | None = None  # [M] fp32 selection score of each slot (higher is kept first)
+    capacity_factor: float = 1.0
+    top_k: int = 1
+    num_valid: int = 0  # real tokens on this rank
+
+
+@dataclass(frozen=True)
 class ExchangedRows(Dispatched):
     """Rows that arrived from every rank, and how to send their outputs back."""
 
-    perm: torch.Tensor | None = None  # [R] arrival positions, grouped by local expert
+    perm: torch.Tensor | None = None  # [R'] arrival positions of the kept rows, grouped by local expert
     send_splits: list[int] | None = None  # [P] rows this rank sent to each rank
     recv_splits: list[int] | None = None  # [P] rows it received from each rank
 
@@ -97,6 +120,22 @@ class AllToAllDispatcher(Dispatcher):
         self.num_local = num_local
         self.counter = counter or CommCounter()
 
+    def plan(self, r: RouterOutput, num_experts: int, capacity_factor: float | None,
+             valid_T: torch.Tensor | None = None) -> DispatchPlan:
+        """Dropless here; with a capacity factor, every slot and its score (see the docstring)."""
+        if capacity_factor is None or r.expert_choice:
+            return plan_dispatch(r, num_experts, capacity_factor, valid_T)
+        p = plan_dispatch(r, num_experts, None, valid_T)
+        T, K = r.ids.shape
+        expert_N = r.ids.reshape(-1)  # [N]; padding to the sentinel E, as plan_dispatch does
+        if valid_T is not None:
+            expert_N = expert_N.masked_fill(~valid_T.repeat_interleave(K), num_experts)
+        order = torch.argsort(expert_N, stable=True)[:p.token_ids.numel()]  # the plan's slots, [M]
+        n_valid = T if valid_T is None else int(valid_T.sum())
+        fields = {f: getattr(p, f) for f in DispatchPlan.__dataclass_fields__}
+        return UncappedPlan(**fields, scores=r.scores.reshape(-1)[order], capacity_factor=capacity_factor,
+                            top_k=K, num_valid=n_valid)
+
     def dispatch(self, x_TD: torch.Tensor, plan: DispatchPlan) -> ExchangedRows:
         P, L = self.ep, self.num_local
         assert plan.counts.numel() == P * L, "the plan ranges over all E = P * L experts"
@@ -106,16 +145,31 @@ class AllToAllDispatcher(Dispatcher):
         x_MD = x_TD.index_select(0, plan.token_ids)
         x_RD = self._all_to_all(x_MD, recv_splits, send_splits)  # 2.
         local_expert_R = torch.arange(L, device=x_RD.device).repeat(P).repeat_interleave(recv_counts_PL.reshape(-1))
-        perm = torch.argsort(local_expert_R, stable=True)  # 3.
+        counts_L = recv_counts_PL.sum(0)  # [L]
+        if isinstance(plan, UncappedPlan):
+            perm, counts_L = self._within_capacity(plan, local_expert_R, counts_L, send_splits, recv_splits)
+        else:
+            perm = torch.argsort(local_expert_R, stable=True)  # 3.
         ones = torch.ones(perm.shape[0], dtype=torch.float32, device=x_RD.device)
         self._count(x_MD, send_splits, recv_splits)
-        return ExchangedRows(x_RD.index_select(0, perm), recv_counts_PL.sum(0), ones, plan, x_TD.shape[0],
+        return ExchangedRows(x_RD.index_select(0, perm), counts_L, ones, plan, x_TD.shape[0],
                              perm, send_splits, recv_splits)
 
+    def _within_capacity(self, plan: UncappedPlan, local_expert_R: torch.Tensor, counts_L: torch.Tensor,
+                         send_splits: list[int], recv_splits: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Arrival positions of the rows each local expert keeps (its capacity highest scores over
+        every rank's slots), grouped by local expert, and the kept counts [L]."""
+        score_R = plan.scores.new_empty(sum(recv_splits))
+        dist.all_to_all_single(score_R, plan.scores.contiguous(), recv_splits, send_splits, group=self.group)
+        n_valid = torch.tensor([plan.num_valid], device=plan.scores.device)
+        dist.all_reduce(n_valid, group=self.group)
+        capacity = expert_capacity(plan.capacity_factor, int(n_valid), plan.top_k, self.ep * self.num_local)
+        keep = keep_within_capacity(local_expert_R, score_R, counts_L, capacity, self.num_local)
+        return keep, counts_L.clamp(max=capacity)
+
     def combine(self, y_rows: torch.Tensor, d: ExchangedRows) -> torch.Tensor:
-        inverse = torch.empty_like(d.perm)
-        inverse[d.perm] = torch.arange(d.perm.shape[0], device=d.perm.device)
-        y_RD = y_rows.index_select(0, inverse).to(d.x_MD.dtype)  # 4. arrival order, sent in x's dtype
+        # 4. arrival order, sent in x's dtype; rows dropped by capacity go back as zeros
+        y_RD = y_rows.new_zeros(sum(d.recv_splits), y_rows.shape[-1]).index_copy(0, d.perm, y_rows).to(d.x_MD.dtype)
         y_MD = self._all_to_all(y_RD, d.send_splits, d.recv_splits)
         out_TD = y_MD.new_zeros(d.num_tokens, y_MD.shape[-1], dtype=torch.float32)
         return out_TD.index_add(0, d.plan.token_ids, y_MD.float() * d.plan.weights[:, None])
@@ -138,4 +192,4 @@ class AllToAllDispatcher(Dispatcher):
         c.calls += 1
 
 
-__all__ = ["ExpertParallelExperts", "AllToAllDispatcher", "ExchangedRows", "CommCounter"]
+__all__ = ["ExpertParallelExperts", "AllToAllDispatcher", "ExchangedRows", "UncappedPlan", "CommCounter"]

@@ -74,7 +74,7 @@ def _plan_token_choice(
     else:
         n_valid = T if valid_T is None else int(valid_T.sum())
         capacity = expert_capacity(capacity_factor, n_valid, K, E)
-        order = _keep_within_capacity(expert_N, r.scores.reshape(-1), routed_counts, capacity, E)
+        order = keep_within_capacity(expert_N, r.scores.reshape(-1), routed_counts, capacity, E)
         counts = torch.clamp(routed_counts, max=capacity)
         num_dropped = num_routed - int(counts.sum())
     return DispatchPlan(
@@ -88,7 +88,7 @@ def _plan_token_choice(
     )
 
 
-def _keep_within_capacity(
+def keep_within_capacity(
     expert_N: torch.Tensor, score_N: torch.Tensor, routed_counts: torch.Tensor, capacity: int, E: int
 ) -> torch.Tensor:
     """Slot indices grouped by expert, each expert keeping its ``capacity`` highest-scoring
@@ -157,6 +157,13 @@ class Dispatcher:
     """
 
     local = False
+
+    def plan(self, r: RouterOutput, num_experts: int, capacity_factor: float | None,
+             valid_T: torch.Tensor | None = None) -> DispatchPlan:
+        """The router's decisions -> the ``DispatchPlan`` that ``dispatch`` takes: ``plan_dispatch``,
+        unless the dispatcher applies capacity elsewhere (expert parallelism: on the rank that
+        holds the expert, over every rank's slots)."""
+        return plan_dispatch(r, num_experts, capacity_factor, valid_T)
 
     def dispatch(self, x_TD: torch.Tensor, plan: DispatchPlan) -> Dispatched:
         """x_TD [T, D] -> rows for this process's experts, grouped by expert."""

@@ -126,7 +126,7 @@ class MoELayer(nn.Module):
         if local and impl == "decode" and B * S == 1 and valid_T is None and not r.expert_choice:
             out_TD = self.experts.single_token(x_TD, r.ids, r.weights)  # [1, D] fp32
         else:
-            plan = plan_dispatch(r, self.cfg.num_experts, self.cfg.effective_capacity_factor, valid_T)
+            plan = self.dispatcher.plan(r, self.cfg.num_experts, self.cfg.effective_capacity_factor, valid_T)
             out_TD = self._routed(x_TD, plan, impl)  # [T, D] fp32
         if self.cfg.num_shared_experts:
             out_TD = out_TD + self._shared_forward(x_TD)
