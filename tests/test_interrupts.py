@@ -90,3 +90,34 @@ def test_ctrl_c_stops_an_experiment_instead_of_starting_the_next_variant(tmp_pat
     assert [p.name for p in (out / "runs").iterdir()] == [first.name]  # no second variant started
     assert not (out / "results.md").exists()
     assert list((first / "checkpoints").glob("step-*"))  # the variant can resume
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from rich.console import Console
+
+    from moekit import MoEConfig, ModelConfig
+    from moekit.data import DataConfig, default_corpus_root
+    from moekit.training import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    (root / "text").mkdir()
+    for name in ("textwrap.py", "heapq.py", "bisect.py"):
+        (root / "text" / name).write_bytes((default_corpus_root() / name).read_bytes())
+    model = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, d_ff=32, max_seq_len=64,
+                        moe=MoEConfig(d_model=32, d_expert=32, num_experts=4, top_k=2))
+    cfg = TrainConfig(data=DataConfig(sources=[str(root / "text")], tokenizer="bytes"), seq_len=64, batch_size=2,
+                      max_steps=1, eval_batches=1, cache_dir=str(root / "run" / "cache"))  # inside: allowed
+    train(cfg, model, root / "run", console=Console(quiet=True))
+    return root / "run"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["eval", "{run}", "--data", "{big}", "--batches", "1000000", "--batch-size", "64"], "validation tokens"),
+    (["analyze", "{run}", "--data", "{big}", "--max-tokens", "10000000", "--out", "{tmp}/report"], "analyzing"),
+])
+def test_ctrl_c_during_evaluation_and_analysis_exits_130(tiny_run, big_corpus, tmp_path, argv, needle):
+    argv = [a.format(run=tiny_run, big=big_corpus, tmp=tmp_path) for a in argv] + ["--threads", "1"] * (argv[0] == "eval")
+    proc = start(argv, tmp_path)
+    finish(proc, interrupt_when(proc, needle, stream="stderr"))
+    assert not (tmp_path / "report").exists()  # no half-written report

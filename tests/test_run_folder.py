@@ -131,3 +131,10 @@ def test_a_second_trainer_in_the_same_folder_is_refused(corpus, tmp_path):
     finally:
         os.close(fd)
     assert json.loads((run / "train_config.json").read_text())["max_steps"] == 2
+
+
+def test_a_data_cache_inside_the_new_run_folder_is_allowed(corpus, tmp_path):
+    run = tmp_path / "run"  # the cache appears in it during data preparation, before the run claims it
+    result = train(tiny_cfg(corpus, tmp_path, cache_dir=str(run / "cache")), tiny_model(), run,
+                   console=Console(quiet=True))
+    assert result.step == 2 and (run / "cache" / "data").is_dir()

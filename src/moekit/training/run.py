@@ -158,10 +158,11 @@ class RunLock:
 
 def claim_run_dir(run_dir: str | Path, resume: bool, log=print) -> RunLock:
     """Create and lock the run folder; remove killed checkpoint writes' temporary folders; on a
-    fresh run, move an earlier (checkpoint-less) run's records aside. -> the held lock."""
+    fresh run, move an earlier (checkpoint-less) run's records aside. -> the held lock.
+
+    A fresh run calls ``check_new_run_dir`` first, before reading data: a data cache asked for
+    inside the run folder (``--cache-dir RUN/cache``) may exist by the time of this call."""
     run_dir = Path(run_dir)
-    if not resume:
-        check_new_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)
     try:
