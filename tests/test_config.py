@@ -8,6 +8,9 @@ from hypothesis import strategies as st
 
 from moekit import MoEConfig, ModelConfig, MoELayer, get_preset
 from moekit.config import ROUTERS
+from moekit.data import DataConfig
+from moekit.errors import ConfigError, UsageError
+from moekit.training import TrainConfig
 
 
 @pytest.mark.parametrize(
@@ -111,3 +114,34 @@ def test_generated_configs_are_valid_or_name_a_field(kw):
         layer.reset_parameters(0.1, 0.1)
         y = layer(torch.randn(1, 5, cfg.d_model))
         assert y.shape == (1, 5, cfg.d_model) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize(
+    "cls, where",
+    [
+        (MoEConfig, "MoEConfig"), (ModelConfig, "ModelConfig"), (TrainConfig, "train"), (DataConfig, "data"),
+    ],
+)
+def test_every_config_refuses_unknown_fields_with_one_check(cls, where):
+    with pytest.raises(ConfigError, match=rf"unknown {where} field\(s\) \['bogus'\]; known: \["):
+        cls.from_dict({"bogus": 1})
+    with pytest.raises(ConfigError, match=f"{where} must be a mapping of fields, got list"):
+        cls.from_dict([1, 2])
+
+
+def test_config_errors_are_value_errors_for_library_callers_and_usage_errors_for_the_cli():
+    with pytest.raises(ValueError) as e:
+        MoEConfig(d_model=8, d_expert=8, num_experts=0)
+    assert isinstance(e.value, UsageError) and isinstance(e.value, ConfigError)
+
+
+@pytest.mark.parametrize("moe", [5, "x", [1]])
+def test_moe_that_is_not_a_mapping_is_named(moe):
+    with pytest.raises(ConfigError, match="moe must be a mapping of MoEConfig fields or null"):
+        ModelConfig(moe=moe)
+
+
+@pytest.mark.parametrize("sources", ["corpus/", 5, [3]])
+def test_data_sources_must_be_a_list_of_paths(sources):
+    with pytest.raises(ConfigError, match="data.sources must be a list of paths"):
+        DataConfig(sources=sources)

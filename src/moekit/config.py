@@ -1,8 +1,9 @@
 """Typed, validated configs for the MoE layer and the decoder model.
 
 Configs are plain data (no devices, no callables), validated in ``__post_init__`` so a bad
-value fails where it is written, with a ``ValueError`` naming the field. They round-trip
-through ``to_dict``/``from_dict`` (and so through JSON).
+value fails where it is written, with a ``ConfigError`` (a ``ValueError``) naming the field.
+They round-trip through ``to_dict``/``from_dict`` (and so through JSON); every config's
+``from_dict`` refuses unknown fields through ``check_fields``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from moekit.errors import ConfigError
 
 ROUTERS = ("softmax", "noisy", "sigmoid", "expert_choice")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
@@ -33,35 +36,40 @@ ROPE_SCALINGS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _check_float(name: str, value: Any, minimum: float = 0.0, *, strict: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
     if value < minimum or (strict and value == minimum):
         op = ">" if strict else ">="
-        raise ValueError(f"{name} must be {op} {minimum}, got {value}")
+        raise ConfigError(f"{name} must be {op} {minimum}, got {value}")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
 
 
-def _from_dict(cls, data: dict[str, Any]):
+def check_fields(cls, data: Any, where: str | None = None) -> dict[str, Any]:
+    """``data`` as keyword arguments of the dataclass ``cls``; a ConfigError naming unknown fields
+    (a typo in a config file must not be silently ignored) or a ``data`` that is not a mapping."""
+    where = where or cls.__name__
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of fields, got {type(data).__name__} {data!r:.60}")
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
-    return cls(**data)
+        raise ConfigError(f"unknown {where} field(s) {unknown}; known: {sorted(known)}")
+    return dict(data)
 
 
 @dataclass
@@ -103,7 +111,7 @@ class MoEConfig:
         _check_choice("router", self.router, ROUTERS)
         _check_choice("activation", self.activation, ACTIVATIONS)
         if self.top_k > self.num_experts:
-            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+            raise ConfigError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
         if self.norm_topk_prob is not None:
             _check_bool("norm_topk_prob", self.norm_topk_prob)
         _check_bool("shared_expert_gate", self.shared_expert_gate)
@@ -112,29 +120,29 @@ class MoEConfig:
             _check_float("capacity_factor", self.capacity_factor, 0.0, strict=True)
         _check_float("router_jitter", self.router_jitter)
         if self.router_jitter >= 1.0:
-            raise ValueError(f"router_jitter must be < 1, got {self.router_jitter}")
+            raise ConfigError(f"router_jitter must be < 1, got {self.router_jitter}")
         for name in ("load_balance_coef", "seq_balance_coef", "z_loss_coef", "bias_update_rate"):
             _check_float(name, getattr(self, name))
         self._validate_groups()
         self._validate_shared()
         if self.router == "expert_choice" and self.bias_update_rate > 0:
-            raise ValueError("bias_update_rate must be 0 for router='expert_choice' (balanced by construction)")
+            raise ConfigError("bias_update_rate must be 0 for router='expert_choice' (balanced by construction)")
 
     def _validate_groups(self) -> None:
         if self.num_groups == 1:
             if self.topk_groups != 1:
-                raise ValueError(f"topk_groups ({self.topk_groups}) needs num_groups > 1")
+                raise ConfigError(f"topk_groups ({self.topk_groups}) needs num_groups > 1")
             return
         if self.router == "expert_choice":
-            raise ValueError("num_groups > 1 (group-limited routing) does not apply to router='expert_choice'")
+            raise ConfigError("num_groups > 1 (group-limited routing) does not apply to router='expert_choice'")
         if self.num_experts % self.num_groups:
-            raise ValueError(f"num_groups ({self.num_groups}) must divide num_experts ({self.num_experts})")
+            raise ConfigError(f"num_groups ({self.num_groups}) must divide num_experts ({self.num_experts})")
         if self.num_experts // self.num_groups < 2:
-            raise ValueError("num_groups must leave at least 2 experts per group (a group scores by its top 2)")
+            raise ConfigError("num_groups must leave at least 2 experts per group (a group scores by its top 2)")
         if self.topk_groups > self.num_groups:
-            raise ValueError(f"topk_groups ({self.topk_groups}) must be <= num_groups ({self.num_groups})")
+            raise ConfigError(f"topk_groups ({self.topk_groups}) must be <= num_groups ({self.num_groups})")
         if self.top_k > self.topk_groups * self.group_size:
-            raise ValueError(
+            raise ConfigError(
                 f"top_k ({self.top_k}) must be <= topk_groups * experts per group "
                 f"({self.topk_groups} * {self.group_size})"
             )
@@ -143,9 +151,9 @@ class MoEConfig:
         if self.d_shared is not None:
             _check_int("d_shared", self.d_shared)
             if self.num_shared_experts == 0:
-                raise ValueError("d_shared is set but num_shared_experts is 0")
+                raise ConfigError("d_shared is set but num_shared_experts is 0")
         if self.shared_expert_gate and self.num_shared_experts == 0:
-            raise ValueError("shared_expert_gate needs num_shared_experts >= 1")
+            raise ConfigError("shared_expert_gate needs num_shared_experts >= 1")
 
     @property
     def group_size(self) -> int:
@@ -176,7 +184,7 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoEConfig":
-        return _from_dict(cls, data)
+        return cls(**check_fields(cls, data))
 
 
 @dataclass
@@ -222,6 +230,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
+        if self.moe is not None and not isinstance(self.moe, MoEConfig):
+            raise ConfigError(f"moe must be a mapping of MoEConfig fields or null, got {self.moe!r}")
         self.dense_layers = tuple(self.dense_layers)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "moe_every"):
             _check_int(name, getattr(self, name))
@@ -244,60 +254,60 @@ class ModelConfig:
         if self.rope_scaling is not None:
             self._validate_rope_scaling()
         if self.hf_architecture is not None and not isinstance(self.hf_architecture, str):
-            raise ValueError(f"hf_architecture must be a string or None, got {self.hf_architecture!r}")
+            raise ConfigError(f"hf_architecture must be a string or None, got {self.hf_architecture!r}")
         if self.moe is not None and self.moe.d_model != self.d_model:
-            raise ValueError(f"moe.d_model ({self.moe.d_model}) must equal d_model ({self.d_model})")
+            raise ConfigError(f"moe.d_model ({self.moe.d_model}) must equal d_model ({self.d_model})")
         for i in self.dense_layers:
             _check_int("dense_layers entry", i, minimum=0)
             if i >= self.n_layers:
-                raise ValueError(f"dense_layers entry {i} is out of range for n_layers={self.n_layers}")
+                raise ConfigError(f"dense_layers entry {i} is out of range for n_layers={self.n_layers}")
 
     def _validate_heads(self) -> None:
         if self.head_dim is None:
             if self.d_model % self.n_heads:
-                raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+                raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         else:
             _check_int("head_dim", self.head_dim)
         if self.n_kv_heads is not None:
             _check_int("n_kv_heads", self.n_kv_heads)
             if self.n_heads % self.n_kv_heads:
-                raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+                raise ConfigError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
         if self.resolved_head_dim % 2:
-            raise ValueError(f"head_dim ({self.resolved_head_dim}) must be even for rotary embeddings")
+            raise ConfigError(f"head_dim ({self.resolved_head_dim}) must be even for rotary embeddings")
 
     def _validate_mla(self) -> None:
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if getattr(self, name) is None:
-                raise ValueError(f"{name} must be set for attention='mla'")
+                raise ConfigError(f"{name} must be set for attention='mla'")
             _check_int(name, getattr(self, name))
         if self.q_lora_rank is not None:
             _check_int("q_lora_rank", self.q_lora_rank)
         if self.qk_rope_head_dim % 2:
-            raise ValueError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even for rotary embeddings")
+            raise ConfigError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even for rotary embeddings")
         if self.n_kv_heads not in (None, self.n_heads):
-            raise ValueError(
+            raise ConfigError(
                 f"n_kv_heads ({self.n_kv_heads}) does not apply to attention='mla' (every head has its own k and v)"
             )
         for name in ("head_dim", "qk_norm"):
             if getattr(self, name) is not None:
-                raise ValueError(f"{name} does not apply to attention='mla'; leave it None")
+                raise ConfigError(f"{name} does not apply to attention='mla'; leave it None")
         if self.qkv_bias:
-            raise ValueError("qkv_bias does not apply to attention='mla'")
+            raise ConfigError("qkv_bias does not apply to attention='mla'")
 
     def _validate_rope_scaling(self) -> None:
         rs = self.rope_scaling
         if not isinstance(rs, dict):
-            raise ValueError(f"rope_scaling must be a dict or None, got {rs!r}")
+            raise ConfigError(f"rope_scaling must be a dict or None, got {rs!r}")
         kind = rs.get("rope_type")
         if kind not in ROPE_SCALINGS:
-            raise ValueError(f"rope_scaling.rope_type must be one of {', '.join(ROPE_SCALINGS)}; got {kind!r}")
+            raise ConfigError(f"rope_scaling.rope_type must be one of {', '.join(ROPE_SCALINGS)}; got {kind!r}")
         required, optional = ROPE_SCALINGS[kind]
         keys = set(rs) - {"rope_type"}
         if missing := sorted(required - keys):
-            raise ValueError(f"rope_scaling ({kind}) lacks {missing}")
+            raise ConfigError(f"rope_scaling ({kind}) lacks {missing}")
         if unknown := sorted(keys - required - optional):
             known = sorted(required | optional)
-            raise ValueError(f"rope_scaling ({kind}) has unknown key(s) {unknown}; known: {known}")
+            raise ConfigError(f"rope_scaling ({kind}) has unknown key(s) {unknown}; known: {known}")
         _check_float("rope_scaling.factor", rs["factor"], 0.0, strict=True)
 
     @property
@@ -329,7 +339,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        return _from_dict(cls, dict(data))
+        return cls(**check_fields(cls, data))
 
 
-__all__ = ["MoEConfig", "ModelConfig", "ROUTERS", "ACTIVATIONS", "QK_NORMS", "ATTENTIONS", "ROPE_SCALINGS"]
+__all__ = ["MoEConfig", "ModelConfig", "check_fields", "ROUTERS", "ACTIVATIONS", "QK_NORMS", "ATTENTIONS", "ROPE_SCALINGS"]

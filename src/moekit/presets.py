@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from moekit.config import MoEConfig, ModelConfig
+from moekit.errors import ConfigError
 
 _TINY = dict(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256)
 
@@ -106,9 +107,9 @@ def preset_names() -> list[str]:
 
 
 def get_preset(name: str) -> ModelConfig:
-    """The config of preset ``name``; a ValueError listing the known names otherwise."""
+    """The config of preset ``name``; a ConfigError (a ValueError) listing the known names otherwise."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     return PRESETS[name][1]()
 
 

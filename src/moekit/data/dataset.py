@@ -17,6 +17,7 @@ when complete: a failed or interrupted build leaves nothing behind that a later 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,10 +30,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from moekit.config import _check_float, _check_int
+from moekit.config import _check_float, _check_int, check_fields
 from moekit.data.sources import Corpus, Document
 from moekit.data.tokenizer import TextTokenizer, bytes_tokenizer, load_tokenizer, train_bpe
-from moekit.errors import UsageError
+from moekit.errors import ConfigError, UsageError
 from moekit.fileio import atomic_write_json, fsync_dir, fsync_file, make_temp_dir
 
 CACHE_VERSION = 1
@@ -52,17 +53,26 @@ class DataConfig:
     split_seed: int = 0  # seeds the document split (kept apart from the training seed)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.sources, (list, tuple)) or not all(isinstance(s, (str, os.PathLike)) for s in self.sources):
+            raise ConfigError(f"data.sources must be a list of paths, got {self.sources!r}")
         self.sources = [str(s) for s in self.sources]
         if not self.text_field or not isinstance(self.text_field, str):
-            raise ValueError(f"data.text_field must be a non-empty string, got {self.text_field!r}")
+            raise ConfigError(f"data.text_field must be a non-empty string, got {self.text_field!r}")
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
-            raise ValueError(f"data.tokenizer must be bpe, bytes or a tokenizer.json path, got {self.tokenizer!r}")
+            raise ConfigError(f"data.tokenizer must be bpe, bytes or a tokenizer.json path, got {self.tokenizer!r}")
         _check_int("data.vocab_size", self.vocab_size, minimum=258)
         _check_int("data.tokenizer_train_chars", self.tokenizer_train_chars)
         _check_float("data.val_fraction", self.val_fraction, 0.0, strict=True)
         if self.val_fraction > 1.0:
-            raise ValueError(f"data.val_fraction must be <= 1, got {self.val_fraction}")
+            raise ConfigError(f"data.val_fraction must be <= 1, got {self.val_fraction}")
         _check_int("data.split_seed", self.split_seed, minimum=0)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DataConfig":
+        return cls(**check_fields(cls, data, "data"))
 
 
 @dataclass

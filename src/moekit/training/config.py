@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moekit.config import ModelConfig, _check_choice, _check_float, _check_int
+from moekit.config import ModelConfig, _check_choice, _check_float, _check_int, check_fields
 from moekit.data.dataset import DataConfig
-from moekit.errors import UsageError
+from moekit.errors import ConfigError, UsageError
 
 PRECISIONS = ("fp32", "bf16")
 # What may change when a run is resumed: bounds and bookkeeping, nothing that changes the math
@@ -54,8 +54,8 @@ class TrainConfig:
     cache_dir: str | None = None  # tokenized data cache; None = $MOEKIT_CACHE or ~/.cache/moekit
 
     def __post_init__(self) -> None:
-        if isinstance(self.data, dict):
-            self.data = DataConfig(**_known(DataConfig, self.data, "data"))
+        if not isinstance(self.data, DataConfig):
+            self.data = DataConfig.from_dict(self.data)
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
                      "ckpt_every", "keep_last", "log_every"):
             _check_int(name, getattr(self, name))
@@ -66,16 +66,16 @@ class TrainConfig:
         _check_float("lr", self.lr, 0.0, strict=True)
         _check_float("min_lr_ratio", self.min_lr_ratio)
         if self.min_lr_ratio > 1:
-            raise ValueError(f"min_lr_ratio must be <= 1, got {self.min_lr_ratio}")
+            raise ConfigError(f"min_lr_ratio must be <= 1, got {self.min_lr_ratio}")
         for name in ("weight_decay", "grad_clip"):
             _check_float(name, getattr(self, name))
         for name in ("beta1", "beta2"):
             _check_float(name, getattr(self, name))
             if getattr(self, name) >= 1:
-                raise ValueError(f"{name} must be < 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be < 1, got {getattr(self, name)}")
         _check_choice("precision", self.precision, PRECISIONS)
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -86,15 +86,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return cls(**_known(cls, data, "train"))
+        return cls(**check_fields(cls, data, "train"))
 
-
-def _known(cls, data: dict, where: str) -> dict:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {where} field(s) {unknown}; known: {sorted(known)}")
-    return dict(data)
 
 
 def parse_value(text: str) -> Any:
