@@ -80,3 +80,15 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     _, err = proc.communicate(timeout=120)
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
     assert proc.returncode in (0, 141)
+
+
+def test_an_internal_bug_keeps_its_traceback(monkeypatch):
+    """Only bad input (UsageError) becomes one line; a ValueError from a bug must not be disguised."""
+    import moekit.cli as cli
+
+    def buggy(args):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(cli, "cmd_presets", buggy)
+    with pytest.raises(ValueError, match="internal invariant"):
+        main(["presets"])

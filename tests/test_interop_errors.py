@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import moekit
 from moekit.cli import main
+from moekit.errors import ModelFolderError, UsageError
 from moekit.interop import supported_architectures
 from moekit.interop.checkpoint import INDEX, Checkpoint
 
@@ -166,3 +167,15 @@ def test_nan_in_a_hugging_face_checkpoint_is_named(copy_of):
         moekit.from_pretrained(folder)
     model = moekit.from_pretrained(folder, check_finite=False)
     assert torch.isnan(model.blocks[0].attn.wq.weight).sum() == 1
+
+
+def test_bad_checkpoint_errors_are_the_usage_kind_and_still_value_errors(copy_of):
+    folder, tensors = copy_of
+    tensors.pop("model.norm.weight")
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ModelFolderError) as e:
+        moekit.from_pretrained(folder)
+    assert isinstance(e.value, UsageError) and isinstance(e.value, ValueError)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelFolderError, match="no model.safetensors"):
+        moekit.from_pretrained(folder)

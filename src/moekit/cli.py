@@ -42,7 +42,7 @@ def resolve_config(target: str) -> tuple[str, ModelConfig]:
         if path.suffix or "/" in target:
             raise UsageError(f"no such file: {path}")
         get_preset(target)  # raises the "unknown preset ..., known presets: ..." error
-    data = read_json_object(path)  # ValueError: one line, exit 2 (main)
+    data = read_json_object(path)
     if is_hf_config(data):  # "architectures"/"model_type": a Hugging Face model's config.json
         cfg = config_from_hf(data)
         mtp = data.get("num_nextn_predict_layers") or 0
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except UsageError as e:  # bad input only: anything else is a bug and keeps its traceback
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says it
             print(f"moekit {args.command}: error: {e}", file=sys.stderr)
         return 2

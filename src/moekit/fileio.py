@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from moekit.errors import ConfigError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -80,13 +82,13 @@ def atomic_write_json(target: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json_object(path: str | os.PathLike) -> dict:
-    """A JSON file that must hold an object; ValueError naming the file otherwise."""
+    """A JSON file that must hold an object; a ConfigError (a ValueError) naming the file otherwise."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
+        raise ConfigError(f"cannot read {path}: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
+        raise ConfigError(f"{path} does not hold a JSON object (found a {type(data).__name__})")
     return data
 
 

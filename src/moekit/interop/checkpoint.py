@@ -21,6 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moekit.errors import ModelFolderError
+
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -59,15 +61,15 @@ class Checkpoint:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"cannot read {index}: {e}") from e
+                raise ModelFolderError(f"cannot read {index}: {e}") from e
             if not isinstance(weight_map, dict):
-                raise ValueError(f"cannot read {index}: weight_map is not a mapping")
+                raise ModelFolderError(f"cannot read {index}: weight_map is not a mapping")
             files = list(dict.fromkeys(weight_map.values()))
             for file in files:
                 _check_inside(file, index)
                 if not (self.folder / file).is_file():
                     names = [n for n, f in weight_map.items() if f == file]
-                    raise ValueError(
+                    raise ModelFolderError(
                         f"shard {file} is missing from {self.folder} ({INDEX} lists {len(names)} tensor(s) there, "
                         f"e.g. {names[0]!r})"
                     )
@@ -76,7 +78,7 @@ class Checkpoint:
             return SINGLE, [SINGLE], {}
         others = sorted(p.name for p in self.folder.glob("*.bin")) if self.folder.is_dir() else []
         hint = f" (found {', '.join(others)}: convert PyTorch .bin checkpoints to safetensors first)" if others else ""
-        raise ValueError(f"no {SINGLE} or {INDEX} in {self.folder}{hint}")
+        raise ModelFolderError(f"no {SINGLE} or {INDEX} in {self.folder}{hint}")
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -105,7 +107,7 @@ def _check_inside(file, index: Path) -> None:
     elsewhere."""
     parts = PurePosixPath(file).parts if isinstance(file, str) else ()
     if not parts or PurePosixPath(file).is_absolute() or "\\" in file or ".." in parts or ":" in parts[0]:
-        raise ValueError(f"{index} lists shard {file!r}, which is not inside {index.parent}: refused")
+        raise ModelFolderError(f"{index} lists shard {file!r}, which is not inside {index.parent}: refused")
 
 
 def parse_size(size: int | str) -> int:

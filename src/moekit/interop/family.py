@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from moekit.config import ROPE_SCALINGS, ModelConfig
+from moekit.errors import ConfigError
 
 HFConfig = dict[str, Any]
 MISSING = object()
@@ -62,13 +63,13 @@ class Fields:
             return default
         if key in self.defaults:
             return self.defaults[key]
-        raise ValueError(f"{self.label} config.json lacks {key!r}")
+        raise ConfigError(f"{self.label} config.json lacks {key!r}")
 
     def reject(self, key: str, allowed: Any, why: str) -> None:
         """Raise when ``key`` is set to something moekit cannot reproduce exactly."""
         value = self.hf.get(key)
         if value is not None and value != allowed:
-            raise ValueError(f"{self.label}: {key}={value!r} is not supported ({why})")
+            raise ConfigError(f"{self.label}: {key}={value!r} is not supported ({why})")
 
 
 def architecture_of(hf: HFConfig) -> str:
@@ -79,7 +80,7 @@ def architecture_of(hf: HFConfig) -> str:
 def llama_fields(f: Fields, arch: str) -> dict[str, Any]:
     """ModelConfig keyword arguments shared by the Llama-lineage families (GQA attention)."""
     if f("hidden_act", "silu") != "silu":
-        raise ValueError(f"{f.label}: hidden_act={f('hidden_act')!r} is not supported (moekit's FFNs are SwiGLU)")
+        raise ConfigError(f"{f.label}: hidden_act={f('hidden_act')!r} is not supported (moekit's FFNs are SwiGLU)")
     n_heads, d_model = f("num_attention_heads"), f("hidden_size")
     if "num_key_value_heads" in f.hf:  # null means one kv head per q head, as transformers reads it
         kv = f.hf["num_key_value_heads"] or n_heads
@@ -111,17 +112,17 @@ def rope_from_hf(f: Fields) -> tuple[float, dict[str, Any] | None]:
     params = dict(f.hf.get("rope_parameters") or {})
     legacy = dict(f.hf.get("rope_scaling") or {})
     if params and not any(k in params for k in ("rope_type", "type", "rope_theta")):
-        raise ValueError(f"{f.label}: per-layer-type rope_parameters are not supported")
+        raise ConfigError(f"{f.label}: per-layer-type rope_parameters are not supported")
     theta = params.pop("rope_theta", None) or f("rope_theta")
     merged = {**legacy, **params}
     kind = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
     merged.pop("type", None)
     if merged.pop("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"{f.label}: partial_rotary_factor is not supported")
+        raise ConfigError(f"{f.label}: partial_rotary_factor is not supported")
     if kind == "default":
         return theta, None
     if kind not in ROPE_SCALINGS:
-        raise ValueError(
+        raise ConfigError(
             f"{f.label}: rope scaling type {kind!r} is not supported; supported: default, {', '.join(ROPE_SCALINGS)}"
         )
     required, optional = ROPE_SCALINGS[kind]
@@ -200,7 +201,7 @@ class Representable:
 
     def check(self) -> None:
         if self.problems:
-            raise ValueError(f"{self.arch} cannot represent this model: {'; '.join(self.problems)}")
+            raise ConfigError(f"{self.arch} cannot represent this model: {'; '.join(self.problems)}")
 
 
 __all__ = [

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from moekit.config import ModelConfig
+from moekit.errors import ModelFolderError
 from moekit.fileio import read_json_object
 from moekit.interop.checkpoint import (
     DTYPES, INDEX, SINGLE, Checkpoint, parse_size, remove_stale, write_json, write_safetensors,
@@ -42,7 +43,7 @@ ROUTER = ".ffn.router"  # moekit module path of every router (kept fp32)
 def read_hf_config(folder: Path) -> HFConfig:
     path = folder / "config.json" if folder.is_dir() else folder
     if not path.is_file():
-        raise ValueError(f"no config.json in {folder}")
+        raise ModelFolderError(f"no config.json in {folder}")
     return read_json_object(path)
 
 
@@ -63,7 +64,7 @@ def from_pretrained(
     family = family_for(hf)
     if hf.get("quantization_config"):
         method = hf["quantization_config"].get("quant_method", "?")
-        raise ValueError(f"{folder}: quantized checkpoints ({method}) are not supported; dequantize to bf16 first")
+        raise ModelFolderError(f"{folder}: quantized checkpoints ({method}) are not supported; dequantize to bf16 first")
     cfg = family.to_config(hf)
     with torch.device("meta"):
         meta = MoETransformer(cfg)
@@ -94,7 +95,7 @@ def _plan_load(shapes, cfg: ModelConfig, family: Family, hf: HFConfig, ckpt: Che
         missing = [p.hf for p in best if p.hf not in ckpt.entries]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise ValueError(ckpt.missing_message(missing[0], name) + more)
+            raise ModelFolderError(ckpt.missing_message(missing[0], name) + more)
         for piece in best:
             _check_entry(piece, shape, name, ckpt)
         used.update(p.hf for p in best)
@@ -107,12 +108,12 @@ def _check_entry(piece: Piece, shape: tuple[int, ...], name: str, ckpt: Checkpoi
     entry = ckpt.entries[piece.hf]
     want = hf_piece_shape(piece, shape)
     if entry.shape != want:
-        raise ValueError(
+        raise ModelFolderError(
             f"tensor {piece.hf!r} in {entry.file} has shape {list(entry.shape)}, but config.json implies "
             f"{list(want)} (for {name})"
         )
     if entry.dtype not in DTYPES:
-        raise ValueError(f"tensor {piece.hf!r} in {entry.file} has dtype {entry.dtype}; only float checkpoints load")
+        raise ModelFolderError(f"tensor {piece.hf!r} in {entry.file} has dtype {entry.dtype}; only float checkpoints load")
 
 
 def _check_all_used(unused: set[str], cfg: ModelConfig, family: Family) -> None:
@@ -123,7 +124,7 @@ def _check_all_used(unused: set[str], cfg: ModelConfig, family: Family) -> None:
     unmapped = sorted(unused - set(skipped) - ignored)
     if unmapped:
         shown = ", ".join(repr(n) for n in unmapped[:8]) + (f", ... ({len(unmapped)} in all)" if len(unmapped) > 8 else "")
-        raise ValueError(f"checkpoint tensor(s) that map to nothing in moekit (nothing was loaded): {shown}")
+        raise ModelFolderError(f"checkpoint tensor(s) that map to nothing in moekit (nothing was loaded): {shown}")
     if skipped:
         warnings.warn(
             f"skipped {len(skipped)} multi-token-prediction tensor(s) (model.layers.{cfg.n_layers}.*): "
@@ -160,7 +161,7 @@ def _copy(model: MoETransformer, plan: dict[str, list[Piece]], ckpt: Checkpoint,
             src = ckpt.get(piece.hf)
             if check_finite and not bool(torch.isfinite(src).all()):
                 bad = int((~torch.isfinite(src)).sum())
-                raise ValueError(f"tensor {piece.hf!r} in {ckpt.where(piece.hf)} holds {bad} NaN/inf value(s); "
+                raise ModelFolderError(f"tensor {piece.hf!r} in {ckpt.where(piece.hf)} holds {bad} NaN/inf value(s); "
                                  "nothing was returned (check_finite=False loads it anyway)")
             dst.copy_(piece.transform.to_moekit(src))
 
@@ -258,7 +259,7 @@ def _plan_export(model, cfg, family: Family, hf: HFConfig, layout: str, out_dtyp
         for p in pieces:
             outs.append(_Out(p.hf, name, p, hf_piece_shape(p, tuple(t.shape)), torch.float32 if keep32 else out_dtype))
     if unmapped:
-        raise ValueError(f"{architecture_of(hf)} has no place for moekit tensor(s) {unmapped}")
+        raise ModelFolderError(f"{architecture_of(hf)} has no place for moekit tensor(s) {unmapped}")
     return outs
 
 

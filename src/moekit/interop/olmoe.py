@@ -4,6 +4,7 @@ routing without renormalization, and RMSNorm over the whole q and k projections 
 from __future__ import annotations
 
 from moekit.config import MoEConfig, ModelConfig
+from moekit.errors import ConfigError
 from moekit.interop.family import Family, Fields, HFConfig, Representable, llama_fields, llama_to_hf
 
 ARCH = "OlmoeForCausalLM"
@@ -19,7 +20,7 @@ def olmoe_config(hf: HFConfig) -> ModelConfig:
     f.reject("clip_qkv", None, "moekit does not clip q, k, v")
     base = llama_fields(f, ARCH)
     if base["head_dim"] not in (None, base["d_model"] // base["n_heads"]):
-        raise ValueError(f"{ARCH}: head_dim must be hidden_size / num_attention_heads (OLMoE's q/k norms assume it)")
+        raise ConfigError(f"{ARCH}: head_dim must be hidden_size / num_attention_heads (OLMoE's q/k norms assume it)")
     moe = MoEConfig(
         d_model=base["d_model"],
         d_expert=base["d_ff"],  # OLMoE's experts use intermediate_size

@@ -9,6 +9,7 @@ one shared expert scaled by sigmoid(x . w); Qwen3-MoE drops both and RMS-normali
 from __future__ import annotations
 
 from moekit.config import MoEConfig, ModelConfig
+from moekit.errors import ConfigError
 from moekit.interop.family import Family, Fields, HFConfig, Representable, llama_fields, llama_to_hf
 
 QWEN2_MOE, QWEN3_MOE = "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
@@ -22,7 +23,7 @@ def _layer_pattern(f: Fields, n_layers: int) -> dict:
     step = f("decoder_sparse_step")
     dense = tuple(sorted(set(f("mlp_only_layers", ()))))
     if any(not 0 <= i < n_layers for i in dense):
-        raise ValueError(f"{f.label}: mlp_only_layers {list(dense)} fall outside 0..{n_layers - 1}")
+        raise ConfigError(f"{f.label}: mlp_only_layers {list(dense)} fall outside 0..{n_layers - 1}")
     return dict(moe_every=step, dense_layers=dense)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from moekit.config import ModelConfig
+from moekit.errors import ConfigError
 from moekit.interop.deepseek_v3 import DEEPSEEK_V3
 from moekit.interop.dense import LLAMA, MISTRAL, QWEN2
 from moekit.interop.family import Family, HFConfig, architecture_of
@@ -23,7 +24,7 @@ def supported_architectures() -> list[str]:
 
 def family_for_architecture(name: str) -> Family:
     if name not in BY_ARCHITECTURE:
-        raise ValueError(f"unsupported architecture {name!r}; supported: {', '.join(BY_ARCHITECTURE)}")
+        raise ConfigError(f"unsupported architecture {name!r}; supported: {', '.join(BY_ARCHITECTURE)}")
     return BY_ARCHITECTURE[name]
 
 
