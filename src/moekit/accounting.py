@@ -12,10 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from moekit.config import ModelConfig
-from moekit.layers.kv_cache import kv_values_per_token, uncompressed_kv_values_per_token
-from moekit.layers.mla import mla_params
-from moekit.layers.mlp import first_proj_width
+from moekit.config import ModelConfig, first_proj_width
 
 CATEGORIES = ("embeddings", "lm_head", "attention", "norms", "dense_ffn", "router", "routed_experts", "shared_experts")
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "int4": 0.5}
@@ -32,6 +29,18 @@ class ParamCount:
 
 def ffn_params(d_model: int, d_ff: int, activation: str) -> int:
     return d_model * first_proj_width(d_ff, activation) + d_ff * d_model
+
+
+def mla_params(cfg: ModelConfig) -> int:
+    """Parameters of one MLA block (moekit.layers.mla; the latent norms included)."""
+    H, D, qk = cfg.n_heads, cfg.d_model, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    if cfg.q_lora_rank is None:
+        n = D * H * qk
+    else:
+        n = D * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * qk
+    n += D * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
+    n += cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return n + H * cfg.v_head_dim * D
 
 
 def attention_params(cfg: ModelConfig) -> int:
@@ -113,11 +122,15 @@ def weight_bytes(n_params: int) -> dict[str, float]:
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: float = 2.0) -> float:
     """Bytes moekit's KV cache (layers/kv_cache.py) holds per token; MLA caches the kv latent
     and the shared rope key, not k and v."""
+    from moekit.layers.kv_cache import kv_values_per_token  # imports torch: only inspect's report needs it
+
     return kv_values_per_token(cfg) * bytes_per_value
 
 
 def kv_cache_uncompressed_bytes_per_token(cfg: ModelConfig, bytes_per_value: float = 2.0) -> float:
     """What full per-head keys and values would take (equal to the above except for MLA)."""
+    from moekit.layers.kv_cache import uncompressed_kv_values_per_token
+
     return uncompressed_kv_values_per_token(cfg) * bytes_per_value
 
 

@@ -33,6 +33,10 @@ ROPE_SCALINGS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     ),
 }
 
+def first_proj_width(d_ff: int, activation: str) -> int:
+    """Output width of the first projection: gate and up fused for swiglu."""
+    return 2 * d_ff if activation == "swiglu" else d_ff
+
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -342,4 +346,4 @@ class ModelConfig:
         return cls(**check_fields(cls, data))
 
 
-__all__ = ["MoEConfig", "ModelConfig", "check_fields", "ROUTERS", "ACTIVATIONS", "QK_NORMS", "ATTENTIONS", "ROPE_SCALINGS"]
+__all__ = ["MoEConfig", "ModelConfig", "check_fields", "ROUTERS", "ACTIVATIONS", "first_proj_width", "QK_NORMS", "ATTENTIONS", "ROPE_SCALINGS"]

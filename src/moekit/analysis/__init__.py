@@ -8,18 +8,26 @@ The pieces are usable alone: ``categories`` labels text, ``collect`` records rou
 ``metrics`` holds the pure metric functions.
 """
 
-from moekit.analysis.categories import BUILTIN, CategoryScheme, builtin_scheme, load_user_categories
-from moekit.analysis.collect import LayerCapture, capture_routing, eval_text, held_out_documents, windows
-from moekit.analysis.metrics import (
-    coactivation,
-    coverage,
-    load_stats,
-    perturbation_flip_rate,
-    specialization,
-    top1_agreement,
-)
-from moekit.analysis.report import AnalyzeOptions, analyze
+from moekit.lazy import lazy_exports
 
-__all__ = ["analyze", "AnalyzeOptions", "BUILTIN", "CategoryScheme", "builtin_scheme", "load_user_categories",
-           "LayerCapture", "capture_routing", "eval_text", "held_out_documents", "windows", "coactivation",
-           "coverage", "load_stats", "perturbation_flip_rate", "specialization", "top1_agreement"]
+_EXPORTS = {
+    "analyze": "moekit.analysis.report",
+    "AnalyzeOptions": "moekit.analysis.report",
+    "BUILTIN": "moekit.analysis.categories",
+    "CategoryScheme": "moekit.analysis.categories",
+    "builtin_scheme": "moekit.analysis.categories",
+    "load_user_categories": "moekit.analysis.categories",
+    "LayerCapture": "moekit.analysis.collect",
+    "capture_routing": "moekit.analysis.collect",
+    "eval_text": "moekit.analysis.collect",
+    "held_out_documents": "moekit.analysis.collect",
+    "windows": "moekit.analysis.collect",
+    "coactivation": "moekit.analysis.metrics",
+    "coverage": "moekit.analysis.metrics",
+    "load_stats": "moekit.analysis.metrics",
+    "perturbation_flip_rate": "moekit.analysis.metrics",
+    "specialization": "moekit.analysis.metrics",
+    "top1_agreement": "moekit.analysis.metrics",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)

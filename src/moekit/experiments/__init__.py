@@ -4,9 +4,16 @@ compute, balancing vs collapse, top-k granularity, capacity factors.
     moekit experiment balancing --minutes 10      # or run_experiment("balancing", "out", TrainConfig())
 """
 
-from moekit.experiments.registry import EXPERIMENTS, Experiment, Variant, get_experiment
-from moekit.experiments.results import summarize, tokens_to_reach
-from moekit.experiments.runner import run_experiment
+from moekit.lazy import lazy_exports
 
-__all__ = ["EXPERIMENTS", "Experiment", "Variant", "get_experiment", "run_experiment", "summarize",
-           "tokens_to_reach"]
+_EXPORTS = {
+    "EXPERIMENTS": "moekit.experiments.registry",
+    "Experiment": "moekit.experiments.registry",
+    "Variant": "moekit.experiments.registry",
+    "get_experiment": "moekit.experiments.registry",
+    "run_experiment": "moekit.experiments.runner",
+    "summarize": "moekit.experiments.results",
+    "tokens_to_reach": "moekit.experiments.results",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)

@@ -106,16 +106,5 @@ class MLAttention(nn.Module):
         return self.wo(y.reshape(B, S, H * self.v_dim))
 
 
-def mla_params(cfg: ModelConfig) -> int:
-    """Parameters of one MLA block (the latent norms included), for moekit.accounting."""
-    H, D, qk = cfg.n_heads, cfg.d_model, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    if cfg.q_lora_rank is None:
-        n = D * H * qk
-    else:
-        n = D * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * qk
-    n += D * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
-    n += cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-    return n + H * cfg.v_head_dim * D
 
-
-__all__ = ["MLAttention", "mla_softmax_scale", "mla_params", "LATENT_NORM_EPS"]
+__all__ = ["MLAttention", "mla_softmax_scale", "LATENT_NORM_EPS"]

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.config import first_proj_width
+
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
     """Apply the FFN nonlinearity to the first projection's output.
@@ -19,10 +21,6 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
         return F.relu(h)
     raise ValueError(f"unknown activation {activation!r}")
 
-
-def first_proj_width(d_ff: int, activation: str) -> int:
-    """Output width of the first projection: gate and up fused for swiglu."""
-    return 2 * d_ff if activation == "swiglu" else d_ff
 
 
 class MLP(nn.Module):

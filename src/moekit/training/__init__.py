@@ -8,45 +8,30 @@
 The run folder's layout is in ``moekit/training/run.py``; the README's "Training" section has the CLI.
 """
 
-from moekit.data.dataset import DataConfig
-from moekit.training.checkpoint import CheckpointError, find_checkpoint, list_checkpoints, load_checkpoint
-from moekit.training.config import TrainConfig
-from moekit.training.loop import (
-    EvalResult,
-    LossFn,
-    NonFiniteLossError,
-    ParamFilter,
-    TrainResult,
-    evaluate,
-    next_token_loss,
-    resume_run,
-    train,
-    train_step,
-)
-from moekit.training.metrics import LayerRouting, read_metrics
-from moekit.training.plots import plot_run
-from moekit.training.run import LoadedRun, load_run
+from moekit.lazy import lazy_exports
 
-__all__ = [
-    "TrainConfig",
-    "DataConfig",
-    "train",
-    "resume_run",
-    "train_step",
-    "evaluate",
-    "next_token_loss",
-    "LossFn",
-    "ParamFilter",
-    "TrainResult",
-    "EvalResult",
-    "NonFiniteLossError",
-    "CheckpointError",
-    "find_checkpoint",
-    "list_checkpoints",
-    "load_checkpoint",
-    "LayerRouting",
-    "read_metrics",
-    "plot_run",
-    "LoadedRun",
-    "load_run",
-]
+_EXPORTS = {
+    "TrainConfig": "moekit.training.config",
+    "DataConfig": "moekit.data.dataset",
+    "train": "moekit.training.loop",
+    "resume_run": "moekit.training.loop",
+    "train_step": "moekit.training.loop",
+    "evaluate": "moekit.training.loop",
+    "next_token_loss": "moekit.training.loop",
+    "LossFn": "moekit.training.loop",
+    "ParamFilter": "moekit.training.loop",
+    "TrainResult": "moekit.training.loop",
+    "EvalResult": "moekit.training.loop",
+    "NonFiniteLossError": "moekit.training.loop",
+    "CheckpointError": "moekit.training.checkpoint",
+    "find_checkpoint": "moekit.training.checkpoint",
+    "list_checkpoints": "moekit.training.checkpoint",
+    "load_checkpoint": "moekit.training.checkpoint",
+    "LayerRouting": "moekit.training.metrics",
+    "read_metrics": "moekit.training.metrics",
+    "plot_run": "moekit.training.plots",
+    "LoadedRun": "moekit.training.run",
+    "load_run": "moekit.training.run",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)
