@@ -92,3 +92,23 @@ def test_an_internal_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(cli, "cmd_presets", buggy)
     with pytest.raises(ValueError, match="internal invariant"):
         main(["presets"])
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["presets"], ["inspect", "mixtral-8x7b"], ["train", "--help"]])
+def test_help_presets_and_inspect_start_without_torch(argv):
+    """torch alone costs about 1.5 s of start-up: only commands that compute may import it."""
+    code = ("import sys\nfrom moekit.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)" % argv)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_package_names_still_import_on_demand():
+    import moekit
+    from moekit.training import TrainConfig
+
+    assert moekit.MoETransformer.__name__ == "MoETransformer" and TrainConfig().lr > 0
+    assert "MoETransformer" in dir(moekit)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        moekit.nope

@@ -6,6 +6,7 @@ Bad input gives one line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -14,43 +15,25 @@ from pathlib import Path
 
 from moekit.config import ModelConfig
 from moekit.errors import UsageError
-from moekit.fileio import read_json_object
-from moekit.analysis import cli as analysis_cli
-from moekit.bench import cli as bench_cli
-from moekit.experiments import cli as experiments_cli
-from moekit.serve import cli as serve_cli
-from moekit.training import cli as training_cli
+from moekit.resolve import resolve_config
+from moekit.training.cli import add_resource_args, apply_threads
+
+# Packages whose cli module registers more subcommands: add_parser(sub) adds each one with its
+# plain function. Imported when the parser is built; they import torch only inside commands,
+# so `moekit --help` and `moekit presets` start without it.
+COMMAND_MODULES = (
+    "moekit.training.cli",  # train, eval, sample
+    "moekit.bench.cli",  # bench layer
+    "moekit.analysis.cli",  # analyze
+    "moekit.experiments.cli",  # experiment
+    "moekit.serve.cli",  # serve
+)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of usage + message
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
-
-def resolve_config(target: str) -> tuple[str, ModelConfig]:
-    """A preset name, a moekit config JSON, a Hugging Face config.json, or a folder holding
-    either -> (label, config)."""
-    from moekit.interop import config_from_hf, is_hf_config
-    from moekit.presets import PRESETS, get_preset
-
-    if target in PRESETS:
-        return target, get_preset(target)
-    path = Path(target)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.exists():
-        if path.suffix or "/" in target:
-            raise UsageError(f"no such file: {path}")
-        get_preset(target)  # raises the "unknown preset ..., known presets: ..." error
-    data = read_json_object(path)
-    if is_hf_config(data):  # "architectures"/"model_type": a Hugging Face model's config.json
-        cfg = config_from_hf(data)
-        mtp = data.get("num_nextn_predict_layers") or 0
-        if mtp:  # on stderr: `inspect --json` output stays pure JSON
-            print(f"note: {path}: {mtp} multi-token-prediction layer(s) not counted; they are not part "
-                  "of the language model, and from_pretrained skips them", file=sys.stderr)
-        return str(path), cfg
-    return str(path), ModelConfig.from_dict(data)
 
 
 def cmd_inspect(args) -> int:
@@ -105,7 +88,7 @@ def cmd_demo(args) -> int:
 
     label, cfg = resolve_config(args.preset)
     print(format_report(cfg, label, args.seq_len))
-    threads = training_cli.apply_threads(args.threads)
+    threads = apply_threads(args.threads)
     check_fits(cfg, "cpu", training=True, force=args.force, what=label)
     torch.manual_seed(args.seed)
     model = MoETransformer(cfg)
@@ -172,13 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
     s.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    training_cli.add_resource_args(s)
+    add_resource_args(s)
     s.set_defaults(func=cmd_demo)
-    training_cli.add_parser(sub)  # train, eval, sample
-    bench_cli.add_parser(sub)  # bench layer
-    analysis_cli.add_parser(sub)  # analyze
-    experiments_cli.add_parser(sub)  # experiment
-    serve_cli.add_parser(sub)  # serve
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
     return p
 
 

@@ -64,8 +64,8 @@ def _set_dotted(d: dict, key: str, value) -> None:
 
 def build_configs(args):
     """Preset/model file < --config < flags < --set -> (label, TrainConfig, ModelConfig)."""
-    from moekit.cli import resolve_config
     from moekit.config import ModelConfig
+    from moekit.resolve import resolve_config
     from moekit.training.config import TrainConfig, apply_override, load_config_file, merge
 
     file = load_config_file(args.config) if args.config else {}
