@@ -9,10 +9,12 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
+from moekit.argtypes import nonneg_int, positive_int
 from moekit.config import ModelConfig
 from moekit.errors import UsageError
 from moekit.resolve import resolve_config
@@ -32,6 +34,8 @@ COMMAND_MODULES = (
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of usage + message
+        # "argument --steps: must be >= 1, got 0" (moekit.argtypes) reads as "--steps must be >= 1, got 0"
+        message = re.sub(r"^argument ([^:]+): must ", r"\1 must ", message)
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -40,8 +44,6 @@ def cmd_inspect(args) -> int:
     from moekit.accounting import format_report, summary
 
     label, cfg = resolve_config(args.target)
-    if args.seq_len is not None and args.seq_len < 1:
-        raise UsageError(f"--seq-len must be >= 1, got {args.seq_len}")
     split = _parallel_split(cfg, args)
     if args.json:
         extra = {"parallel": split} if split else {}
@@ -135,12 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "target",
         help="a preset name (see `moekit presets`), a moekit or Hugging Face config JSON, or a folder with config.json",
     )
-    s.add_argument("--seq-len", type=int, default=None, help="context length for attention FLOPs (default: max_seq_len)")
-    s.add_argument("--ep", type=int, default=None,
+    s.add_argument("--seq-len", type=positive_int, default=None, help="context length for attention FLOPs (default: max_seq_len)")
+    s.add_argument("--ep", type=positive_int, default=None,
                    help="expert-parallel degree: adds all-to-all bytes and memory per GPU (default with --gpus: 1)")
-    s.add_argument("--gpus", type=int, default=None,
+    s.add_argument("--gpus", type=positive_int, default=None,
                    help="GPUs in all, a multiple of --ep: memory per GPU and GPUs needed (default: --ep)")
-    s.add_argument("--batch-size", type=int, default=None,
+    s.add_argument("--batch-size", type=positive_int, default=None,
                    help="with --ep/--gpus: sequences per step over all GPUs, for traffic per step (default: 1 per GPU; "
                         "sequence length: --seq-len, else min(max_seq_len, 4096))")
     s.add_argument("--json", action="store_true", help="print the numbers as JSON")
@@ -151,10 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="inspect a preset and run a short forward/backward demo")
     s.add_argument("--preset", default="tiny-moe", help="preset to build (default: tiny-moe)")
-    s.add_argument("--steps", type=int, default=5, help="optimizer steps (default: 5)")
-    s.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
-    s.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    s.add_argument("--steps", type=positive_int, default=5, help="optimizer steps (default: 5)")
+    s.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step (default: 8)")
+    s.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sequence (default: 128)")
+    s.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default: 0)")
     add_resource_args(s)
     s.set_defaults(func=cmd_demo)
     for module in COMMAND_MODULES:
@@ -163,7 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command line; returns the exit status (argparse's own exits included)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a flag refused while parsing (one line, status 2)
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
     except UsageError as e:  # bad input only: anything else is a bug and keeps its traceback

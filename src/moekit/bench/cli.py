@@ -9,6 +9,7 @@ import platform
 import tempfile
 from pathlib import Path
 
+from moekit.argtypes import IntArg, nonneg_int, positive_int
 from moekit.errors import UsageError
 
 QUICK = dict(tokens=512, repeats=5, warmup=1, dtypes="fp32")
@@ -21,10 +22,10 @@ def add_parser(sub) -> None:
     s.add_argument("--shapes", default="coarse,fine,fine+shared", help="comma list of coarse, fine, fine+shared")
     s.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
     s.add_argument("--modes", default="fwd+bwd,fwd,decode1,decode8", help="comma list of fwd+bwd, fwd, decode1, decode8")
-    s.add_argument("--tokens", type=int, default=4096, help="tokens for fwd+bwd and fwd (default: 4096)")
-    s.add_argument("--repeats", type=int, default=5, help="timed repeats per candidate, median reported (>= 5)")
-    s.add_argument("--warmup", type=int, default=2, help="untimed calls per candidate first (default: 2)")
-    s.add_argument("--threads", type=int, default=None,
+    s.add_argument("--tokens", type=positive_int, default=4096, help="tokens for fwd+bwd and fwd (default: 4096)")
+    s.add_argument("--repeats", type=IntArg(5), default=5, help="timed repeats per candidate, median reported (>= 5: medians of fewer mislead)")
+    s.add_argument("--warmup", type=nonneg_int, default=2, help="untimed calls per candidate first (default: 2)")
+    s.add_argument("--threads", type=positive_int, default=None,
                    help="torch intra-op threads (default: torch's choice); 1 steadies timings on a busy machine")
     s.add_argument("--loop", action="store_true", help="also time moekit's reference per-expert loop")
     s.add_argument("--no-hf", action="store_true", help="skip transformers' blocks")
@@ -53,10 +54,6 @@ def cmd_bench_layer(args) -> int:
     shapes = _choices(args.shapes, SHAPES, "--shapes")
     dtypes = _choices(args.dtypes, DTYPES, "--dtypes")
     modes = _choices(args.modes, MODES, "--modes")
-    if args.tokens < 1 or args.repeats < 5 or args.warmup < 0:
-        raise UsageError("--tokens must be >= 1, --repeats >= 5 (medians of fewer mislead), --warmup >= 0")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 
+from moekit.argtypes import nonneg_int, positive_float, positive_int
 from moekit.errors import UsageError
 from moekit.experiments.registry import EXPERIMENTS
 
@@ -44,8 +45,6 @@ def cmd_experiment(args) -> int:
     if args.threads is not None:
         import torch
 
-        if args.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     command = _command(args)
     result = run_experiment(args.name, args.out or f"runs/experiments/{args.name}", cfg, steps=args.steps,
@@ -74,25 +73,25 @@ def _command(args) -> str:
 def add_parser(sub) -> None:
     s = sub.add_parser("experiment", help="train an experiment's variants on equal tokens; results table and plots")
     s.add_argument("name", choices=list(EXPERIMENTS), help="which experiment: " + ", ".join(EXPERIMENTS))
-    s.add_argument("--minutes", type=float, default=10.0,
+    s.add_argument("--minutes", type=positive_float, default=10.0,
                    help="time for the whole experiment, turned into equal steps per variant by timing a few "
                         "steps first (default: 10); ignored with --steps")
-    s.add_argument("--steps", type=int, help="optimizer steps per variant (exact and reproducible)")
-    s.add_argument("--scale", type=float, default=1.0, help="multiply the steps (tokens) per variant (default: 1)")
+    s.add_argument("--steps", type=positive_int, help="optimizer steps per variant (exact and reproducible)")
+    s.add_argument("--scale", type=positive_float, default=1.0, help="multiply the steps (tokens) per variant (default: 1)")
     s.add_argument("--out", help="results folder (default: runs/experiments/NAME)")
     s.add_argument("--overwrite", action="store_true", help="retrain variants whose run folders already exist")
     s.add_argument("--data", nargs="+", action="extend", metavar="PATH",
                    help="training text (default: Python's stdlib source)")
     s.add_argument("--tokenizer", help="bpe (default), bytes, or a tokenizer.json")
-    s.add_argument("--seq-len", type=int, help="tokens per sequence (default: 128)")
-    s.add_argument("--batch-size", type=int, help="sequences per step (default: 8)")
-    s.add_argument("--eval-batches", type=int, help="validation batches per evaluation (default: 8)")
-    s.add_argument("--seed", type=int, help="seed of initialization and batches, the same for all variants")
+    s.add_argument("--seq-len", type=positive_int, help="tokens per sequence (default: 128)")
+    s.add_argument("--batch-size", type=positive_int, help="sequences per step (default: 8)")
+    s.add_argument("--eval-batches", type=positive_int, help="validation batches per evaluation (default: 8)")
+    s.add_argument("--seed", type=nonneg_int, help="seed of initialization and batches, the same for all variants")
     s.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     s.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 = autocast (for GPUs)")
     s.add_argument("--cache-dir", help="tokenized data cache (default: $MOEKIT_CACHE or ~/.cache/moekit)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training field: lr=1e-3 (repeatable)")
-    s.add_argument("--threads", type=int,
+    s.add_argument("--threads", type=positive_int,
                    help="CPU threads for torch (default: torch's); 1 is far faster on a busy shared machine")
     s.set_defaults(func=cmd_experiment)
 

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from moekit.argtypes import FloatArg, IntArg, nonneg_float, nonneg_int, positive_float, positive_int
 from moekit.errors import UsageError
 
 # flag dest -> dotted TrainConfig key
@@ -44,7 +45,7 @@ def apply_threads(threads: int | None) -> int:
 
 def add_resource_args(s) -> None:
     """--threads and --force: the flags of every command that builds a model."""
-    s.add_argument("--threads", type=int, metavar="N",
+    s.add_argument("--threads", type=positive_int, metavar="N",
                    help="CPU threads for torch (default: torch's, one per core); on a busy or shared machine "
                         "use fewer than the idle cores, often 1")
     s.add_argument("--force", action="store_true",
@@ -184,8 +185,6 @@ def cmd_sample(args) -> int:
     from moekit.training.loop import resolve_device
     from moekit.training.run import load_run
 
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     apply_threads(args.threads)
     run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device), check_memory=not args.force,
                    check_finite=not args.no_check_finite)
@@ -205,13 +204,13 @@ def add_parser(sub) -> None:
     """Register train, eval and sample on the ``moekit`` subparsers."""
     s = sub.add_parser("train", help="train a model on text (default: tiny-moe on Python's stdlib source)")
     s.add_argument("--preset", help="preset name or model config JSON (default: tiny-moe)")
-    s.add_argument("--config", help="YAML or JSON file of training fields, plus 'preset' and 'model' overrides")
+    s.add_argument("--config", metavar="FILE", help="YAML or JSON file of training fields, plus 'preset' and 'model' overrides")
     s.add_argument("--data", nargs="+", action="extend", metavar="PATH",
                    help="files, folders or globs of .txt/.md/.py/.rst/.jsonl/.parquet (default: Python's stdlib source)")
     s.add_argument("--text-field", help="text field of .jsonl lines / column of .parquet files (default: text)")
     s.add_argument("--tokenizer", help="bpe (default, trained on the training split), bytes, or a tokenizer.json")
-    s.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default: 8192)")
-    s.add_argument("--val-fraction", type=float, help="share of documents held out for validation (default: 0.05)")
+    s.add_argument("--vocab-size", type=IntArg(258), help="BPE vocabulary size (default: 8192)")
+    s.add_argument("--val-fraction", type=FloatArg(0.0, strict=True, maximum=1.0), help="share of documents held out for validation (default: 0.05)")
     s.add_argument("--out", help="run folder (default: runs/PRESET-TIMESTAMP)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing run folder at --out")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint, exactly")
@@ -223,28 +222,28 @@ def add_parser(sub) -> None:
                         "recorded in metrics.jsonl")
     s.add_argument("--no-check-finite", action="store_true",
                    help="with --resume: skip the NaN/inf check of the checkpoint's tensors")
-    s.add_argument("--max-steps", type=int, help="optimizer steps, also the cosine horizon (default: 1000)")
-    s.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop after this many minutes of training")
-    s.add_argument("--batch-size", type=int,
+    s.add_argument("--max-steps", type=positive_int, help="optimizer steps, also the cosine horizon (default: 1000)")
+    s.add_argument("--time-budget", type=positive_float, metavar="MINUTES", help="stop after this many minutes of training")
+    s.add_argument("--batch-size", type=positive_int,
                    help="sequences per micro-batch over all ranks (global; each of W ranks takes 1/W; default: 8)")
-    s.add_argument("--seq-len", type=int, help="tokens per sequence (default: 128)")
-    s.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: 1)")
-    s.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3)")
-    s.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: 20)")
-    s.add_argument("--seed", type=int, help="seed of initialization, batches and router noise (default: 0)")
+    s.add_argument("--seq-len", type=positive_int, help="tokens per sequence (default: 128)")
+    s.add_argument("--grad-accum", type=positive_int, help="micro-batches per optimizer step (default: 1)")
+    s.add_argument("--lr", type=positive_float, help="peak learning rate (default: 2e-3)")
+    s.add_argument("--warmup-steps", type=nonneg_int, help="linear warm-up steps (default: 20)")
+    s.add_argument("--seed", type=nonneg_int, help="seed of initialization, batches and router noise (default: 0)")
     s.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 = autocast; the router stays fp32")
     s.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    s.add_argument("--eval-every", type=int, help="validation and routing statistics every N steps (default: 50)")
-    s.add_argument("--eval-batches", type=int, help="validation batches per evaluation (default: 8)")
-    s.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default: 100)")
-    s.add_argument("--keep-last", type=int, help="step checkpoints kept besides the best (default: 2)")
+    s.add_argument("--eval-every", type=positive_int, help="validation and routing statistics every N steps (default: 50)")
+    s.add_argument("--eval-batches", type=positive_int, help="validation batches per evaluation (default: 8)")
+    s.add_argument("--ckpt-every", type=positive_int, help="checkpoint every N steps (default: 100)")
+    s.add_argument("--keep-last", type=positive_int, help="step checkpoints kept besides the best (default: 2)")
     s.add_argument("--cache-dir", help="tokenized data cache (default: $MOEKIT_CACHE or ~/.cache/moekit)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any field: moe.top_k=1, lr=1e-3, data.val_fraction=0.1 (repeatable)")
     add_resource_args(s)
-    s.add_argument("--ep", type=int, help="under torchrun: split each MoE layer's experts over this many ranks "
+    s.add_argument("--ep", type=positive_int, help="under torchrun: split each MoE layer's experts over this many ranks "
                    "(expert parallelism; must divide the experts and the world size; default: 1)")
-    s.add_argument("--dp", type=int, help="under torchrun: replicas of each expert slice; must equal world size / --ep "
+    s.add_argument("--dp", type=positive_int, help="under torchrun: replicas of each expert slice; must equal world size / --ep "
                    "(default: that)")
     s.add_argument("--fsdp", action="store_true", help="under torchrun: shard the weights with FSDP2 (fully_shard) "
                    "instead of replicating them (DDP)")
@@ -256,23 +255,23 @@ def add_parser(sub) -> None:
     _run_args(s)
     s.add_argument("--data", nargs="+", action="extend", metavar="PATH",
                    help="evaluate on this text instead (all of it held out; default: the run's validation split)")
-    s.add_argument("--batches", type=int, default=None, help="batches to evaluate (default: the run's eval_batches)")
-    s.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the run's)")
+    s.add_argument("--batches", type=positive_int, default=None, help="batches to evaluate (default: the run's eval_batches)")
+    s.add_argument("--batch-size", type=positive_int, default=None, help="sequences per batch (default: the run's)")
     s.add_argument("--json", action="store_true", help="print the numbers as JSON")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sample", help="continue a prompt with a trained run's model")
     _run_args(s)
     s.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
-    s.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default: 100)")
-    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
-    s.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50)")
-    s.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    s.add_argument("--max-new-tokens", type=positive_int, default=100, help="tokens to generate (default: 100)")
+    s.add_argument("--temperature", type=nonneg_float, default=0.8, help="0 = greedy (default: 0.8)")
+    s.add_argument("--top-k", type=positive_int, default=50, help="sample among the k most likely tokens (default: 50)")
+    s.add_argument("--seed", type=nonneg_int, default=0, help="sampling seed (default: 0)")
     s.set_defaults(func=cmd_sample)
 
 
 def _run_args(s) -> None:
-    s.add_argument("run_dir", help="a run folder written by moekit train")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by moekit train")
     s.add_argument("--checkpoint", default="last", help="last (default), best, or a step number")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     s.add_argument("--no-check-finite", action="store_true",
