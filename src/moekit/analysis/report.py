@@ -28,7 +28,7 @@ from moekit.analysis import metrics as M
 from moekit.analysis.categories import builtin_scheme, load_user_categories
 from moekit.analysis.collect import capture_routing, eval_text, held_out_documents, windows
 from moekit.analysis.plots import plot_categories, plot_coactivation, plot_load
-from moekit.errors import UsageError
+from moekit.errors import ConfigError, UsageError
 from moekit.fileio import atomic_write_json, atomic_write_text
 
 
@@ -45,9 +45,9 @@ class AnalyzeOptions:
         for name in ("max_tokens", "stability_tokens", "agreement_tokens", "top_tokens"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) \
                     or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if any(not (isinstance(s, (int, float)) and s >= 0 and math.isfinite(s)) for s in self.sigmas):
-            raise ValueError(f"sigmas must be finite numbers >= 0, got {self.sigmas}")
+            raise ConfigError(f"sigmas must be finite numbers >= 0, got {self.sigmas}")
 
 
 def analyze(run_dir: str | Path, out: str | Path | None = None, sources: list[str] | None = None,

@@ -162,7 +162,7 @@ def _copy(model: MoETransformer, plan: dict[str, list[Piece]], ckpt: Checkpoint,
             if check_finite and not bool(torch.isfinite(src).all()):
                 bad = int((~torch.isfinite(src)).sum())
                 raise ModelFolderError(f"tensor {piece.hf!r} in {ckpt.where(piece.hf)} holds {bad} NaN/inf value(s); "
-                                 "nothing was returned (check_finite=False loads it anyway)")
+                                       "nothing was returned (check_finite=False loads it anyway)")
             dst.copy_(piece.transform.to_moekit(src))
 
 
