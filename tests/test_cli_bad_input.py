@@ -19,7 +19,7 @@ from moekit.argtypes import FloatArg, IntArg
 from moekit.cli import build_parser, main
 
 MISSING = "/no/such/moekit-path.json"
-PATH_METAVARS = ("PATH", "FILE", "RUN_DIR")
+PATH_METAVARS = ("PATH", "FILE", "DIR")  # metavar endings of arguments that name a file or folder
 # Free-form options that also take a file (a preset name or a config JSON, bpe/bytes or a tokenizer.json).
 ALSO_PATHS = {"--preset", "--tokenizer", "target"}
 BAD_SETS = ["no-equals-sign", "no_such_field=1", "lr=nan", "moe=5", "max_steps=-3", "data.sources=5"]
@@ -49,14 +49,15 @@ def _filler(action, run_dir: str) -> str:
 def invalid_values(action) -> list[str]:
     t = action.type
     if isinstance(t, IntArg):
-        return [str(t.minimum - 1), str(t.minimum - 1000), "abc", "nan", "1.5", ""]
+        above = [str(t.maximum + 1)] if t.maximum is not None else []
+        return [str(t.minimum - 1), str(t.minimum - 1000), "abc", "nan", "1.5", "", *above]
     if isinstance(t, FloatArg):
         below = str(t.minimum) if t.strict else str(t.minimum - 1)
         above = [str(t.maximum * 2 + 1)] if t.maximum is not None else []
         return ["nan", "inf", "-inf", "abc", below, *above]
     if action.choices and action.option_strings:
         return ["no-such-choice"]
-    if action.metavar in PATH_METAVARS or action.dest in ALSO_PATHS or set(action.option_strings) & ALSO_PATHS:
+    if str(action.metavar).endswith(PATH_METAVARS) or action.dest in ALSO_PATHS or set(action.option_strings) & ALSO_PATHS:
         return [MISSING]
     if action.metavar == "KEY=VALUE":
         return BAD_SETS

@@ -13,10 +13,10 @@ import math
 
 
 class IntArg:
-    """An integer >= ``minimum``."""
+    """An integer >= ``minimum``, and <= ``maximum`` when given."""
 
-    def __init__(self, minimum: int):
-        self.minimum = minimum
+    def __init__(self, minimum: int, maximum: int | None = None):
+        self.minimum, self.maximum = minimum, maximum
         self.__name__ = f"integer >= {minimum}"  # argparse names the type in some messages
 
     def __call__(self, text: str) -> int:
@@ -24,12 +24,14 @@ class IntArg:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if self.maximum is not None and not self.minimum <= value <= self.maximum:
+            raise argparse.ArgumentTypeError(f"must be in [{self.minimum}, {self.maximum}], got {value}")
         if value < self.minimum:
             raise argparse.ArgumentTypeError(f"must be >= {self.minimum}, got {value}")
         return value
 
     def __repr__(self) -> str:
-        return f"IntArg({self.minimum})"
+        return f"IntArg({self.minimum}, {self.maximum})"
 
 
 class FloatArg:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moekit.argtypes import IntArg, positive_int
 from moekit.errors import UsageError
 
 
@@ -18,15 +19,6 @@ def _require_server_stack() -> None:
     except ImportError as e:
         raise UsageError(f"moekit serve needs FastAPI and uvicorn ({e.name} is missing): "
                          "pip install 'moekit[serve]'") from None
-
-
-def _check_args(args) -> None:
-    for flag in ("max_batch", "max_waiting", "max_tokens_per_step", "threads"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
 
 
 def build_state(model, tokenizer, defaults, name: str, max_batch: int, max_waiting: int,
@@ -60,7 +52,6 @@ def build_state(model, tokenizer, defaults, name: str, max_batch: int, max_waiti
 
 
 def cmd_serve(args) -> int:
-    _check_args(args)
     _require_server_stack()
     import torch
 
@@ -80,20 +71,20 @@ def cmd_serve(args) -> int:
 
 def add_parser(sub) -> None:
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching (needs moekit[serve])")
-    s.add_argument("model", help="a moekit run folder or a Hugging Face model folder")
+    s.add_argument("model", metavar="MODEL_DIR", help="a moekit run folder or a Hugging Face model folder")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it to the network)")
-    s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 = any free port)")
-    s.add_argument("--max-batch", type=int, default=16,
+    s.add_argument("--port", type=IntArg(0, 65535), default=8000, help="TCP port (default: 8000; 0 = any free port)")
+    s.add_argument("--max-batch", type=positive_int, default=16,
                    help="sequences decoded together at most, each with its own KV slot (default: 16; 1 = no batching)")
-    s.add_argument("--max-waiting", type=int, default=64,
+    s.add_argument("--max-waiting", type=positive_int, default=64,
                    help="requests queued behind the running ones; beyond that a request gets 429 (default: 64)")
-    s.add_argument("--max-tokens-per-step", type=int, default=None,
+    s.add_argument("--max-tokens-per-step", type=positive_int, default=None,
                    help="prompt tokens prefilled per engine step, so long prompts do not stall running "
                         "streams (default: no cap; one newcomer is always admitted)")
     s.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's)")
     s.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
-    s.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    s.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* requests (default: no key)")
     s.add_argument("--served-model-name", default=None,
