@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 
 from moekit.distributed.dispatcher import AllToAllDispatcher, CommCounter, ExpertParallelExperts
 from moekit.distributed.mesh import DistContext, ParallelConfig
+from moekit.errors import ConfigError
 from moekit.layers.moe import MoELayer
 from moekit.model import MoETransformer
 
@@ -66,7 +67,7 @@ def shard_experts(layer: MoELayer, ctx: DistContext, counter: CommCounter | None
     """Give ``layer`` this rank's slice of its experts (a weights provider) and the all-to-all
     dispatcher (``docs/design.md``: the layer's seams)."""
     if layer.cfg.router == "expert_choice":
-        raise ValueError("expert parallelism does not support router='expert_choice' (each expert chooses "
+        raise ConfigError("expert parallelism does not support router='expert_choice' (each expert chooses "
                          "among all tokens of the global batch); use token-choice routing or --ep 1")
     L, p = layer.cfg.num_experts // ctx.ep, ctx.ep_rank
     w_in, w_out = layer.experts.stacked()
