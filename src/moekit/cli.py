@@ -34,9 +34,10 @@ COMMAND_MODULES = (
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of usage + message
-        # "argument --steps: must be >= 1, got 0" (moekit.argtypes) reads as "--steps must be >= 1, got 0"
-        message = re.sub(r"^argument ([^:]+): must ", r"\1 must ", message)
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        # A refused value (moekit.argtypes) names the flag and the rule: "--steps must be >= 1, got 0".
+        refused = re.match(r"argument ([^:]+): (must .*)", message)
+        line = f"{refused[1]} {refused[2]}" if refused else f"{message} (see --help)"
+        self.exit(2, f"{self.prog}: error: {line}\n")
 
 
 
