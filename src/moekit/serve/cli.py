@@ -80,8 +80,8 @@ def add_parser(sub) -> None:
     s.add_argument("--max-waiting", type=positive_int, default=64,
                    help="requests queued behind the running ones; beyond that a request gets 429 (default: 64)")
     s.add_argument("--max-tokens-per-step", type=positive_int, default=None,
-                   help="prompt tokens prefilled per engine step, so long prompts do not stall running "
-                        "streams (default: no cap; one newcomer is always admitted)")
+                   help="prompt tokens admitted (prefilled) per engine step; newcomers beyond it wait "
+                        "a step, one always goes whole, prompts are not split (default: no cap)")
     s.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's)")
     s.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
     s.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
