@@ -58,8 +58,9 @@ def _losses(run_dir) -> list[float]:
 
 
 @pytest.mark.parametrize("pcfg", [ParallelConfig(ep=2, balance_stats="global"),
-                                  ParallelConfig(ep=2, fsdp=True, balance_stats="global")],
-                         ids=["ep", "ep+fsdp"])
+                                  ParallelConfig(ep=2, fsdp=True, balance_stats="global"),
+                                  ParallelConfig(balance_stats="global")],
+                         ids=["ep", "ep+fsdp", "dp"])
 def test_two_ranks_stop_then_one_resumes_like_a_straight_run(corpus, tmp_path, pcfg):
     straight = tmp_path / "straight"
     train(_cfg(corpus), MODEL, straight, console=_quiet())

@@ -52,9 +52,10 @@ def parallelize(model: MoETransformer, ctx: DistContext, pcfg: ParallelConfig) -
     else:
         for m in ep_modules:
             _average_over_dp(m, ctx)
-        # broadcast_buffers=False: the balancing bias is kept equal by all-reduced loads, and
-        # each rank's load count since the last update must stay its own until then.
-        replicate(model, ignored_modules=ep_modules, broadcast_buffers=False)
+        # No buffer sync in forward: the balancing bias is kept equal by all-reduced loads, and
+        # each rank's load count since the last update must stay its own until then. (The sync
+        # at wrap time is harmless: every rank holds the same bias, and no counts yet.)
+        replicate(model, ignored_modules=ep_modules, forward_sync_buffers=False)
     model.comm_counter = counter  # read by benchmarks: bytes each rank put into the all-to-alls
     return model
 
