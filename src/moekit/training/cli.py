@@ -25,6 +25,7 @@ TRAIN_FLAGS = {
     "grad_accum": "grad_accum", "lr": "lr", "warmup_steps": "warmup_steps", "seed": "seed",
     "precision": "precision", "device": "device", "eval_every": "eval_every", "eval_batches": "eval_batches",
     "ckpt_every": "ckpt_every", "keep_last": "keep_last", "cache_dir": "cache_dir",
+    "train_preset": "trainable", "freeze": "freeze",
 }
 
 
@@ -105,10 +106,43 @@ def _resume_overrides(args) -> dict:
     return train_d
 
 
-def cmd_train(args) -> int:
-    from moekit.training.loop import NonFiniteLossError, OutOfMemoryStop, resume_run, train
+def _init_train_config(args):
+    """--init: TrainConfig defaults < --config (training fields only) < flags < --set; the model
+    is the one in the --init folder, unchanged."""
+    from moekit.training.config import TrainConfig, apply_override, load_config_file, merge
+
+    if args.preset is not None:
+        raise UsageError("--preset cannot be combined with --init: the model is the one in the --init folder")
+    file = load_config_file(args.config) if args.config else {}
+    if "preset" in file or "model" in file:
+        raise UsageError(f"{args.config}: 'preset' and 'model' do not apply with --init (its model is used as is)")
+    train_d = merge(TrainConfig().to_dict(), file)
+    for key, value in _given_train_values(args).items():
+        _set_dotted(train_d, key, value)
+    model_d: dict = {}
+    for assignment in args.set or []:
+        apply_override(train_d, model_d, assignment)
+        if model_d:
+            raise UsageError(f"--set {assignment}: the model of --init cannot change when fine-tuning")
+    return TrainConfig.from_dict(train_d)
+
+
+def _new_out(args, label: str) -> Path:
     from moekit.training.run import is_run_dir
 
+    out = Path(args.out or f"runs/{Path(label).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.overwrite and out.exists():
+        if not is_run_dir(out):
+            raise UsageError(f"--overwrite refuses to delete {out}: it is not a moekit run folder")
+        shutil.rmtree(out)
+    return out
+
+
+def cmd_train(args) -> int:
+    from moekit.training.loop import NonFiniteLossError, OutOfMemoryStop, resume_run, train
+
+    if args.init and args.resume:
+        raise UsageError("--init starts a new run from a model; --resume continues a run: give one of them")
     if not args.resume:
         for flag in ("checkpoint", "change_optimizer"):
             if getattr(args, flag) not in (None, False):
@@ -120,14 +154,15 @@ def cmd_train(args) -> int:
             result = resume_run(args.resume, _resume_overrides(args), checkpoint=args.checkpoint or "last",
                                 change_optimizer=args.change_optimizer, check_memory=not args.force,
                                 check_finite=not args.no_check_finite, parallel=parallel)
+        elif args.init:
+            from moekit.adapt.finetune import finetune
+
+            cfg = _init_train_config(args)
+            result = finetune(args.init, cfg, _new_out(args, f"finetune-{Path(args.init).name}"),
+                              check_memory=not args.force, parallel=parallel)
         else:
             label, cfg, model_cfg = build_configs(args)
-            out = Path(args.out or f"runs/{Path(label).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-            if args.overwrite and out.exists():
-                if not is_run_dir(out):
-                    raise UsageError(f"--overwrite refuses to delete {out}: it is not a moekit run folder")
-                shutil.rmtree(out)
-            result = train(cfg, model_cfg, out, check_memory=not args.force, parallel=parallel)
+            result = train(cfg, model_cfg, _new_out(args, label), check_memory=not args.force, parallel=parallel)
     except (NonFiniteLossError, OutOfMemoryStop) as e:
         print(f"moekit train: error: {e}", file=sys.stderr)
         return 1
@@ -214,6 +249,15 @@ def add_parser(sub) -> None:
     s.add_argument("--out", help="run folder (default: runs/PRESET-TIMESTAMP)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing run folder at --out")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint, exactly")
+    s.add_argument("--init", metavar="MODEL",
+                   help="fine-tune: start a new run from this model (a run folder, an upcycled folder or a Hugging "
+                        "Face folder) and its tokenizer, on --data")
+    s.add_argument("--train", dest="train_preset", choices=("all", "non-moe", "attention", "experts", "router", "shared"),
+                   help="which module kinds train (default all; non-moe = ST-MoE's frozen MoE parameters); "
+                        "prints a coverage line")
+    s.add_argument("--freeze", action="append", metavar="PATTERN",
+                   help="also freeze parameters whose name matches this glob (blocks.0.*) or regex (repeatable); "
+                        "a pattern matching nothing is an error")
     s.add_argument("--checkpoint", metavar="STEP",
                    help="with --resume: continue from this step's checkpoint (e.g. when the newest is corrupt); "
                         "later ones are moved to RUN_DIR/discarded")

@@ -52,6 +52,12 @@ class TrainConfig:
     keep_last: int = 2  # step checkpoints kept, besides the best by validation loss
     log_every: int = 10  # a printed line every N steps when the output is not a terminal
     cache_dir: str | None = None  # tokenized data cache; None = $MOEKIT_CACHE or ~/.cache/moekit
+    # Fine-tuning (training/freeze.py): the module kinds that train (a preset: all | non-moe |
+    # attention | experts | router | shared), then parameter-name patterns to freeze as well.
+    # Kept here so that a resumed fine-tune freezes exactly what it froze before.
+    trainable: str = "all"
+    freeze: list[str] = field(default_factory=list)
+    init: str | None = None  # the model folder a fine-tune started from (a record; --init)
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, DataConfig):
@@ -74,6 +80,12 @@ class TrainConfig:
             if getattr(self, name) >= 1:
                 raise ConfigError(f"{name} must be < 1, got {getattr(self, name)}")
         _check_choice("precision", self.precision, PRECISIONS)
+        from moekit.training.freeze import PRESETS
+
+        _check_choice("trainable", self.trainable, tuple(PRESETS))
+        if not isinstance(self.freeze, (list, tuple)) or not all(isinstance(f, str) and f for f in self.freeze):
+            raise ValueError(f"freeze must be a list of parameter-name patterns, got {self.freeze!r}")
+        self.freeze = list(self.freeze)
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -124,6 +124,9 @@ LossFn = Callable[[ModelOutput, torch.Tensor], LossParts]
 """``loss_fn(out, batch)``: the model's output on ``batch[:, :-1]`` and the micro-batch [B, S+1]
 itself -> ``LossParts`` (``total`` is backpropagated). Called outside autocast, with grad."""
 
+EvalHook = Callable[[nn.Module, list[torch.Tensor]], dict]
+"""``on_eval(model, val_batches)`` -> extra fields for the evaluation's metrics record."""
+
 ParamFilter = Callable[[str, nn.Parameter], bool]
 """``param_filter(name, parameter)``: True = train it. The others get ``requires_grad=False``,
 stay out of the optimizer and are never changed (the balancing bias is a buffer: it still moves)."""
@@ -288,9 +291,9 @@ def log_metrics(log: MetricsLog, reporter: Reporter, state: RunState, res: StepR
     reporter.step(rec, cfg.tokens_per_step, step_s)
 
 
-def _log_eval(log: MetricsLog, state: RunState, ev: EvalResult) -> None:
+def _log_eval(log: MetricsLog, state: RunState, ev: EvalResult, extra: dict | None = None) -> None:
     log.write(dict(kind="eval", step=state.step, val_loss=ev.loss, val_ppl=ev.ppl, elapsed=state.elapsed,
-                   routing=[r.to_dict() for r in ev.routing]))
+                   routing=[r.to_dict() for r in ev.routing], **(extra or {})))
     if state.best_val is None or ev.loss < state.best_val:
         state.best_val = ev.loss
 
@@ -343,6 +346,7 @@ class _Session:
     ev_step: int | None = None
     step_seconds: float = 0.0  # in train steps, this session
     session_tokens: int = 0
+    on_eval: EvalHook | None = None
 
     def final_val(self) -> float | None:
         """The validation loss at the current step, if it was evaluated there."""
@@ -353,13 +357,17 @@ def train(cfg: TrainConfig, model: ModelConfig | nn.Module, run_dir: str | Path,
           console: Console | None = None, stop_after: int | None = None, loss_fn: LossFn = next_token_loss,
           param_filter: ParamFilter | None = None, tokenizer: TextTokenizer | None = None,
           resume_from: str | int = "last", changed: dict | None = None, check_memory: bool = True,
-          check_finite: bool = True, parallel: ParallelConfig | None = None) -> TrainResult:
+          check_finite: bool = True, parallel: ParallelConfig | None = None,
+          on_eval: EvalHook | None = None) -> TrainResult:
     """Train ``model`` on ``cfg.data`` into ``run_dir`` (resume: continue its last checkpoint).
 
     ``model`` is a ``ModelConfig`` (a fresh model is built, its vocabulary fitted to the
     tokenizer) or an existing ``MoETransformer`` to go on training (fine-tuning, upcycling,
     distillation: pass its ``tokenizer`` too, and a ``loss_fn`` / ``param_filter`` if needed).
-    The defaults are plain pre-training: every parameter, next-token loss.
+    The defaults are plain pre-training: every parameter, next-token loss. ``cfg.trainable`` and
+    ``cfg.freeze`` (training/freeze.py) narrow what trains further, and print a coverage line.
+    ``on_eval(model, val_batches)`` -> a dict added to every evaluation's metrics record
+    (fine-tuning logs routing health there).
     ``stop_after`` pauses after that many total steps, exactly as Ctrl-C would (a checkpoint,
     status "interrupted"): for schedules split over sessions, and for tests of resume.
     A resume starts from checkpoint ``resume_from`` (later ones are moved to ``RUN/discarded/``);
@@ -393,7 +401,8 @@ def train(cfg: TrainConfig, model: ModelConfig | nn.Module, run_dir: str | Path,
     check_length(data, cfg.seq_len)
     torch.manual_seed(cfg.seed)
     model = _build_model(model, data.tokenizer, cfg.seq_len, device, check_memory).to(device)
-    freeze_parameters(model, param_filter)
+    freeze_parameters(model, _with_policy(param_filter, model, cfg))
+    coverage = _coverage_text(model)
     # On resume the weights go into the whole model, before parallelize cuts it into pieces.
     last_ckpt, saved = _load_weights(run_dir, model, device, resume_from, check_finite) if resume else (None, None)
     model = _parallelize(model, dist, parallel)
@@ -411,8 +420,10 @@ def train(cfg: TrainConfig, model: ModelConfig | nn.Module, run_dir: str | Path,
         if resume:
             log.write(dict(kind="resume", step=state.step, checkpoint=last_ckpt.name, changed=changed or {}))
         s = _Session(cfg, run_dir, device, model, optimizer, loss_fn, data, val_batches, log, state, dist,
-                     last_ckpt, ckpt_step=state.step if resume else None)
+                     last_ckpt, ckpt_step=state.step if resume else None, on_eval=on_eval)
         _say_start(s, say)
+        if coverage:
+            say(coverage)
 
         # 2. The loop, then the end: a final evaluation (unless interrupted) and checkpoint.
         try:
@@ -461,6 +472,25 @@ def _build_model(model: ModelConfig | nn.Module, tokenizer: TextTokenizer, seq_l
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary only "
                          f"{model.cfg.vocab_size}: pass the model's own tokenizer")
     return model
+
+
+def _with_policy(param_filter: ParamFilter | None, model: nn.Module, cfg: TrainConfig) -> ParamFilter | None:
+    """``param_filter`` narrowed by the config's fine-tuning policy (``cfg.trainable``, ``cfg.freeze``)."""
+    if cfg.trainable == "all" and not cfg.freeze:
+        return param_filter
+    from moekit.training.freeze import select_trainable
+
+    chosen = select_trainable(model, cfg.trainable, cfg.freeze)
+    return lambda name, p: name in chosen and (param_filter is None or param_filter(name, p))
+
+
+def _coverage_text(model: nn.Module) -> str | None:
+    """The coverage line (trainable parameters per module kind) when anything is frozen."""
+    if all(p.requires_grad for p in model.parameters()):
+        return None
+    from moekit.training.freeze import coverage, coverage_line
+
+    return coverage_line(coverage(model))
 
 
 def freeze_parameters(model: nn.Module, param_filter: ParamFilter | None) -> None:
@@ -643,7 +673,7 @@ def _diverged(s: _Session, res: StepResult) -> None:
 
 def _evaluate_and_log(s: _Session) -> EvalResult:
     s.ev, s.ev_step = evaluate(s.model, s.val_batches, s.cfg.precision, s.dist), s.state.step
-    _log_eval(s.log, s.state, s.ev)
+    _log_eval(s.log, s.state, s.ev, s.on_eval(s.model, s.val_batches) if s.on_eval is not None else None)
     return s.ev
 
 
@@ -708,6 +738,6 @@ def resume_run(run_dir: str | Path, overrides: dict | None = None, console: Cons
                  parallel=parallel)
 
 
-__all__ = ["train", "resume_run", "train_step", "evaluate", "next_token_loss", "freeze_parameters", "LossFn",
+__all__ = ["train", "resume_run", "train_step", "evaluate", "next_token_loss", "freeze_parameters", "LossFn", "EvalHook",
            "ParamFilter", "TrainResult", "StepResult", "EvalResult",
            "NonFiniteLossError", "OutOfMemoryStop", "RunState", "resolve_device", "fit_model_config"]
