@@ -29,7 +29,7 @@ COMMAND_MODULES = (
     "moekit.analysis.cli",  # analyze
     "moekit.experiments.cli",  # experiment
     "moekit.serve.cli",  # serve
-    "moekit.adapt.cli",  # upcycle
+    "moekit.adapt.cli",  # upcycle, distill
 )
 
 

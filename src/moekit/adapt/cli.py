@@ -1,9 +1,9 @@
-"""``moekit upcycle``: the parser and its plain function."""
+"""``moekit upcycle`` and ``moekit distill``: the parsers and their plain functions."""
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from moekit.errors import UsageError
@@ -63,6 +63,56 @@ def _write_upcycled(out: Path, src, moe, up, diff: float) -> None:
                                                  step0_max_logit_diff=diff))
 
 
+def cmd_distill(args) -> int:
+    import torch
+
+    from moekit.adapt.distill import DistillLoss, dense_student_config, expert_frequencies, gain_kept, init_student
+    from moekit.adapt.source import load_source
+    from moekit.resolve import resolve_config
+    from moekit.data.dataset import prepare_data, train_batch
+    from moekit.model import MoETransformer
+    from moekit.training.cli import _init_train_config, _new_out, apply_threads
+    from moekit.training.loop import evaluate, train
+    from moekit.training.run import check_new_run_dir, load_run
+
+    apply_threads(args.threads)
+    loss_fn_args = dict(alpha=args.alpha, temperature=args.temperature)
+    cfg = replace(_init_train_config(args), init=str(args.teacher))
+    out = _new_out(args, f"distill-{Path(args.teacher).name}")
+    check_new_run_dir(out)
+    src = load_source(args.teacher, check_memory=not args.force)
+    teacher = src.model
+    if args.student == "dense":
+        student_cfg = dense_student_config(teacher.cfg)
+    else:
+        student_cfg = replace(resolve_config(args.student)[1], vocab_size=teacher.cfg.vocab_size)
+    data = prepare_data(cfg.data, cfg.cache_dir, tokenizer=src.tokenizer, log=print)
+    batches = [train_batch(data.train, cfg.batch_size, cfg.seq_len, cfg.seed, i) for i in range(4)]
+    torch.manual_seed(cfg.seed)
+    student = MoETransformer(student_cfg)
+    done = init_student(student, teacher, expert_frequencies(teacher, batches) if teacher.moe_layers() else [])
+    averaged = sum(name.endswith(".ffn") for name in done)
+    print(f"student {student.num_params() / 1e6:.2f}M parameters: {len(done) - averaged} tensors copied from the "
+          f"teacher, {averaged} dense FFNs from the routing-weighted average of the experts")
+    result = train(cfg, student, out, tokenizer=src.tokenizer, loss_fn=DistillLoss(teacher, **loss_fn_args),
+                   check_memory=not args.force)
+    val = load_run(out).validation_batches(log=lambda s: None)
+    teacher_loss = evaluate(teacher, val).loss
+    line = f"validation loss: student {result.final_val_loss:.4f}, teacher {teacher_loss:.4f}"
+    if args.baseline:
+        base_loss = evaluate(load_run(args.baseline).model, val).loss
+        line += f", baseline {base_loss:.4f}"
+        try:
+            line += f"; the student keeps {100 * gain_kept(base_loss, result.final_val_loss, teacher_loss):.1f}% of " \
+                    "the teacher's gain over the baseline"
+        except ValueError as e:
+            line += f"; no gain to share ({e})"
+    else:
+        line += " (pass --baseline RUN, the same student trained without the teacher, for the share of the gain kept)"
+    print(line)
+    return 130 if result.status == "interrupted" else 0
+
+
 def add_parser(sub) -> None:
     s = sub.add_parser("upcycle", help="turn a dense model into an MoE model whose step-0 output is the dense one")
     s.add_argument("dense", metavar="DENSE", help="a moekit dense run folder or a Hugging Face Llama/Mistral/Qwen2 folder")
@@ -83,6 +133,41 @@ def add_parser(sub) -> None:
 
     add_resource_args(s)
     s.set_defaults(func=cmd_upcycle)
+    _add_distill(sub)
 
 
-__all__ = ["add_parser", "cmd_upcycle"]
+def _add_distill(sub) -> None:
+    from moekit.training.cli import TRAIN_FLAGS, add_resource_args
+
+    s = sub.add_parser("distill", help="distill an MoE teacher into a dense (or any) student, Switch's recipe")
+    s.set_defaults(**{dest: None for dest in TRAIN_FLAGS}, preset=None, config=None, overwrite=False)
+    s.add_argument("teacher", metavar="TEACHER", help="the teacher: a run folder, upcycled folder or HF folder")
+    s.add_argument("--student", default="dense",
+                   help="dense (default: the teacher with dense FFNs of the expert width), a preset name or a "
+                        "model config JSON; its vocabulary is the teacher's")
+    s.add_argument("--data", nargs="+", action="extend", metavar="PATH", help="training text (default: the stdlib)")
+    s.add_argument("--alpha", type=float, default=0.25,
+                   help="weight of the soft cross-entropy to the teacher; 1 - alpha on the labels (default 0.25, Switch)")
+    s.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of both distributions (default 1)")
+    s.add_argument("--baseline", metavar="RUN",
+                   help="the same student trained without the teacher: report the share of the teacher's gain kept")
+    s.add_argument("--out", help="the student's run folder (default: runs/distill-TEACHER-TIMESTAMP)")
+    for flag, kind, text in (("--max-steps", int, "optimizer steps (default 1000)"),
+                             ("--batch-size", int, "sequences per micro-batch (default 8)"),
+                             ("--seq-len", int, "tokens per sequence (default 128)"),
+                             ("--lr", float, "peak learning rate (default 2e-3)"),
+                             ("--warmup-steps", int, "linear warm-up steps (default 20)"),
+                             ("--eval-every", int, "validation every N steps (default 50)"),
+                             ("--eval-batches", int, "validation batches per evaluation (default 8)"),
+                             ("--ckpt-every", int, "checkpoint every N steps (default 100)"),
+                             ("--seed", int, "seed of the student init and batches (default 0)")):
+        s.add_argument(flag, type=kind, help=text)
+    s.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 = autocast for the student")
+    s.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    s.add_argument("--cache-dir", help="tokenized data cache (default: $MOEKIT_CACHE or ~/.cache/moekit)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any training field, e.g. lr=1e-3 (repeatable)")
+    add_resource_args(s)
+    s.set_defaults(func=cmd_distill)
+
+
+__all__ = ["add_parser", "cmd_upcycle", "cmd_distill"]
