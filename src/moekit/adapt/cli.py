@@ -6,6 +6,7 @@ import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from moekit.argtypes import FloatArg, nonneg_float, nonneg_int, positive_float, positive_int
 from moekit.errors import UsageError
 
 # Files of a Hugging Face folder that travel with its tokenizer.json (special tokens, chat template).
@@ -73,13 +74,15 @@ def cmd_distill(args) -> int:
     from moekit.model import MoETransformer
     from moekit.training.cli import _init_train_config, _new_out, apply_threads
     from moekit.training.loop import evaluate, train
-    from moekit.training.run import check_new_run_dir, load_run
+    from moekit.training.run import check_new_run_dir, is_run_dir, load_run
 
     apply_threads(args.threads)
     loss_fn_args = dict(alpha=args.alpha, temperature=args.temperature)
     cfg = replace(_init_train_config(args), init=str(args.teacher))
     out = _new_out(args, f"distill-{Path(args.teacher).name}")
     check_new_run_dir(out)
+    if args.baseline and not is_run_dir(args.baseline):
+        raise UsageError(f"--baseline {args.baseline} is not a moekit run folder (no train_config.json)")
     src = load_source(args.teacher, check_memory=not args.force)
     teacher = src.model
     if args.student == "dense":
@@ -116,18 +119,18 @@ def cmd_distill(args) -> int:
 def add_parser(sub) -> None:
     s = sub.add_parser("upcycle", help="turn a dense model into an MoE model whose step-0 output is the dense one")
     s.add_argument("dense", metavar="DENSE", help="a moekit dense run folder or a Hugging Face Llama/Mistral/Qwen2 folder")
-    s.add_argument("--experts", type=int, required=True, help="routed experts per layer")
-    s.add_argument("--top-k", type=int, required=True, help="experts per token (a multiple of --granularity)")
-    s.add_argument("--granularity", type=int, default=1,
+    s.add_argument("--experts", type=positive_int, required=True, help="routed experts per layer")
+    s.add_argument("--top-k", type=positive_int, required=True, help="experts per token (a multiple of --granularity)")
+    s.add_argument("--granularity", type=positive_int, default=1,
                    help="split the FFN into G shards along its width, experts of width d_ff/G (virtual groups; "
                         "default 1: whole copies)")
-    s.add_argument("--shared", type=int, default=0, help="always-on shared experts, each a copy of the FFN (default 0)")
+    s.add_argument("--shared", type=nonneg_int, default=0, help="always-on shared experts, each a copy of the FFN (default 0)")
     s.add_argument("--strategy", choices=("copy", "drop"), default="copy",
                    help="copy: every expert a copy (default); drop: Drop-Upcycling, re-initialize part of each expert")
-    s.add_argument("--drop-ratio", type=float, default=0.5,
+    s.add_argument("--drop-ratio", type=FloatArg(0.0, maximum=1.0), default=0.5,
                    help="with --strategy drop: share of each expert's hidden units re-initialized (default 0.5)")
-    s.add_argument("--noise", type=float, default=0.0, help="std of Gaussian noise added to the expert weights (default 0)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the router init, drop choices and noise (default 0)")
+    s.add_argument("--noise", type=nonneg_float, default=0.0, help="std of Gaussian noise added to the expert weights (default 0)")
+    s.add_argument("--seed", type=nonneg_int, default=0, help="seed of the router init, drop choices and noise (default 0)")
     s.add_argument("--out", required=True, help="the new model folder (must not exist or be empty)")
     from moekit.training.cli import add_resource_args
 
@@ -146,21 +149,21 @@ def _add_distill(sub) -> None:
                    help="dense (default: the teacher with dense FFNs of the expert width), a preset name or a "
                         "model config JSON; its vocabulary is the teacher's")
     s.add_argument("--data", nargs="+", action="extend", metavar="PATH", help="training text (default: the stdlib)")
-    s.add_argument("--alpha", type=float, default=0.25,
+    s.add_argument("--alpha", type=FloatArg(0.0, maximum=1.0), default=0.25,
                    help="weight of the soft cross-entropy to the teacher; 1 - alpha on the labels (default 0.25, Switch)")
-    s.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of both distributions (default 1)")
+    s.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature of both distributions (default 1)")
     s.add_argument("--baseline", metavar="RUN",
                    help="the same student trained without the teacher: report the share of the teacher's gain kept")
     s.add_argument("--out", help="the student's run folder (default: runs/distill-TEACHER-TIMESTAMP)")
-    for flag, kind, text in (("--max-steps", int, "optimizer steps (default 1000)"),
-                             ("--batch-size", int, "sequences per micro-batch (default 8)"),
-                             ("--seq-len", int, "tokens per sequence (default 128)"),
-                             ("--lr", float, "peak learning rate (default 2e-3)"),
-                             ("--warmup-steps", int, "linear warm-up steps (default 20)"),
-                             ("--eval-every", int, "validation every N steps (default 50)"),
-                             ("--eval-batches", int, "validation batches per evaluation (default 8)"),
-                             ("--ckpt-every", int, "checkpoint every N steps (default 100)"),
-                             ("--seed", int, "seed of the student init and batches (default 0)")):
+    for flag, kind, text in (("--max-steps", positive_int, "optimizer steps (default 1000)"),
+                             ("--batch-size", positive_int, "sequences per micro-batch (default 8)"),
+                             ("--seq-len", positive_int, "tokens per sequence (default 128)"),
+                             ("--lr", positive_float, "peak learning rate (default 2e-3)"),
+                             ("--warmup-steps", nonneg_int, "linear warm-up steps (default 20)"),
+                             ("--eval-every", positive_int, "validation every N steps (default 50)"),
+                             ("--eval-batches", positive_int, "validation batches per evaluation (default 8)"),
+                             ("--ckpt-every", positive_int, "checkpoint every N steps (default 100)"),
+                             ("--seed", nonneg_int, "seed of the student init and batches (default 0)")):
         s.add_argument(flag, type=kind, help=text)
     s.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 = autocast for the student")
     s.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")

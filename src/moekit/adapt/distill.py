@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.config import ModelConfig
-from moekit.errors import UsageError
+from moekit.errors import ConfigError, UsageError
 from moekit.model import LossParts, ModelOutput, MoETransformer
 
 
@@ -66,9 +66,9 @@ class DistillLoss:
 
     def __post_init__(self) -> None:
         if not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         self.teacher.eval().requires_grad_(False)
 
     def __call__(self, out: ModelOutput, batch: torch.Tensor) -> LossParts:

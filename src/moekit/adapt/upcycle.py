@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from moekit.config import MoEConfig, ModelConfig, _check_choice, _check_float, _check_int
+from moekit.errors import ConfigError
 from moekit.model import MoETransformer
 
 STRATEGIES = ("copy", "drop")
@@ -60,24 +61,24 @@ class UpcycleConfig:
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_float("drop_ratio", self.drop_ratio)
         if self.drop_ratio > 1:
-            raise ValueError(f"drop_ratio must be <= 1, got {self.drop_ratio}")
+            raise ConfigError(f"drop_ratio must be <= 1, got {self.drop_ratio}")
         _check_float("noise", self.noise)
         _check_float("load_balance_coef", self.load_balance_coef)
         if self.top_k > self.num_experts:
-            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+            raise ConfigError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
         if self.num_experts % self.granularity:
-            raise ValueError(f"granularity ({self.granularity}) must divide num_experts ({self.num_experts})")
+            raise ConfigError(f"granularity ({self.granularity}) must divide num_experts ({self.num_experts})")
         if self.top_k % self.granularity:
-            raise ValueError(f"top_k ({self.top_k}) must be a multiple of granularity ({self.granularity}): "
+            raise ConfigError(f"top_k ({self.top_k}) must be a multiple of granularity ({self.granularity}): "
                              "a token must get whole copies of the FFN for step 0 to equal the dense model")
 
 
 def check_upcyclable(cfg: ModelConfig, up: UpcycleConfig) -> None:
     """ValueError naming why ``cfg`` cannot be upcycled as ``up`` asks."""
     if cfg.moe is not None:
-        raise ValueError(f"the model is already MoE ({cfg.moe.num_experts} experts): upcycling takes a dense model")
+        raise ConfigError(f"the model is already MoE ({cfg.moe.num_experts} experts): upcycling takes a dense model")
     if cfg.d_ff % up.granularity:
-        raise ValueError(f"granularity {up.granularity} does not divide the FFN width d_ff={cfg.d_ff}")
+        raise ConfigError(f"granularity {up.granularity} does not divide the FFN width d_ff={cfg.d_ff}")
 
 
 def upcycled_config(cfg: ModelConfig, up: UpcycleConfig) -> ModelConfig:
