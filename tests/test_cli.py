@@ -40,7 +40,7 @@ def test_inspect_config_file(tmp_path, capsys):
         (["inspect", "tiny-mo"], "unknown preset 'tiny-mo'; known presets: tiny-moe"),
         (["inspect", "/no/such/config.json"], "no such file"),
         (["inspect", "tiny-moe", "--seq-len", "0"], "--seq-len"),
-        (["inspect"], "the following arguments are required: target"),
+        (["inspect"], "inspect needs a target"),
         (["frobnicate"], "invalid choice"),
     ],
 )

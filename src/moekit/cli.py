@@ -45,6 +45,15 @@ class _Parser(argparse.ArgumentParser):
 def cmd_inspect(args) -> int:
     from moekit.accounting import format_report, summary
 
+    if args.audit:
+        from moekit.audit import audit_table
+
+        print(audit_table())
+        return 0
+    if args.target is None:
+        raise UsageError("inspect needs a target (a preset, a paper model or a config) or --audit")
+    if _inspect_paper_model(args):
+        return 0
     label, cfg = resolve_config(args.target)
     split = _parallel_split(cfg, args)
     if args.json:
@@ -57,6 +66,19 @@ def cmd_inspect(args) -> int:
 
             print(format_parallel(split))
     return 0
+
+
+def _inspect_paper_model(args) -> bool:
+    """Switch, GShard, Grok-1, GPT-4 (rumoured): counted from their published shapes (audit.py)."""
+    from moekit.audit import PAPER_MODELS, format_paper_report, paper_summary
+
+    if args.target not in PAPER_MODELS:
+        return False
+    if args.ep is not None or args.gpus is not None or args.seq_len is not None:
+        raise UsageError(f"{args.target} is counted from its paper's shape; --seq-len/--ep/--gpus apply to presets "
+                         "and configs only")
+    print(json.dumps(paper_summary(args.target), indent=2) if args.json else format_paper_report(args.target))
+    return True
 
 
 def _parallel_split(cfg: ModelConfig, args) -> dict | None:
@@ -136,9 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("inspect", help="total vs active parameters, FLOPs per token and memory of a model")
     s.add_argument(
-        "target",
-        help="a preset name (see `moekit presets`), a moekit or Hugging Face config JSON, or a folder with config.json",
+        "target", nargs="?",
+        help="a preset name (see `moekit presets`), a paper model (switch-c-2048, gshard-600b, grok-1, "
+             "gpt-4-rumoured, ...), a moekit or Hugging Face config JSON, or a folder with config.json",
     )
+    s.add_argument("--audit", action="store_true",
+                   help="print the table of published claims vs moekit's counts (docs/audits.md)")
     s.add_argument("--seq-len", type=positive_int, default=None, help="context length for attention FLOPs (default: max_seq_len)")
     s.add_argument("--ep", type=positive_int, default=None,
                    help="expert-parallel degree: adds all-to-all bytes and memory per GPU (default with --gpus: 1)")

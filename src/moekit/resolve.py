@@ -26,7 +26,12 @@ def resolve_config(target: str) -> tuple[str, ModelConfig]:
     if not path.exists():
         if path.suffix or "/" in target:
             raise UsageError(f"no such file: {path}")
-        get_preset(target)  # raises the "unknown preset ..., known presets: ..." error
+        from moekit.audit import PAPER_MODELS
+
+        try:
+            get_preset(target)
+        except ValueError as e:  # "unknown preset ...; known presets: ...", plus the paper models
+            raise UsageError(f"{e}; paper models (inspect only): {', '.join(PAPER_MODELS)}") from None
     data = read_json_object(path)
     if is_hf_config(data):  # "architectures"/"model_type": a Hugging Face model's config.json
         cfg = config_from_hf(data)
