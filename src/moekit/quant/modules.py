@@ -1,0 +1,115 @@
+"""Quantized twins of the modules that hold big matrices, swapped in after loading (gpt-fast's
+pattern): ``QuantizedExperts`` for ``Experts``, ``QuantizedMLP`` for ``MLP`` (dense FFNs and
+shared experts), ``QuantizedLinear`` for ``nn.Linear`` (attention projections).
+
+Each twin has its float original's call interface, so the layers around it do not change;
+it holds ``Int8Weight``/``Int4Weight`` buffers instead of parameters and is inference only.
+
+Shape legend (as in ``layers/experts.py``): T tokens, D model dim, F expert hidden width,
+E experts, M dispatched slots (sorted by expert), K experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moekit.layers.dispatch import DispatchPlan, combine
+from moekit.layers.experts import IMPLS, Experts
+from moekit.layers.mlp import MLP, activate
+from moekit.quant.weights import Int4Weight, Int8Weight, weight_class
+
+QuantWeight = Int8Weight | Int4Weight
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int, kernel: bool = True) -> QuantWeight:
+    if bits == 8:
+        return Int8Weight.from_float(w)
+    return weight_class(bits).from_float(w, group_size, kernel)
+
+
+class QuantizedExperts(nn.Module):
+    """``Experts`` with int8/int4 ``w_in`` [E, F_in, D] and ``w_out`` [E, D, F].
+
+    All three impls run the same per-expert products over the experts that got slots (the
+    quantized kernels multiply one matrix at a time, so there is no fused grouped node to
+    take); ``"loop"`` dequantizes each expert and multiplies in floating point, the plain
+    reference the kernels are tested against."""
+
+    def __init__(self, w_in: QuantWeight, w_out: QuantWeight, activation: str):
+        super().__init__()
+        self.num_experts, f_in, self.d_model = w_in.shape
+        self.d_expert = w_out.shape[-1]
+        self.activation = activation
+        self.w_in, self.w_out = w_in, w_out
+
+    @classmethod
+    def from_float(cls, experts: Experts, bits: int, group_size: int, kernel: bool = True) -> "QuantizedExperts":
+        w_in = quantize_weight(experts.w_in, bits, group_size, kernel)
+        w_out = quantize_weight(experts.w_out, bits, group_size, kernel)
+        return cls(w_in, w_out, experts.activation)
+
+    def forward(self, x_TD: torch.Tensor, plan: DispatchPlan, impl: str = "grouped") -> torch.Tensor:
+        """x_TD [T, D] -> [T, D] fp32, as ``Experts.forward``."""
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+        y_MD = self.rows(x_TD.index_select(0, plan.token_ids), plan.counts, reference=impl == "loop")
+        return combine(y_MD, plan, x_TD.shape[0])
+
+    def rows(self, x_MD: torch.Tensor, counts: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        """Experts on dispatched rows: x_MD [M, D] grouped by expert, counts [E] -> y_MD [M, D]."""
+        outs = [self._expert(e, x_e, reference) for e, x_e in enumerate(x_MD.split(counts.tolist())) if len(x_e)]
+        return torch.cat(outs) if outs else x_MD.new_zeros(0, self.d_model)
+
+    def single_token(self, x_1D: torch.Tensor, ids_1K: torch.Tensor, weights_1K: torch.Tensor) -> torch.Tensor:
+        """One token [1, D], its K distinct experts and weights [1, K] -> [1, D] fp32."""
+        ys = [self._expert(e, x_1D).float() * w for e, w in zip(ids_1K[0].tolist(), weights_1K[0].float())]
+        return torch.stack(ys).sum(0)
+
+    def _expert(self, e: int, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        """Expert e on rows [n, D] -> [n, D] in x's dtype."""
+        if reference:
+            return self.w_out.linear_reference(activate(self.w_in.linear_reference(x, e), self.activation), e)
+        return self.w_out.linear(activate(self.w_in.linear(x, e), self.activation), e)
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on any [.., D] input (the reference form, for tools and tests)."""
+        return self._expert(e, x.reshape(-1, x.shape[-1]), reference=True).view(*x.shape[:-1], self.d_model)
+
+
+class QuantizedLinear(nn.Module):
+    """``nn.Linear`` with an int8/int4 weight [N, K] (the bias, if any, stays float)."""
+
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight_q = weight
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.out_features, self.in_features = weight.shape
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int, group_size: int, kernel: bool = True) -> "QuantizedLinear":
+        return cls(quantize_weight(linear.weight, bits, group_size, kernel), linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.weight_q.linear(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class QuantizedMLP(nn.Module):
+    """``MLP`` (dense FFN or shared experts) with quantized ``w_in`` and ``w_out``."""
+
+    def __init__(self, w_in: QuantizedLinear, w_out: QuantizedLinear, activation: str):
+        super().__init__()
+        self.activation = activation
+        self.w_in, self.w_out = w_in, w_out
+
+    @classmethod
+    def from_float(cls, mlp: MLP, bits: int, group_size: int, kernel: bool = True) -> "QuantizedMLP":
+        return cls(QuantizedLinear.from_float(mlp.w_in, bits, group_size, kernel),
+                   QuantizedLinear.from_float(mlp.w_out, bits, group_size, kernel), mlp.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_out(activate(self.w_in(x), self.activation))
+
+
+__all__ = ["QuantizedExperts", "QuantizedLinear", "QuantizedMLP", "quantize_weight"]
