@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "moekit.experiments.cli",  # experiment
     "moekit.serve.cli",  # serve
     "moekit.adapt.cli",  # upcycle, distill
+    "moekit.quant.cli",  # quantize
 )
 
 

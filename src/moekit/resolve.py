@@ -33,6 +33,7 @@ def resolve_config(target: str) -> tuple[str, ModelConfig]:
         except ValueError as e:  # "unknown preset ...; known presets: ...", plus the paper models
             raise UsageError(f"{e}; paper models (inspect only): {', '.join(PAPER_MODELS)}") from None
     data = read_json_object(path)
+    data.pop("quantization", None)  # a `moekit quantize` folder: the model's own config plus this entry
     if is_hf_config(data):  # "architectures"/"model_type": a Hugging Face model's config.json
         cfg = config_from_hf(data)
         mtp = data.get("num_nextn_predict_layers") or 0

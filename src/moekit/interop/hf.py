@@ -61,6 +61,10 @@ def from_pretrained(
     from moekit.memory import check_fits
     folder = Path(path)
     hf = read_hf_config(folder)
+    if "quantization" in hf:  # a folder written by `moekit quantize` (moekit.quant.checkpoint)
+        from moekit.quant.checkpoint import load_quantized
+
+        return load_quantized(folder, dtype, device)
     family = family_for(hf)
     if hf.get("quantization_config"):
         method = hf["quantization_config"].get("quant_method", "?")
