@@ -134,6 +134,26 @@ def kv_cache_uncompressed_bytes_per_token(cfg: ModelConfig, bytes_per_value: flo
     return uncompressed_kv_values_per_token(cfg) * bytes_per_value
 
 
+# Weight-only formats for the routed experts (moekit.quant): bytes per parameter, scales and
+# zero points included (int8: one bf16 scale per output row; int4: a bf16 scale and zero per
+# group of 64 inputs, the default group size).
+EXPERT_FORMATS = ("bf16", "int8", "int4")
+
+
+def expert_format_bytes(cfg: ModelConfig) -> dict[str, dict[str, float]]:
+    """Weight bytes with the routed experts in bf16/int8/int4 and everything else in bf16:
+    {format: {"experts": bytes, "total": bytes}}."""
+    pc = count_params(cfg)
+    experts = pc.breakdown["routed_experts"]
+    rows = 0
+    if cfg.moe is not None:  # output rows of w_in and w_out per expert, over all MoE layers
+        m = cfg.moe
+        rows = len(cfg.moe_layer_ids) * m.num_experts * (first_proj_width(m.d_expert, m.activation) + m.d_model)
+    per = {"bf16": 2.0 * experts, "int8": experts + 2.0 * rows, "int4": 0.5 * experts + 2 * 2.0 * experts / 64}
+    rest = 2.0 * (pc.total - experts)
+    return {k: {"experts": v, "total": v + rest} for k, v in per.items()}
+
+
 def summary(cfg: ModelConfig, seq_len: int | None = None) -> dict:
     """Everything ``moekit inspect`` prints, as plain data (JSON-ready)."""
     pc = count_params(cfg)
@@ -156,6 +176,8 @@ def summary(cfg: ModelConfig, seq_len: int | None = None) -> dict:
         "kv_cache_bytes_per_token_bf16": kv_cache_bytes_per_token(cfg),
         "kv_cache_uncompressed_bytes_per_token_bf16": kv_cache_uncompressed_bytes_per_token(cfg),
         "kv_cache_bytes_at_seq_len_bf16": kv_cache_bytes_per_token(cfg) * seq_len,
+        "quantized_experts": {k: {**v, "gpus_80gb": math.ceil(v["total"] / GPU_BYTES)}
+                              for k, v in expert_format_bytes(cfg).items()},
     }
 
 
@@ -195,4 +217,9 @@ def format_report(cfg: ModelConfig, name: str, seq_len: int | None = None) -> st
         "  80 GB GPUs (weights only) " + "  ".join(f"{k} {v}" for k, v in s["gpus_80gb_for_weights"].items()),
         _kv_line(s),
     ]
+    if s["moe_layers"]:
+        lines.append("  routed experts as   experts      model (rest bf16)  RAM or 80 GB GPUs for weights")
+        for k, v in s["quantized_experts"].items():
+            lines.append(f"    {k:<16} {human(v['experts'], 'B'):>10} {human(v['total'], 'B'):>12}"
+                         f"        {human(v['total'], 'B')} RAM / {v['gpus_80gb']} GPU(s)")
     return "\n".join(lines)
