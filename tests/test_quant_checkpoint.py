@@ -151,3 +151,25 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
     _one_line_exit_2(["quantize", str(tmp_path / "nope"), "--bits", "8", "--out", str(tmp_path / "x")], capsys,
                      "not a model folder")
     assert not (tmp_path / "x").exists()
+
+
+def test_inspect_shows_memory_per_expert_format(capsys):
+    assert main(["inspect", "mixtral-8x7b"]) == 0
+    out = capsys.readouterr().out
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.strip().startswith(("bf16 ", "int8 ", "int4 "))}
+    assert set(lines) == {"bf16", "int8", "int4"}
+    assert "90.19GB" in lines["bf16"] and "2 GPU(s)" in lines["bf16"] and "1 GPU(s)" in lines["int4"]
+    assert main(["inspect", "mixtral-8x7b", "--json"]) == 0
+    q = json.loads(capsys.readouterr().out)["quantized_experts"]
+    assert q["int8"]["experts"] < 0.51 * q["bf16"]["experts"] and q["int4"]["experts"] < 0.29 * q["bf16"]["experts"]
+
+
+def test_bench_quant_writes_medians_for_every_format(tmp_path, capsys):
+    path = tmp_path / "q.json"
+    assert main(["bench", "quant", "--d-model", "64", "--d-expert", "32", "--experts", "4", "--repeats", "5",
+                 "--calls", "2", "--group-size", "32", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["format"] for r in rows] == ["fp32", "bf16", "int8", "int4"]
+    assert all(len(r["times_us"]) == 5 and r["us_per_token"] > 0 for r in rows)
+    assert rows[2]["expert_bytes"] < rows[1]["expert_bytes"] < rows[0]["expert_bytes"]
+    assert "vs bf16" in capsys.readouterr().out
