@@ -90,6 +90,12 @@ class QuantizedLinear(nn.Module):
     def from_float(cls, linear: nn.Linear, bits: int, group_size: int, kernel: bool = True) -> "QuantizedLinear":
         return cls(quantize_weight(linear.weight, bits, group_size, kernel), linear.bias)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight [N, K], for code that reads ``.weight`` rather than calling the
+        module (MLA's absorbed decode folds ``wkv_b`` into its queries): correct, not fast."""
+        return self.weight_q.dequantize(self.weight_q.scale_dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.weight_q.linear(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)

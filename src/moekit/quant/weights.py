@@ -60,6 +60,10 @@ class Int8Weight(nn.Module):
     def shape(self) -> torch.Size:
         return self.qweight.shape
 
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        return self.scale.dtype
+
     def linear(self, x_MK: torch.Tensor, e: int | None = None) -> torch.Tensor:
         q, s = (self.qweight, self.scale) if e is None else (self.qweight[e], self.scale[e])
         return kernels.linear_int8(x_MK, q, s)
@@ -123,6 +127,10 @@ class Int4Weight(nn.Module):
     @property
     def shape(self) -> torch.Size:
         return torch.Size((*self.packed.shape[:-2], self.n, self.k))
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        return self.scale_zero.dtype
 
     def codes(self) -> torch.Tensor:
         """uint8 [..., N, K] in 0..15."""
