@@ -6,6 +6,7 @@ FastAPI and uvicorn are imported only here, inside ``cmd_serve``, so a moekit wi
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from moekit.argtypes import IntArg, positive_int
@@ -61,6 +62,11 @@ def cmd_serve(args) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model, tokenizer, defaults = load_for_inference(args.model, args.dtype, args.device)
+    if args.quantize:  # quantize at load (a folder written by `moekit quantize` loads quantized as it is)
+        from moekit.quant import QuantConfig, quantize_model
+
+        cov = quantize_model(model, QuantConfig(bits=args.quantize, group_size=args.group_size))
+        print(cov.format(), file=sys.stderr)
     name = args.served_model_name or Path(args.model).resolve().name
     state = build_state(model, tokenizer, defaults, name, args.max_batch, args.max_waiting,
                         args.max_tokens_per_step, args.api_key)
@@ -84,6 +90,9 @@ def add_parser(sub) -> None:
                         "a step, one always goes whole, prompts are not split (default: no cap)")
     s.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's)")
     s.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
+    s.add_argument("--quantize", type=int, choices=(8, 4), default=None,
+                   help="quantize the routed experts at load: 8 (int8 per row) or 4 (int4 groups)")
+    s.add_argument("--group-size", type=int, default=64, help="with --quantize 4: inputs per scale/zero (default: 64)")
     s.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* requests (default: no key)")
