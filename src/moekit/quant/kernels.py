@@ -16,9 +16,10 @@ What torch 2.13 on CPU offers (found by experiment; the checks below raise if it
 - ``torch._weight_int4pack_mm_for_cpu(x [M, K], packed, G, scale_zero [K/G, N, 2]) -> [M, N]``
   computes x @ ((codes - 8) * scale + zero)^T per group (tinygemm's affine form); G in
   {32, 64, 128, 256}; scale_zero in x's dtype.
-- Both run fast for bf16/fp16 activations and about 6x slower than an fp32 GEMV for fp32
-  ones (their fp32 inner loops are not vectorized; docs/benchmarks.md). ``linear_int8`` and
-  ``linear_int4`` therefore dequantize the weight and use BLAS for fp32 activations.
+- Both run fast for bf16/fp16 activations and 6-11x slower than an fp32 GEMV for fp32 ones
+  (their fp32 inner loops are not vectorized: [2048, 1024] at batch 1, one thread: fp32 mm
+  0.86 ms, int8 kernel 5.6 ms, int4 kernel 9.5 ms; bf16 mm 0.78 ms, int8 0.36, int4 0.24).
+  The quantized layers therefore dequantize the weight and use BLAS for fp32 activations.
 """
 
 from __future__ import annotations

@@ -144,7 +144,9 @@ class Int4Weight(nn.Module):
         return sz[..., : self.n, 0].transpose(-1, -2), sz[..., : self.n, 1].transpose(-1, -2)  # [N, K/G] each
 
     def linear(self, x_MK: torch.Tensor, e: int | None = None) -> torch.Tensor:
-        if not self.kernel:
+        # fp32 activations: dequantize and use BLAS, as int8 does; the kernel's fp32 loop is
+        # scalar (10x an fp32 GEMV at batch 1, worse on prefill; kernels.py's docstring)
+        if not self.kernel or x_MK.dtype == torch.float32:
             return self.linear_reference(x_MK, e)
         if x_MK.device.type != "cpu":
             raise RuntimeError("int4 weights in the CPU kernel's packing compute on CPU only")
