@@ -164,3 +164,22 @@ def test_quant_config_validation():
     with pytest.raises(ValueError, match="scope must be a non-empty subset"):
         QuantConfig(scope=("experts", "routers"))
     assert QuantConfig.from_dict(QuantConfig(bits=4, scope=ALL).to_dict()) == QuantConfig(bits=4, scope=ALL)
+
+
+@pytest.mark.parametrize("impl", ["grouped", "decode", "loop"])
+@pytest.mark.parametrize("bits", [8, pytest.param(4, marks=needs_int4)])
+def test_quantized_provider_rows_and_get_at_the_seam(bits, impl):
+    """The weights-provider seam (layers/weights.py): a non-local dispatcher calls ``rows`` on
+    dispatched rows; it equals the float provider's reference loop on the dequantized weights,
+    and ``get`` hands out exactly those dequantized matrices."""
+    from moekit.layers.experts import expert_rows
+
+    q, fp = quantized_and_dequantized("softmax-top2", bits)
+    assert q.experts.plain is False and fp.experts.plain is True
+    g = torch.Generator().manual_seed(11)
+    counts = torch.tensor([3, 0, 2, 5, 1, 0, 4, 2])
+    x_MD, w_M = torch.randn(int(counts.sum()), D, generator=g), torch.rand(int(counts.sum()), generator=g)
+    with torch.no_grad():
+        _close(q.experts.rows(x_MD, counts, w_M, impl), expert_rows(fp.experts, x_MD, counts, w_M, "loop"), torch.float32)
+    for (a, b), (c, d) in zip(q.experts.get([2, 5], torch.float32), fp.experts.get([2, 5], torch.float32)):
+        assert torch.equal(a, c) and torch.equal(b, d)

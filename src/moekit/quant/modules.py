@@ -11,11 +11,14 @@ E experts, M dispatched slots (sorted by expert), K experts per token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from moekit.layers.dispatch import DispatchPlan, combine
 from moekit.layers.experts import IMPLS, Experts
+from moekit.layers.weights import ExpertWeights
 from moekit.layers.mlp import MLP, activate
 from moekit.quant.weights import Int4Weight, Int8Weight, weight_class
 
@@ -28,19 +31,19 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int, kernel: bool = 
     return weight_class(bits).from_float(w, group_size, kernel)
 
 
-class QuantizedExperts(nn.Module):
-    """``Experts`` with int8/int4 ``w_in`` [E, F_in, D] and ``w_out`` [E, D, F].
+class QuantizedExperts(ExpertWeights):
+    """The expert-weights provider (``layers/weights.py``) with int8/int4 ``w_in`` [E, H, D] and
+    ``w_out`` [E, D, F]: a twin of ``Experts`` swapped in after loading.
 
-    All three impls run the same per-expert products over the experts that got slots (the
-    quantized kernels multiply one matrix at a time, so there is no fused grouped node to
-    take); ``"loop"`` dequantizes each expert and multiplies in floating point, the plain
-    reference the kernels are tested against."""
+    ``plain`` is False, so no path hands these weights to the fused float node. Compute takes
+    the quantized tensors itself (``rows``, ``forward``, ``single_token``: one kernel call per
+    expert that got rows, for every impl); ``get`` dequantizes the asked-for experts, for
+    callers that want float matrices. ``impl="loop"`` dequantizes each expert and multiplies in
+    floating point: the plain reference the kernels are tested against."""
 
     def __init__(self, w_in: QuantWeight, w_out: QuantWeight, activation: str):
-        super().__init__()
-        self.num_experts, f_in, self.d_model = w_in.shape
-        self.d_expert = w_out.shape[-1]
-        self.activation = activation
+        num_experts, _, d_model = w_in.shape
+        super().__init__(num_experts, d_model, w_out.shape[-1], activation)
         self.w_in, self.w_out = w_in, w_out
 
     @classmethod
@@ -49,15 +52,27 @@ class QuantizedExperts(nn.Module):
         w_out = quantize_weight(experts.w_out, bits, group_size, kernel)
         return cls(w_in, w_out, experts.activation)
 
+    def get(self, ids: Sequence[int], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.w_in.dequantize(dtype, e), self.w_out.dequantize(dtype, e)) for e in ids]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w_in.scale_dtype
+
+    def rows(self, x_MD: torch.Tensor, counts: torch.Tensor, weights_M: torch.Tensor,
+             impl: str = "grouped") -> torch.Tensor:
+        """Dispatched rows x_MD [M, D] (``counts`` [E]) -> y_MD [M, D] fp32 times ``weights_M``."""
+        return self._rows(x_MD, counts, impl).float() * weights_M[:, None]
+
     def forward(self, x_TD: torch.Tensor, plan: DispatchPlan, impl: str = "grouped") -> torch.Tensor:
-        """x_TD [T, D] -> [T, D] fp32, as ``Experts.forward``."""
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
-        y_MD = self.rows(x_TD.index_select(0, plan.token_ids), plan.counts, reference=impl == "loop")
+        """x_TD [T, D] -> [T, D] fp32, as ``Experts.forward`` (the layer's local entry)."""
+        y_MD = self._rows(x_TD.index_select(0, plan.token_ids), plan.counts, impl)
         return combine(y_MD, plan, x_TD.shape[0])
 
-    def rows(self, x_MD: torch.Tensor, counts: torch.Tensor, reference: bool = False) -> torch.Tensor:
-        """Experts on dispatched rows: x_MD [M, D] grouped by expert, counts [E] -> y_MD [M, D]."""
+    def _rows(self, x_MD: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+        reference = impl == "loop"
         outs = [self._expert(e, x_e, reference) for e, x_e in enumerate(x_MD.split(counts.tolist())) if len(x_e)]
         return torch.cat(outs) if outs else x_MD.new_zeros(0, self.d_model)
 

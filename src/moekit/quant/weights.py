@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moekit.errors import ConfigError
 from moekit.quant import kernels
 
 BITS = (8, 4)
@@ -72,8 +73,10 @@ class Int8Weight(nn.Module):
         q, s = (self.qweight, self.scale) if e is None else (self.qweight[e], self.scale[e])
         return kernels.int8_mm_reference(x_MK, q, s)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.qweight.to(dtype) * self.scale.to(dtype)[..., None]
+    def dequantize(self, dtype: torch.dtype = torch.float32, e: int | None = None) -> torch.Tensor:
+        """The float weight [..., N, K] (or matrix ``e`` of a stack)."""
+        q, s = (self.qweight, self.scale) if e is None else (self.qweight[e], self.scale[e])
+        return q.to(dtype) * s.to(dtype)[..., None]
 
     def export(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.qweight, "scale": self.scale}
@@ -164,9 +167,11 @@ class Int4Weight(nn.Module):
             return unpack_nibbles(self.packed[e])
         return kernels.int4_unpack(self.packed[e], self.packed.shape[-2], self.k)[: self.n]
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        scale, zero = self._scale_zero(None)  # [..., N, K/G]
-        q = self.codes().to(dtype).unflatten(-1, (-1, self.group_size)) - kernels.INT4_OFFSET  # [..., N, K/G, G]
+    def dequantize(self, dtype: torch.dtype = torch.float32, e: int | None = None) -> torch.Tensor:
+        """The float weight [..., N, K] (or matrix ``e`` of a stack)."""
+        scale, zero = self._scale_zero(e)  # [..., N, K/G]
+        codes = self.codes() if e is None else self._codes_of(e)
+        q = codes.to(dtype).unflatten(-1, (-1, self.group_size)) - kernels.INT4_OFFSET  # [..., N, K/G, G]
         return (q * scale.to(dtype)[..., None] + zero.to(dtype)[..., None]).flatten(-2)
 
     def export(self) -> dict[str, torch.Tensor]:
@@ -186,9 +191,9 @@ class Int4Weight(nn.Module):
 
 def check_group_size(group_size: int, k: int) -> None:
     if group_size not in kernels.INT4_GROUP_SIZES:
-        raise ValueError(f"--group-size must be one of {', '.join(map(str, kernels.INT4_GROUP_SIZES))}; got {group_size}")
+        raise ConfigError(f"--group-size must be one of {', '.join(map(str, kernels.INT4_GROUP_SIZES))}; got {group_size}")
     if k % group_size:
-        raise ValueError(f"int4 with group size {group_size} needs input widths divisible by it; got a weight with {k} inputs")
+        raise ConfigError(f"int4 with group size {group_size} needs input widths divisible by it; got a weight with {k} inputs")
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -203,7 +208,7 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 def weight_class(bits: int):
     if bits not in BITS:
-        raise ValueError(f"--bits must be 8 or 4; got {bits}")
+        raise ConfigError(f"--bits must be 8 or 4; got {bits}")
     return Int8Weight if bits == 8 else Int4Weight
 
 
