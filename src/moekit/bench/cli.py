@@ -35,15 +35,15 @@ def add_parser(sub) -> None:
     s.set_defaults(func=cmd_bench_layer)
 
     s = bsub.add_parser("quant", help="MoE-layer decode at batch 1: fp32/bf16 vs int8/int4 experts (medians, interleaved)")
-    s.add_argument("--d-model", type=int, default=1024, help="model width (default: 1024)")
-    s.add_argument("--d-expert", type=int, default=2048, help="expert hidden width (default: 2048)")
-    s.add_argument("--experts", type=int, default=8, help="experts in the layer (default: 8)")
-    s.add_argument("--top-k", type=int, default=2, help="experts per token (default: 2)")
+    s.add_argument("--d-model", type=positive_int, default=1024, help="model width (default: 1024)")
+    s.add_argument("--d-expert", type=positive_int, default=2048, help="expert hidden width (default: 2048)")
+    s.add_argument("--experts", type=positive_int, default=8, help="experts in the layer (default: 8)")
+    s.add_argument("--top-k", type=positive_int, default=2, help="experts per token (default: 2)")
     s.add_argument("--formats", default="fp32,bf16,int8,int4", help="comma list of fp32, bf16, int8, int4")
-    s.add_argument("--group-size", type=int, default=64, help="int4 group size (default: 64)")
-    s.add_argument("--repeats", type=int, default=7, help="timed repeats per format, median reported (>= 5)")
-    s.add_argument("--calls", type=int, default=50, help="single-token forwards per repeat (default: 50)")
-    s.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    s.add_argument("--group-size", type=positive_int, choices=(32, 64, 128, 256), default=64, help="int4 group size (default: 64)")
+    s.add_argument("--repeats", type=IntArg(5), default=7, help="timed repeats per format, median reported (>= 5)")
+    s.add_argument("--calls", type=positive_int, default=50, help="single-token forwards per repeat (default: 50)")
+    s.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
     s.add_argument("--json", dest="json_path", default=None, help="also write the results to this JSON file")
     s.set_defaults(func=cmd_bench_quant)
 
@@ -81,11 +81,7 @@ def cmd_bench_quant(args) -> int:
     from moekit.bench.quant import FORMATS, format_table, run
 
     formats = _choices(args.formats, FORMATS, "--formats")
-    if args.repeats < 5 or args.calls < 1:
-        raise UsageError("--repeats must be >= 5 (medians of fewer mislead) and --calls >= 1")
     if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     rows = run(args.d_model, args.d_expert, args.experts, args.top_k, formats, args.repeats, args.calls, args.group_size)

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from moekit.config import ModelConfig
-from moekit.errors import UsageError
+from moekit.errors import ModelFolderError, UsageError
 from moekit.fileio import read_json_object
 from moekit.interop.checkpoint import SINGLE, Checkpoint, remove_stale, write_json, write_safetensors
 from moekit.model import MoETransformer
@@ -37,7 +37,7 @@ ROUTER = ".ffn.router"  # routers stay fp32 whatever dtype is asked for (as in f
 _SAFETENSORS_DTYPES = {"int8": {"I8"}, "uint8": {"U8"}, "float": {"F32", "BF16", "F16"}}
 
 
-class QuantizedCheckpointError(UsageError, ValueError):
+class QuantizedCheckpointError(ModelFolderError):
     """A quantized folder that does not match its config (names the tensor)."""
 
 

@@ -11,6 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from moekit.argtypes import nonneg_int, positive_int
 from moekit.errors import UsageError
 
 # files of a model folder that are not weights and travel with it (tokenizer, generation defaults)
@@ -84,16 +85,16 @@ def _progress(i: int, n: int, name: str) -> None:
 def add_parser(sub) -> None:
     s = sub.add_parser("quantize", help="write an int8/int4 weight-only quantized copy of a model")
     s.add_argument("model", help="a Hugging Face model folder, a moekit run folder, or a preset name (random weights)")
-    s.add_argument("--bits", type=int, choices=(8, 4), required=True,
+    s.add_argument("--bits", type=positive_int, choices=(8, 4), required=True,
                    help="8: int8 per output channel; 4: int4 groups with scales and zero points")
-    s.add_argument("--group-size", type=int, default=64, help="int4: input features per scale/zero (32, 64, 128 or 256; default 64)")
+    s.add_argument("--group-size", type=positive_int, choices=(32, 64, 128, 256), default=64, help="int4: input features per scale/zero (32, 64, 128 or 256; default 64)")
     s.add_argument("--quantize-scope", default="experts", metavar="KINDS",
                    help="comma-separated module kinds: experts, shared, attention, dense (default: experts)")
     s.add_argument("--reference", action="store_true",
                    help="int4 without torch's kernel: dequantize-then-matmul (slow; for a torch that lacks the op)")
     s.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
     s.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
-    s.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default: 0)")
+    s.add_argument("--seed", type=nonneg_int, default=0, help="seed of a preset's random weights (default: 0)")
     s.add_argument("--json", action="store_true", help="print the coverage report as JSON")
     s.set_defaults(func=cmd_quantize)
 

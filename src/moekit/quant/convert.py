@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from moekit.errors import ConfigError
 from moekit.layers.experts import Experts
 from moekit.layers.mlp import MLP
 from moekit.quant import kernels
@@ -39,14 +40,14 @@ class QuantConfig:
 
     def __post_init__(self):
         if self.bits not in BITS:
-            raise ValueError(f"bits must be 8 or 4; got {self.bits}")
+            raise ConfigError(f"bits must be 8 or 4; got {self.bits}")
         if self.bits == 4 and self.group_size not in kernels.INT4_GROUP_SIZES:
-            raise ValueError(f"group_size must be one of {', '.join(map(str, kernels.INT4_GROUP_SIZES))}; "
+            raise ConfigError(f"group_size must be one of {', '.join(map(str, kernels.INT4_GROUP_SIZES))}; "
                              f"got {self.group_size}")
         object.__setattr__(self, "scope", tuple(self.scope))
         bad = [s for s in self.scope if s not in SCOPES]
         if bad or not self.scope:
-            raise ValueError(f"scope must be a non-empty subset of {', '.join(SCOPES)}; got {list(self.scope)}")
+            raise ConfigError(f"scope must be a non-empty subset of {', '.join(SCOPES)}; got {list(self.scope)}")
 
     @property
     def kernel(self) -> bool:
@@ -55,7 +56,7 @@ class QuantConfig:
     def check_supported(self) -> None:
         """int4 needs torch's CPU int4 kernel unless the reference path was asked for."""
         if self.bits == 4 and not self.reference and not kernels.int4_available():
-            raise ValueError(f"this torch ({torch.__version__}) lacks a working CPU int4 kernel "
+            raise ConfigError(f"this torch ({torch.__version__}) lacks a working CPU int4 kernel "
                              "(aten::_weight_int4pack_mm_for_cpu); use --bits 8, or --reference for the slow "
                              "dequantize-then-matmul path")
 
@@ -68,7 +69,7 @@ class QuantConfig:
     def from_dict(cls, d: dict) -> "QuantConfig":
         known = {"bits", "group_size", "scope", "reference"}
         if unknown := sorted(set(d) - known):
-            raise ValueError(f"unknown quantization field(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown quantization field(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
 
 

@@ -90,9 +90,9 @@ def add_parser(sub) -> None:
                         "a step, one always goes whole, prompts are not split (default: no cap)")
     s.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's)")
     s.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
-    s.add_argument("--quantize", type=int, choices=(8, 4), default=None,
+    s.add_argument("--quantize", type=positive_int, choices=(8, 4), default=None,
                    help="quantize the routed experts at load: 8 (int8 per row) or 4 (int4 groups)")
-    s.add_argument("--group-size", type=int, default=64, help="with --quantize 4: inputs per scale/zero (default: 64)")
+    s.add_argument("--group-size", type=positive_int, choices=(32, 64, 128, 256), default=64, help="with --quantize 4: inputs per scale/zero (default: 64)")
     s.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* requests (default: no key)")

@@ -308,9 +308,9 @@ def add_parser(sub) -> None:
     s.add_argument("--batches", type=positive_int, default=None, help="batches to evaluate (default: the run's eval_batches)")
     s.add_argument("--batch-size", type=positive_int, default=None, help="sequences per batch (default: the run's)")
     s.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    s.add_argument("--quantize", type=int, choices=(8, 4), default=None,
+    s.add_argument("--quantize", type=positive_int, choices=(8, 4), default=None,
                    help="quantize the weights at load: 8 (int8 per row) or 4 (int4 groups); default: as trained")
-    s.add_argument("--group-size", type=int, default=64, help="with --quantize 4: inputs per scale/zero (default: 64)")
+    s.add_argument("--group-size", type=positive_int, choices=(32, 64, 128, 256), default=64, help="with --quantize 4: inputs per scale/zero (default: 64)")
     s.add_argument("--quantize-scope", default="experts",
                    help="with --quantize: comma list of experts, shared, attention, dense (default: experts)")
     s.set_defaults(func=cmd_eval)
