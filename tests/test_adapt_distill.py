@@ -135,3 +135,7 @@ def test_cli_distills_and_reports_against_a_baseline(corpus, cache, tmp_path, ca
     assert main(["distill", str(base), "--out", str(tmp_path / "d"), *common]) == 2
     err = capsys.readouterr().err
     assert "the teacher is dense" in err and err.count("\n") == 1
+    # a plain --resume would go on with the LM loss: refused, in one line
+    assert main(["train", "--resume", str(tmp_path / "s"), "--max-steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "trained with the distill loss" in err and err.count("\n") == 1

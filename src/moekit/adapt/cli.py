@@ -78,7 +78,7 @@ def cmd_distill(args) -> int:
 
     apply_threads(args.threads)
     loss_fn_args = dict(alpha=args.alpha, temperature=args.temperature)
-    cfg = replace(_init_train_config(args), init=str(args.teacher))
+    cfg = replace(_init_train_config(args), init=str(args.teacher), loss="distill")
     out = _new_out(args, f"distill-{Path(args.teacher).name}")
     check_new_run_dir(out)
     if args.baseline and not is_run_dir(args.baseline):

@@ -721,6 +721,9 @@ def resume_run(run_dir: str | Path, overrides: dict | None = None, console: Cons
     if not is_run_dir(run_dir):
         raise UsageError(f"{run_dir} is not a moekit run folder (no train_config.json)")
     cfg, model_cfg = read_run_configs(run_dir)
+    if cfg.loss != "lm":  # the loss function is code, not in the folder: never continue with another
+        raise UsageError(f"{run_dir} was trained with the {cfg.loss} loss (moekit distill), which --resume cannot "
+                         "rebuild yet: start a new distillation instead")
     overrides = dict(overrides or {})
     allowed = RESUMABLE_FIELDS + (OPTIMIZER_FIELDS if change_optimizer else ())
     bad = sorted(set(overrides) - set(allowed))
