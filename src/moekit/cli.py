@@ -25,7 +25,8 @@ from moekit.training.cli import add_resource_args, apply_threads
 # so `moekit --help` and `moekit presets` start without it.
 COMMAND_MODULES = (
     "moekit.training.cli",  # train, eval, sample
-    "moekit.bench.cli",  # bench layer
+    "moekit.inference.cli",  # generate, chat
+    "moekit.bench.cli",  # bench layer, bench generate
     "moekit.analysis.cli",  # analyze
     "moekit.experiments.cli",  # experiment
     "moekit.serve.cli",  # serve
