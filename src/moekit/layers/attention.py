@@ -28,21 +28,22 @@ def sliding_window_mask(seq_len: int, window: int, device=None) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
-           window: int | None = None, scale: float | None = None) -> torch.Tensor:
+           causal: bool = True, window: int | None = None, scale: float | None = None) -> torch.Tensor:
     """Softmax attention for both attention kinds (GQA and MLA) -> [B, H, S, Dv].
 
     q [B, H, S, Dk]; k [B, Hk, T, Dk] and v [B, Hk, T, Dv] with H a multiple of Hk (query head h
-    reads kv head h // (H / Hk)). ``mask`` [B, 1, S, T] bool (True = may attend) comes from a
-    ``CacheView``; without one the keys are the queries' own tokens (T = S), causal, limited to
-    ``window`` keys back when given.
+    reads kv head h // (H / Hk)). ``causal``: the keys are the queries' own tokens (T = S),
+    limited to ``window`` keys back when given. Otherwise (cached keys) ``mask`` [B, 1, S, T]
+    bool (True = may attend) from a ``CacheView``, or None when every query sees every key.
     """
     B, H, S, _ = q.shape
     Hk = k.shape[1]
-    if mask is not None:
+    if not causal:
         # Fold each kv head's query heads into its rows ([B, Hk, rep*S, Dk]) so the cached keys
         # and values are read once rather than copied per query head (decode is bound by reading them).
-        y = F.scaled_dot_product_attention(q.reshape(B, Hk, -1, q.shape[-1]), k, v,
-                                           attn_mask=mask.repeat(1, 1, H // Hk, 1), scale=scale)
+        if mask is not None and H != Hk:
+            mask = mask.repeat(1, 1, H // Hk, 1)
+        y = F.scaled_dot_product_attention(q.reshape(B, Hk, -1, q.shape[-1]), k, v, attn_mask=mask, scale=scale)
         return y.view(B, H, S, -1)
     if Hk != H:
         k, v = k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)
@@ -81,9 +82,10 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask = None
         if cache is not None:
             k, v = cache.append(k, v)  # [B, Hkv, T, hd] each (T = S on a fresh cache)
-            mask = None if cache.view.fresh else cache.view.mask
-        y = attend(q, k, v, mask=mask, window=self.sliding_window)
+        if cache is None or cache.view.fresh:
+            y = attend(q, k, v, window=self.sliding_window)
+        else:
+            y = attend(q, k, v, mask=cache.view.mask, causal=False)
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))

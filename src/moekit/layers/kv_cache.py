@@ -148,8 +148,10 @@ class CacheView:
                           < torch.tensor(self.new_tokens, device=self.cache.device)[:, None])
 
     @property
-    def mask(self) -> torch.Tensor:
-        """[B, 1, S, T] bool, True where a new token may attend a cached key (causal, windowed)."""
+    def mask(self) -> torch.Tensor | None:
+        """[B, 1, S, T] bool, True where a new token may attend a cached key (causal, windowed);
+        None when every row may attend all T keys (one new token per row, all rows at the same
+        position, inside the window: the common batch-1 decode step needs no mask)."""
         def make():
             keys = torch.arange(self.num_keys, device=self.cache.device)  # [T]
             q = self.positions[:, None, :, None]  # [B, 1, S, 1]
@@ -157,6 +159,9 @@ class CacheView:
             if self.cache.window is not None:
                 ok = ok & (q - keys < self.cache.window)
             return ok
+        window = self.cache.window
+        if self.seq_len == 1 and len(set(self.start)) == 1 and (window is None or self.num_keys <= window):
+            return None
         return self._memo("mask", make)
 
     def _rows(self):
@@ -171,13 +176,17 @@ class CacheView:
     def append(self, layer: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Write this forward's entries of ``layer`` (each [B, Hk, S, W], in the cache's layout)
         and return what attention reads: the new entries themselves when ``fresh``, else each
-        cached tensor's rows [B, Hk, T, W] (T = ``num_keys``), to be used with ``mask``."""
+        cached tensor's rows [B, Hk, T, W] (T = ``num_keys``), to be attended under ``mask``."""
         stored = self.cache.layers[layer]
         pos = self.positions  # [B, S]
         rows = self._rows()
         slot_idx = self._memo("slot_idx", lambda: torch.tensor(self.slots, device=pos.device)[:, None])  # [B, 1]
+        same_start = isinstance(rows, slice) and len(set(self.start)) == 1
         for buf, x in zip(stored, new):
-            buf[slot_idx, :, pos] = x.transpose(1, 2).to(buf.dtype)  # indexes as [B, S, Hk, W]
+            if same_start:  # consecutive slots at one position (batch-1 decode): a plain slice copy
+                buf[rows, :, self.start[0]: self.start[0] + self.seq_len] = x
+            else:
+                buf[slot_idx, :, pos] = x.transpose(1, 2).to(buf.dtype)  # indexes as [B, S, Hk, W]
         if self.fresh:
             return new
         return tuple(buf[rows, :, : self.num_keys] for buf in stored)

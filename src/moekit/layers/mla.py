@@ -101,7 +101,7 @@ class MLAttention(nn.Module):
         w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # [H, N, Ckv], [H, V, Ckv]
         q_lat = torch.einsum("bhsn,hnc->bhsc", q_nope, w_uk)  # [B, H, S, Ckv]
         q = torch.cat((q_lat, q_rope), dim=-1)  # [B, H, S, Ckv+R], against [latent | rope key]
-        y_lat = attend(q, cached, cached[..., : self.kv_rank], mask=mask, scale=self.scale)  # [B, H, S, Ckv]
+        y_lat = attend(q, cached, cached[..., : self.kv_rank], mask=mask, causal=False, scale=self.scale)  # [B, H, S, Ckv]
         y = torch.einsum("bhsc,hvc->bshv", y_lat, w_uv)  # [B, S, H, V]
         return self.wo(y.reshape(B, S, H * self.v_dim))
 
