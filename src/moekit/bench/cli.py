@@ -1,4 +1,5 @@
-"""``moekit bench layer``: time MoELayer against dense-active and transformers (see layer.py)."""
+"""``moekit bench layer`` (MoELayer vs dense-active and transformers, see layer.py) and
+``moekit bench generate`` (the engine vs transformers' generate, see generate.py)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def add_parser(sub) -> None:
     s.add_argument("--quick", action="store_true",
                    help="a fast smoke run: 512 tokens, fp32, 5 repeats, 1 warm-up (overrides those flags)")
     s.set_defaults(func=cmd_bench_layer)
+    from moekit.bench import generate
+
+    generate.add_parser(bsub)  # bench generate
 
     s = bsub.add_parser("quant", help="MoE-layer decode at batch 1: fp32/bf16 vs int8/int4 experts (medians, interleaved)")
     s.add_argument("--d-model", type=positive_int, default=1024, help="model width (default: 1024)")
