@@ -79,9 +79,9 @@ def test_chat_repl_keeps_history_and_resets(folder):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
-    (["--top-p", "0"], "top_p must be > 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--top-p", "1.5"], "--top-p must be <= 1, got 1.5"),
+    (["--top-p", "0"], "--top-p must be > 0"),
     (["--prompt", "the model " * 100], "context is 128; shorten it or pass --truncate left"),
 ])
 def test_bad_input_is_one_line_exit_2(folder, extra, message, capsys):

@@ -34,9 +34,31 @@ def add_parser(sub) -> None:
     s.add_argument("--quick", action="store_true",
                    help="a fast smoke run: 512 tokens, fp32, 5 repeats, 1 warm-up (overrides those flags)")
     s.set_defaults(func=cmd_bench_layer)
-    from moekit.bench import generate
+    _add_generate_parser(bsub)
 
-    generate.add_parser(bsub)  # bench generate
+
+def _add_generate_parser(bsub) -> None:
+    from moekit.argtypes import IntArg, positive_int
+
+    s = bsub.add_parser("generate", help="prefill/decode tokens/s of the engine vs transformers' generate, "
+                                         "bandwidth bound and peak memory")
+    s.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16 (default: both)")
+    s.add_argument("--batches", default="1,8", help="comma list of batch sizes (default: 1,8)")
+    s.add_argument("--prompt-len", type=positive_int, default=128, help="prompt tokens per sequence (default: 128)")
+    s.add_argument("--new-tokens", type=IntArg(2), default=32, help="generated tokens per sequence (default: 32)")
+    s.add_argument("--repeats", type=positive_int, default=3, help="interleaved timed repeats, median reported (default: 3)")
+    s.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
+    s.add_argument("--no-hf", action="store_true", help="skip transformers (engine figures only)")
+    s.add_argument("--json", dest="json_path", default="bench_generate.json", help="where to write the JSON results")
+    s.add_argument("--quick", action="store_true",
+                   help="a fast smoke run: a ~50M model, prompts of 32, 8 new tokens, fp32, 3 repeats")
+    s.set_defaults(func=_cmd_bench_generate)
+
+
+def _cmd_bench_generate(args) -> int:
+    from moekit.bench.generate import cmd_bench_generate  # imports torch: only when run
+
+    return cmd_bench_generate(args)
 
     s = bsub.add_parser("quant", help="MoE-layer decode at batch 1: fp32/bf16 vs int8/int4 experts (medians, interleaved)")
     s.add_argument("--d-model", type=positive_int, default=1024, help="model width (default: 1024)")

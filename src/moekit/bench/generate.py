@@ -215,22 +215,6 @@ def human_bytes(n: float) -> str:
 QUICK = dict(prompt_len=32, new_tokens=8, repeats=3, dtypes="fp32", batches="1,8")
 
 
-def add_parser(bsub) -> None:
-    s = bsub.add_parser("generate", help="prefill/decode tokens/s of the engine vs transformers' generate, "
-                                         "bandwidth bound and peak memory")
-    s.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16 (default: both)")
-    s.add_argument("--batches", default="1,8", help="comma list of batch sizes (default: 1,8)")
-    s.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence (default: 128)")
-    s.add_argument("--new-tokens", type=int, default=32, help="generated tokens per sequence (default: 32)")
-    s.add_argument("--repeats", type=int, default=3, help="interleaved timed repeats, median reported (default: 3)")
-    s.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    s.add_argument("--no-hf", action="store_true", help="skip transformers (engine figures only)")
-    s.add_argument("--json", dest="json_path", default="bench_generate.json", help="where to write the JSON results")
-    s.add_argument("--quick", action="store_true",
-                   help="a fast smoke run: a ~50M model, prompts of 32, 8 new tokens, fp32, 3 repeats")
-    s.set_defaults(func=cmd_bench_generate)
-
-
 def cmd_bench_generate(args) -> int:
     from moekit.bench.cli import _choices
     from moekit.errors import UsageError
@@ -328,4 +312,4 @@ def _summary(cfg: ModelConfig, rows: list[dict], memory: dict, bandwidth: float,
 
 
 __all__ = ["bench_config", "copy_bandwidth", "run_case", "peak_memory", "bandwidth_bound_tps", "export_and_load",
-           "build_export", "fmt_row", "HEADER", "DTYPES", "add_parser", "cmd_bench_generate"]
+           "build_export", "fmt_row", "HEADER", "DTYPES", "cmd_bench_generate"]

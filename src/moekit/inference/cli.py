@@ -10,22 +10,22 @@ import json
 import sys
 import time
 
-from moekit.argtypes import positive_int
+from moekit.argtypes import FloatArg, nonneg_float, nonneg_int, positive_float, positive_int
 from moekit.errors import UsageError
 
 
 def _sampling_args(s, default_max: str) -> None:
     s.add_argument("model", metavar="MODEL", help="a moekit run folder or a Hugging Face model folder")
-    s.add_argument("--max-new-tokens", type=int, default=None, help=f"tokens to generate at most (default: {default_max})")
-    s.add_argument("--temperature", type=float, default=None,
+    s.add_argument("--max-new-tokens", type=positive_int, default=None, help=f"tokens to generate at most (default: {default_max})")
+    s.add_argument("--temperature", type=nonneg_float, default=None,
                    help="softmax temperature, 0 = greedy (default: the folder's generation_config, else greedy)")
-    s.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens; 0 = off (default: the folder's)")
-    s.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: the folder's, else 1)")
-    s.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability (default: 0)")
-    s.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (default: 1)")
+    s.add_argument("--top-k", type=nonneg_int, default=None, help="sample among the k likeliest tokens; 0 = off (default: the folder's)")
+    s.add_argument("--top-p", type=FloatArg(0.0, strict=True, maximum=1.0), default=None, help="nucleus sampling mass in (0, 1] (default: the folder's, else 1)")
+    s.add_argument("--min-p", type=FloatArg(0.0, maximum=1.0), default=None, help="drop tokens below min_p x the top probability (default: 0)")
+    s.add_argument("--repetition-penalty", type=positive_float, default=None, help="> 1 discourages repeats (default: 1)")
     s.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when the output contains TEXT; the text is cut right before it (repeatable)")
-    s.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed gives the same text (default: 0)")
+    s.add_argument("--seed", type=nonneg_int, default=0, help="sampling seed; the same seed gives the same text (default: 0)")
     s.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's)")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     s.add_argument("--threads", type=positive_int, default=None, metavar="N",
