@@ -34,6 +34,19 @@ def add_parser(sub) -> None:
     s.add_argument("--quick", action="store_true",
                    help="a fast smoke run: 512 tokens, fp32, 5 repeats, 1 warm-up (overrides those flags)")
     s.set_defaults(func=cmd_bench_layer)
+
+    s = bsub.add_parser("quant", help="MoE-layer decode at batch 1: fp32/bf16 vs int8/int4 experts (medians, interleaved)")
+    s.add_argument("--d-model", type=positive_int, default=1024, help="model width (default: 1024)")
+    s.add_argument("--d-expert", type=positive_int, default=2048, help="expert hidden width (default: 2048)")
+    s.add_argument("--experts", type=positive_int, default=8, help="experts in the layer (default: 8)")
+    s.add_argument("--top-k", type=positive_int, default=2, help="experts per token (default: 2)")
+    s.add_argument("--formats", default="fp32,bf16,int8,int4", help="comma list of fp32, bf16, int8, int4")
+    s.add_argument("--group-size", type=positive_int, choices=(32, 64, 128, 256), default=64, help="int4 group size (default: 64)")
+    s.add_argument("--repeats", type=IntArg(5), default=7, help="timed repeats per format, median reported (>= 5)")
+    s.add_argument("--calls", type=positive_int, default=50, help="single-token forwards per repeat (default: 50)")
+    s.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
+    s.add_argument("--json", dest="json_path", default=None, help="also write the results to this JSON file")
+    s.set_defaults(func=cmd_bench_quant)
     _add_generate_parser(bsub)
 
 
@@ -59,19 +72,6 @@ def _cmd_bench_generate(args) -> int:
     from moekit.bench.generate import cmd_bench_generate  # imports torch: only when run
 
     return cmd_bench_generate(args)
-
-    s = bsub.add_parser("quant", help="MoE-layer decode at batch 1: fp32/bf16 vs int8/int4 experts (medians, interleaved)")
-    s.add_argument("--d-model", type=positive_int, default=1024, help="model width (default: 1024)")
-    s.add_argument("--d-expert", type=positive_int, default=2048, help="expert hidden width (default: 2048)")
-    s.add_argument("--experts", type=positive_int, default=8, help="experts in the layer (default: 8)")
-    s.add_argument("--top-k", type=positive_int, default=2, help="experts per token (default: 2)")
-    s.add_argument("--formats", default="fp32,bf16,int8,int4", help="comma list of fp32, bf16, int8, int4")
-    s.add_argument("--group-size", type=positive_int, choices=(32, 64, 128, 256), default=64, help="int4 group size (default: 64)")
-    s.add_argument("--repeats", type=IntArg(5), default=7, help="timed repeats per format, median reported (>= 5)")
-    s.add_argument("--calls", type=positive_int, default=50, help="single-token forwards per repeat (default: 50)")
-    s.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
-    s.add_argument("--json", dest="json_path", default=None, help="also write the results to this JSON file")
-    s.set_defaults(func=cmd_bench_quant)
 
 
 def _choices(value: str, known, flag: str) -> list[str]:
