@@ -61,3 +61,12 @@ def test_peak_bytes_counts_temporaries_but_not_parameter_gradients():
     # gradients are not counted, and the measurement leaves no gradient behind.
     assert 2 * hidden <= train < 2 * 2**23
     assert all(p.grad is None for p in mlp.parameters())
+
+
+def test_bench_layer_writes_a_file_only_when_asked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "layer", "--quick", "--shapes", "coarse", "--modes", "decode1", "--no-hf", "--threads", "1"]
+    assert main(argv) == 0
+    assert list(tmp_path.iterdir()) == [] and "wrote" not in capsys.readouterr().out
+    assert main([*argv, "--json", "sub/b.json"]) == 0
+    assert json.loads((tmp_path / "sub" / "b.json").read_text())["rows"]

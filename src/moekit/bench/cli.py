@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 from moekit.argtypes import IntArg, nonneg_int, positive_int
 from moekit.errors import UsageError
+from moekit.fileio import atomic_write_json
 
 QUICK = dict(tokens=512, repeats=5, warmup=1, dtypes="fp32")
 
@@ -30,7 +29,8 @@ def add_parser(sub) -> None:
                    help="torch intra-op threads (default: torch's choice); 1 steadies timings on a busy machine")
     s.add_argument("--loop", action="store_true", help="also time moekit's reference per-expert loop")
     s.add_argument("--no-hf", action="store_true", help="skip transformers' blocks")
-    s.add_argument("--json", dest="json_path", default="bench_layer.json", help="where to write the JSON results")
+    s.add_argument("--json", dest="json_path", metavar="OUT_FILE", default=None,
+                   help="also write the results as JSON to this file (default: no file)")
     s.add_argument("--quick", action="store_true",
                    help="a fast smoke run: 512 tokens, fp32, 5 repeats, 1 warm-up (overrides those flags)")
     s.set_defaults(func=cmd_bench_layer)
@@ -140,8 +140,9 @@ def _run(args, shapes, dtypes, modes) -> int:
             "machine": _cpu_name(), "cpu_native_bf16": CPU_NATIVE_BF16, "load_avg_start": load_start,
             "load_avg_end": os.getloadavg(), "cpus": os.cpu_count(),
             "args": {k: v for k, v in vars(args).items() if k != "func"}}
-    _write_json_atomic(Path(args.json_path), rows_to_json(rows, meta))
-    print(f"\nwrote {args.json_path}")
+    if args.json_path:  # only when asked: a benchmark writes nothing into the current folder unasked
+        atomic_write_json(args.json_path, rows_to_json(rows, meta))
+        print(f"\nwrote {args.json_path}")
     return 0
 
 
@@ -162,12 +163,3 @@ def _version(package: str) -> str | None:
     except importlib.metadata.PackageNotFoundError:
         return None
 
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
