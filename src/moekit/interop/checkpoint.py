@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -22,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moekit.errors import ModelFolderError
+from moekit.fileio import atomic_path, atomic_write_json
 
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -126,37 +125,13 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers see old or new, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def write_json(path: Path, data: dict) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+    atomic_write_json(path, data)
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    with atomic_path(path) as tmp:  # readers see the old file or the new one, never half of one
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 def remove_stale(folder: Path, keep: set[str]) -> None:
@@ -168,4 +143,4 @@ def remove_stale(folder: Path, keep: set[str]) -> None:
 
 
 __all__ = ["Checkpoint", "Entry", "DTYPES", "INDEX", "SINGLE", "parse_size", "write_json", "write_safetensors",
-           "remove_stale", "atomic_write"]
+           "remove_stale"]
