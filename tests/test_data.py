@@ -275,3 +275,31 @@ def test_a_killed_build_leaves_no_temp_folder_for_long(corpus_dir, tmp_path):
     (corpus_dir / "f00.txt").write_text("another version of the text, so the cache builds again " * 3)
     prepare_data(cfg, tmp_path / "cache", log=lambda s: None)
     assert not old.exists() and young.exists()
+
+
+def test_a_cache_with_token_ids_beyond_the_vocabulary_is_rebuilt(corpus_dir, tmp_path):
+    cfg = DataConfig(sources=[str(corpus_dir)], tokenizer="bytes")
+    first = prepare_data(cfg, tmp_path / "cache", log=lambda s: None)
+    good = np.array(first.train)
+    damaged = good.copy()
+    damaged[5] = 300  # bytes vocabulary: 257 ids; same size, so only the id check can tell
+    damaged.tofile(first.path / "train.bin")
+    logs = []
+    again = prepare_data(cfg, tmp_path / "cache", log=logs.append)
+    assert any("failed its check" in line for line in logs)
+    assert np.array_equal(again.train, good) and int(again.train.max()) < again.tokenizer.vocab_size
+
+
+def test_progress_lines_count_in_words(tmp_path):
+    (tmp_path / "one.txt").write_text("just one document, long enough to hold a few sequences\n" * 20)
+    (tmp_path / "bad.txt").write_bytes("caf\xe9".encode("latin-1"))
+    logs = []
+    prepare_data(DataConfig(sources=[str(tmp_path / "one.txt"), str(tmp_path / "bad.txt")], tokenizer="bytes"),
+                 tmp_path / "cache", log=logs.append)
+    assert logs[0].startswith("tokenizing 1 document (") and "skipped 1 file that" in logs[1]
+
+
+def test_a_tokenizer_file_holding_a_list_is_one_line(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("[1, 2]")
+    with pytest.raises(UsageError, match="is not a tokenizer file: it holds a JSON list"):
+        load_tokenizer(tmp_path / "tokenizer.json")

@@ -207,8 +207,10 @@ def _encode_into(folder: Path, corpus: Corpus, val: set[str], tok: TextTokenizer
     return {"dtype": np.dtype(dtype).name, "train_tokens": counts["train"], "val_tokens": counts["val"]}
 
 
-def _open_entry(folder: Path) -> tuple[np.ndarray, np.ndarray, dict] | None:
-    """Map a complete cache entry; None when it is missing or its files disagree with meta.json."""
+def _open_entry(folder: Path, vocab_size: int) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """Map a complete cache entry; None when it is missing, its files disagree with meta.json, or
+    it holds a token id the tokenizer cannot produce (a damaged file: the model would index past
+    its embedding). One pass over the ids: about 30 ms per 50M tokens."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
         arrays = []
@@ -219,6 +221,8 @@ def _open_entry(folder: Path) -> tuple[np.ndarray, np.ndarray, dict] | None:
             arrays.append(np.memmap(path, dtype=meta["dtype"], mode="r", shape=(n,)) if n else
                           np.zeros(0, dtype=meta["dtype"]))
     except (OSError, ValueError, KeyError):
+        return None
+    if any(a.size and int(a.max()) >= vocab_size for a in arrays):
         return None
     return arrays[0], arrays[1], meta
 
@@ -242,11 +246,13 @@ def prepare_data(
     key = _key(CACHE_VERSION, corpus.fingerprint(), cfg.text_field, cfg.val_fraction, cfg.split_seed,
                tokenizer.fingerprint)
     folder = cache / "data" / key
-    entry = _open_entry(folder)
+    entry = _open_entry(folder, tokenizer.vocab_size)
     if entry is None:
+        if folder.exists():
+            log(f"the data cache entry {folder} failed its check (sizes or token ids); rebuilding it")
         val, stats = split.get()
         _build_entry(folder, corpus, val, tokenizer, stats, log)
-        entry = _open_entry(folder)
+        entry = _open_entry(folder, tokenizer.vocab_size)
         if entry is None:
             raise UsageError(f"the data cache entry {folder} could not be read back after writing it")
     train, val_tokens, meta = entry
@@ -254,6 +260,11 @@ def prepare_data(
 
 
 STALE_TEMP_S = 24 * 3600
+
+
+def _count(n: int, noun: str) -> str:
+    """ "1 document", "2 documents", "1,024 documents"."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _remove_stale_temps(cache: Path) -> None:
@@ -269,10 +280,10 @@ def _remove_stale_temps(cache: Path) -> None:
 
 
 def _build_entry(folder: Path, corpus: Corpus, val: set[str], tok: TextTokenizer, stats: dict, log) -> None:
-    log(f"tokenizing {stats['documents']} documents ({stats['characters'] / 1e6:.1f}M characters) "
+    log(f"tokenizing {_count(stats['documents'], 'document')} ({stats['characters'] / 1e6:.1f}M characters) "
         f"of {corpus.description}")
     if stats["skipped_files"]:
-        log(f"  skipped {len(stats['skipped_files'])} file(s) that are not UTF-8 text, "
+        log(f"  skipped {_count(len(stats['skipped_files']), 'file')} that are not UTF-8 text, "
             f"e.g. {stats['skipped_files'][0]}")
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(folder.parent)
@@ -290,7 +301,7 @@ def _build_entry(folder: Path, corpus: Corpus, val: set[str], tok: TextTokenizer
         try:
             os.rename(tmp, folder)
         except OSError:
-            if _open_entry(folder) is None:  # not a concurrent run that finished first
+            if _open_entry(folder, tok.vocab_size) is None:  # not a concurrent run that finished first
                 raise
         fsync_dir(folder.parent)
         log(f"  {counts['train_tokens']:,} training and {counts['val_tokens']:,} validation tokens "

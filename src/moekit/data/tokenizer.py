@@ -134,6 +134,8 @@ def tokenizer_from_json(text: str, source: str = "tokenizer") -> TextTokenizer:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise UsageError(f"{source} is not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict):  # valid JSON, but not a tokenizer: say so instead of failing inside
+        raise UsageError(f"{source} is not a tokenizer file: it holds a JSON {type(data).__name__}, not an object")
     if data.get("moekit_tokenizer") == "bytes":
         return bytes_tokenizer()
     from tokenizers import Tokenizer
