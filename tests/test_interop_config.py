@@ -1,5 +1,8 @@
 """config.json -> ModelConfig: keys a config leaves out read as transformers' config classes read them."""
 
+import json
+import re
+
 import pytest
 
 from moekit.interop import config_from_hf, supported_architectures
@@ -43,3 +46,27 @@ def test_unsupported_values_are_refused_by_name():
     with pytest.raises(ValueError, match="rope scaling type 'longrope' is not supported"):
         config_from_hf({**default_config("Qwen2ForCausalLM"), "rope_parameters": {"rope_type": "longrope",
                                                                                   "rope_theta": 1e4, "factor": 2.0}})
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("hidden_size", "64", "hidden_size must be a number, got '64'"),
+    ("rope_theta", "x", "rope_theta must be a number, got 'x'"),
+    ("num_local_experts", [4], "num_local_experts must be a number, got [4]"),
+    ("rms_norm_eps", True, "rms_norm_eps must be a number, got True"),
+    ("tie_word_embeddings", "no", "tie_word_embeddings must be true or false, got 'no'"),
+])
+def test_a_wrong_kind_in_config_json_names_the_key(tmp_path, capsys, key, value, needle):
+    from moekit.cli import main
+    from moekit.errors import ConfigError
+    from moekit.interop import config_from_hf
+
+    hf = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 64,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+          "vocab_size": 100, "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 128,
+          key: value}
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        config_from_hf(hf)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert main(["inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1

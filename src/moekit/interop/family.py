@@ -56,20 +56,40 @@ class Fields:
         self.hf, self.defaults, self.label = hf, defaults, label
 
     def __call__(self, key: str, default: Any = MISSING) -> Any:
+        like = default if default is not MISSING else self.defaults.get(key, MISSING)
         for k in (key, *ALIASES.get(key, ())):
             if self.hf.get(k) is not None:
-                return self.hf[k]
+                return self.typed(k, self.hf[k], like)
         if default is not MISSING:
             return default
         if key in self.defaults:
             return self.defaults[key]
         raise ConfigError(f"{self.label} config.json lacks {key!r}")
 
+    def typed(self, key: str, value: Any, like: Any = MISSING) -> Any:
+        """``value`` when it has the kind of ``like`` (a number when there is no default: every
+        key read without one is a size or count); a ConfigError naming the key otherwise. A
+        hand-edited config.json with "64" for hidden_size must not fail deep inside the model."""
+        kind = _kind(like) if like is not MISSING and like is not None else "a number"
+        if _kind(value) != kind:
+            raise ConfigError(f"{self.label} config.json: {key} must be {kind}, got {value!r}")
+        return value
+
     def reject(self, key: str, allowed: Any, why: str) -> None:
         """Raise when ``key`` is set to something moekit cannot reproduce exactly."""
         value = self.hf.get(key)
         if value is not None and value != allowed:
             raise ConfigError(f"{self.label}: {key}={value!r} is not supported ({why})")
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, (list, tuple)) else type(value).__name__
 
 
 def architecture_of(hf: HFConfig) -> str:
@@ -79,8 +99,8 @@ def architecture_of(hf: HFConfig) -> str:
 
 def llama_fields(f: Fields, arch: str) -> dict[str, Any]:
     """ModelConfig keyword arguments shared by the Llama-lineage families (GQA attention)."""
-    if f("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{f.label}: hidden_act={f('hidden_act')!r} is not supported (moekit's FFNs are SwiGLU)")
+    if (act := f("hidden_act", "silu")) != "silu":
+        raise ConfigError(f"{f.label}: hidden_act={act!r} is not supported (moekit's FFNs are SwiGLU)")
     n_heads, d_model = f("num_attention_heads"), f("hidden_size")
     if "num_key_value_heads" in f.hf:  # null means one kv head per q head, as transformers reads it
         kv = f.hf["num_key_value_heads"] or n_heads
@@ -113,7 +133,7 @@ def rope_from_hf(f: Fields) -> tuple[float, dict[str, Any] | None]:
     legacy = dict(f.hf.get("rope_scaling") or {})
     if params and not any(k in params for k in ("rope_type", "type", "rope_theta")):
         raise ConfigError(f"{f.label}: per-layer-type rope_parameters are not supported")
-    theta = params.pop("rope_theta", None) or f("rope_theta")
+    theta = f.typed("rope_theta", params.pop("rope_theta", None) or f("rope_theta"))
     merged = {**legacy, **params}
     kind = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
     merged.pop("type", None)
