@@ -264,3 +264,14 @@ def test_analyze_bad_input_exits_2(tiny_run, tmp_path, capsys, args, message):
     assert main(args + ["--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_category_with_a_handful_of_tokens_is_not_coloured():
+    from moekit.analysis.plots import category_columns
+
+    counts = np.zeros((8, 3))
+    counts[:, 0] = np.arange(8) * 40 + 20  # 1,280 slots: enough for a lift per expert
+    counts[[1, 5], 1] = 2  # "other": 4 slots, lift 0 or 4 from pure chance
+    values, labels = category_columns(counts, ["code", "other", "absent"])
+    assert values.shape == (8, 2) and labels == ["code", "other (4 only)"]
+    assert np.isfinite(values[:, 0]).all() and np.isnan(values[:, 1]).all()

@@ -12,6 +12,8 @@ import numpy as np
 
 from moekit.fileio import atomic_path
 
+MIN_SLOTS_PER_EXPERT = 20  # a category's column is coloured from this many routed slots per expert on average
+
 
 def _figure(n_panels: int, width: float = 4.2, height: float = 3.6):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -49,26 +51,42 @@ def plot_load(layers: list[dict], path: Path) -> Path:
 
 def plot_categories(layers: list[dict], names: list[str], path: Path) -> Path:
     """Expert x category heatmap of log2 lift (0 = the category's share of all tokens)."""
-    from moekit.analysis.metrics import lift
+    import matplotlib
 
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.85")  # grey: too few tokens to colour
     fig, axes = _figure(len(layers), width=5.0, height=max(3.6, 0.18 * len(layers[0]["tokens_per_expert"])))
     for ax, L in zip(axes, layers):
         counts = np.asarray(L["category_counts"], dtype=float)
-        keep = counts.sum(0) > 0  # categories absent from the text get no column
-        values = np.log2(np.clip(lift(counts)[:, keep], 1 / 16, 16))
-        im = ax.imshow(values, aspect="auto", cmap="RdBu_r", vmin=-3, vmax=3)
-        ax.set_xticks(range(int(keep.sum())), [n for n, k in zip(names, keep) if k], rotation=60, ha="right",
-                      fontsize="small")
+        values, labels = category_columns(counts, names)
+        im = ax.imshow(values, aspect="auto", cmap=cmap, vmin=-3, vmax=3)
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize="small")
         ax.set(title=f"layer {L['layer']}: I(expert; category) {L['specialization']['mutual_information_bits']:.3f} bits",
                ylabel="expert")
         if counts.shape[0] <= 16:
             ax.set_yticks(range(counts.shape[0]))
             for e in range(counts.shape[0]):
                 for j, v in enumerate(values[e]):
-                    ax.text(j, e, f"{2 ** v:.1f}", ha="center", va="center", fontsize=6)
+                    if np.isfinite(v):
+                        ax.text(j, e, f"{2 ** v:.1f}", ha="center", va="center", fontsize=6)
     fig.colorbar(im, ax=list(axes[: len(layers)]), label="log2(share in expert / share overall)")
     fig.suptitle("expert specialization by token category")
     return _save(fig, path)
+
+
+def category_columns(counts_EC: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """The heatmap's columns: log2 lift [E, C'] of the categories present, NaN (drawn grey) for a
+    category with fewer than MIN_SLOTS_PER_EXPERT routed slots per expert on average, whose lift
+    is noise (4 tokens spread over 8 experts give lifts of 0 or 8); its label says how few."""
+    from moekit.analysis.metrics import lift
+
+    counts = np.asarray(counts_EC, dtype=float)
+    totals = counts.sum(0)
+    keep = totals > 0  # categories absent from the text get no column
+    values = np.log2(np.clip(lift(counts)[:, keep], 1 / 16, 16))
+    sparse = totals[keep] < MIN_SLOTS_PER_EXPERT * counts.shape[0]
+    values[:, sparse] = np.nan
+    labels = [f"{n} ({int(t)} only)" if s else n for n, t, s in zip(np.array(names)[keep], totals[keep], sparse)]
+    return values, labels
 
 
 def plot_coactivation(layers: list[dict], path: Path) -> Path:
@@ -88,4 +106,4 @@ def plot_coactivation(layers: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-__all__ = ["plot_load", "plot_categories", "plot_coactivation"]
+__all__ = ["plot_load", "plot_categories", "plot_coactivation", "category_columns"]
