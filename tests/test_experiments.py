@@ -146,3 +146,38 @@ def test_experiment_bad_input_exits_2(tmp_path, capsys, args, message):
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _curve(name, scale, dropped):
+    points = [dict(step=s, tokens=s * 4096, flops=s * 3e10 * scale, train_seconds=s * 0.5 * scale,
+                   val_loss=9 - s / 10, max_violation=0.5 / s, dead_experts=0, dropped_fraction=dropped)
+              for s in range(10, 140, 10)]
+    return dict(name=name, moe=True, points=points)
+
+
+def _tick_labels_overlap(fig, ax) -> int:
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels(minor=False) + ax.get_xticklabels(minor=True)
+             if t.get_visible() and t.get_text()]
+    return sum(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_log_scale_tick_labels_of_the_loss_plot_do_not_overlap():
+    from moekit.experiments.results import loss_figure
+
+    # FLOPs from 3e11 to 4.2e12: just over a decade, where matplotlib labels 2x10^11, 3x10^11, ...
+    result = dict(experiment="x", steps=130, tokens_per_step=4096, variants=[_curve("a", 1.0, 0.0), _curve("b", 0.8, 0.0)])
+    fig = loss_figure(result)
+    for ax in fig.axes:
+        assert _tick_labels_overlap(fig, ax) == 0
+        assert len([t for t in ax.get_xticklabels() if t.get_text()]) >= 2
+
+
+def test_routing_panels_start_at_zero_and_an_all_zero_panel_is_not_centred_on_it():
+    from moekit.experiments.results import routing_figure
+
+    fig = routing_figure([_curve("a", 1.0, 0.0), _curve("b", 1.0, 0.0)])
+    violation, dead, dropped = fig.axes
+    assert dropped.get_ylim() == (0.0, 1.0) and dead.get_ylim() == (0.0, 1.0)
+    assert violation.get_ylim()[0] == 0.0 and violation.get_ylim()[1] > 0.05

@@ -120,39 +120,71 @@ def render_markdown(result: dict) -> str:
 
 
 def plot_results(result: dict, out: Path) -> list[Path]:
+    written = [_save(loss_figure(result), out / "loss.png")]
+    moe = [v for v in result["variants"] if v["moe"]]
+    if moe:
+        written.append(_save(routing_figure(moe), out / "routing.png"))
+    return written
+
+
+def loss_figure(result: dict):
+    """Validation loss against training tokens, FLOPs and seconds, one line per variant."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    written = []
     panels = [("tokens", "training tokens"), ("flops", "training FLOPs"), ("train_seconds", "training seconds")]
     fig = Figure(figsize=(15, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     for ax, (key, label) in zip(fig.subplots(1, 3), panels):
+        xs = []
         for v in result["variants"]:
             pts = [p for p in v["points"] if p["val_loss"] is not None and (key != "train_seconds" or p["step"] > 0)]
+            xs += [p[key] for p in pts]
             ax.plot([p[key] for p in pts], [p["val_loss"] for p in pts], "o-", ms=3, label=v["name"])
         ax.set(xlabel=label, ylabel="validation loss (nats/token)", title=f"validation loss vs {label}")
-        if key != "tokens":
-            ax.set_xscale("log")
+        if key != "tokens" and xs:
+            _log_x(ax, min(xs), max(xs))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle(f"{result['experiment']}: {result['steps'] * result['tokens_per_step']:,} tokens per variant")
-    written.append(_save(fig, out / "loss.png"))
-    moe = [v for v in result["variants"] if v["moe"]]
-    if moe:
-        fig = Figure(figsize=(15, 4.5), layout="constrained")
-        FigureCanvasAgg(fig)
-        routing = [("max_violation", "max load / mean load - 1 (worst layer)"),
-                   ("dead_experts", "dead experts (all layers)"), ("dropped_fraction", "dropped fraction (mean)")]
-        for ax, (key, label) in zip(fig.subplots(1, 3), routing):
-            for v in moe:
-                pts = [p for p in v["points"] if p[key] is not None]
-                ax.plot([p["tokens"] for p in pts], [p[key] for p in pts], "o-", ms=3, label=v["name"])
-            ax.set(xlabel="training tokens", ylabel=label, title=label.split(" (")[0] + " over training")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize="small")
-        written.append(_save(fig, out / "routing.png"))
-    return written
+    return fig
+
+
+def routing_figure(moe: list[dict]):
+    """max_violation, dead experts and dropped fraction over training, one line per MoE variant."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    routing = [("max_violation", "max load / mean load - 1 (worst layer)"),
+               ("dead_experts", "dead experts (all layers)"), ("dropped_fraction", "dropped fraction (mean)")]
+    for ax, (key, label) in zip(fig.subplots(1, 3), routing):
+        top = 0.0
+        for v in moe:
+            pts = [p for p in v["points"] if p[key] is not None]
+            top = max([top, *(p[key] for p in pts)])
+            ax.plot([p["tokens"] for p in pts], [p[key] for p in pts], "o-", ms=3, label=v["name"])
+        # All three are >= 0: start at 0, and give an all-zero panel a range (matplotlib would
+        # centre it on 0, showing -0.04..0.04 for a quantity that cannot be negative).
+        ax.set_ylim(0, top * 1.08 if top > 0 else 1.0)
+        ax.set(xlabel="training tokens", ylabel=label, title=label.split(" (")[0] + " over training")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return fig
+
+
+def _log_x(ax, lo: float, hi: float) -> None:
+    """A log x axis with short labels that do not overlap: 200G, 500G, 1T at 1-2-5 steps over a
+    few decades, one label per decade beyond (matplotlib's default labels minor ticks as
+    2x10^11, 3x10^11, ... and they collide when the data span just over a decade)."""
+    from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
+
+    decades = math.log10(max(hi, 1e-300) / max(lo, 1e-300))
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 2.5 else (1.0,), numticks=8))
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _save(fig, path: Path) -> Path:
@@ -168,4 +200,4 @@ def write_results(result: dict, out: Path) -> None:
     atomic_write_text(out / "results.md", render_markdown(result))
 
 
-__all__ = ["variant_curve", "tokens_to_reach", "summarize", "render_markdown", "plot_results", "write_results"]
+__all__ = ["variant_curve", "tokens_to_reach", "summarize", "render_markdown", "plot_results", "loss_figure", "routing_figure", "write_results"]
