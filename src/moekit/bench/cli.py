@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
                    help="torch intra-op threads (default: torch's choice); 1 steadies timings on a busy machine")
     s.add_argument("--loop", action="store_true", help="also time moekit's reference per-expert loop")
     s.add_argument("--no-hf", action="store_true", help="skip transformers' blocks")
-    s.add_argument("--json", dest="json_path", metavar="OUT_FILE", default=None,
+    s.add_argument("--json", dest="json_path", metavar="OUT", default=None,
                    help="also write the results as JSON to this file (default: no file)")
     s.add_argument("--quick", action="store_true",
                    help="a fast smoke run: 512 tokens, fp32, 5 repeats, 1 warm-up (overrides those flags)")
