@@ -190,8 +190,7 @@ def encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int
     """Token ids of ``text`` (exactly ``tokenizer.encode(text)``) and each token's character span."""
     if tokenizer.kind == "bytes":
         return tokenizer.encode(text), char_offsets_of_bytes(text)
-    # TextTokenizer keeps its tokenizers.Tokenizer private; its encodings carry the offsets.
-    enc = tokenizer._tok.encode(text)
+    enc = tokenizer.backend.encode(text)  # the tokenizers library's encodings carry the offsets
     return list(enc.ids), [tuple(o) for o in enc.offsets]
 
 

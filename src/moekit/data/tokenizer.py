@@ -35,6 +35,12 @@ class TextTokenizer:
             if self.eos_id is None:
                 raise UsageError(f"the BPE tokenizer has no {EOS} token")
 
+    @property
+    def backend(self):
+        """The ``tokenizers.Tokenizer`` behind a BPE tokenizer, None for bytes: for callers that
+        need more than ids from it, such as each token's character offsets."""
+        return self._tok
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no end-of-text token appended)."""
         if self._tok is None:
