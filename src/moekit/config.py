@@ -38,14 +38,16 @@ def first_proj_width(d_ff: int, activation: str) -> int:
     return 2 * d_ff if activation == "swiglu" else d_ff
 
 
-def _check_int(name: str, value: Any, minimum: int = 1) -> None:
+# Field checks: every config (here, training, data, inference, distributed) validates with these,
+# so a bad value fails with the same one-line ConfigError naming the field.
+def check_int(name: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
 
 
-def _check_float(name: str, value: Any, minimum: float = 0.0, *, strict: bool = False) -> None:
+def check_float(name: str, value: Any, minimum: float = 0.0, *, strict: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value!r}")
     if value < minimum or (strict and value == minimum):
@@ -53,14 +55,19 @@ def _check_float(name: str, value: Any, minimum: float = 0.0, *, strict: bool = 
         raise ConfigError(f"{name} must be {op} {minimum}, got {value}")
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _check_bool(name: str, value: Any) -> None:
+def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+# The former private names, kept only until branches written against them move to the public
+# ones above (no module of main uses them).
+_check_int, _check_float, _check_choice, _check_bool = check_int, check_float, check_choice, check_bool
 
 
 def check_fields(cls, data: Any, where: str | None = None) -> dict[str, Any]:
@@ -110,23 +117,23 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_expert", "num_experts", "top_k", "num_groups", "topk_groups"):
-            _check_int(name, getattr(self, name))
-        _check_int("num_shared_experts", self.num_shared_experts, minimum=0)
-        _check_choice("router", self.router, ROUTERS)
-        _check_choice("activation", self.activation, ACTIVATIONS)
+            check_int(name, getattr(self, name))
+        check_int("num_shared_experts", self.num_shared_experts, minimum=0)
+        check_choice("router", self.router, ROUTERS)
+        check_choice("activation", self.activation, ACTIVATIONS)
         if self.top_k > self.num_experts:
             raise ConfigError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
         if self.norm_topk_prob is not None:
-            _check_bool("norm_topk_prob", self.norm_topk_prob)
-        _check_bool("shared_expert_gate", self.shared_expert_gate)
-        _check_float("routed_scaling_factor", self.routed_scaling_factor, 0.0, strict=True)
+            check_bool("norm_topk_prob", self.norm_topk_prob)
+        check_bool("shared_expert_gate", self.shared_expert_gate)
+        check_float("routed_scaling_factor", self.routed_scaling_factor, 0.0, strict=True)
         if self.capacity_factor is not None:
-            _check_float("capacity_factor", self.capacity_factor, 0.0, strict=True)
-        _check_float("router_jitter", self.router_jitter)
+            check_float("capacity_factor", self.capacity_factor, 0.0, strict=True)
+        check_float("router_jitter", self.router_jitter)
         if self.router_jitter >= 1.0:
             raise ConfigError(f"router_jitter must be < 1, got {self.router_jitter}")
         for name in ("load_balance_coef", "seq_balance_coef", "z_loss_coef", "bias_update_rate"):
-            _check_float(name, getattr(self, name))
+            check_float(name, getattr(self, name))
         self._validate_groups()
         self._validate_shared()
         if self.router == "expert_choice" and self.bias_update_rate > 0:
@@ -153,7 +160,7 @@ class MoEConfig:
 
     def _validate_shared(self) -> None:
         if self.d_shared is not None:
-            _check_int("d_shared", self.d_shared)
+            check_int("d_shared", self.d_shared)
             if self.num_shared_experts == 0:
                 raise ConfigError("d_shared is set but num_shared_experts is 0")
         if self.shared_expert_gate and self.num_shared_experts == 0:
@@ -238,19 +245,19 @@ class ModelConfig:
             raise ConfigError(f"moe must be a mapping of MoEConfig fields or null, got {self.moe!r}")
         self.dense_layers = tuple(self.dense_layers)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "moe_every"):
-            _check_int(name, getattr(self, name))
-        _check_int("first_dense_layers", self.first_dense_layers, minimum=0)
-        _check_choice("ffn_activation", self.ffn_activation, ACTIVATIONS)
-        _check_float("rope_theta", self.rope_theta, 0.0, strict=True)
-        _check_float("norm_eps", self.norm_eps, 0.0, strict=True)
-        _check_float("init_std", self.init_std, 0.0, strict=True)
-        _check_bool("tie_embeddings", self.tie_embeddings)
-        _check_bool("qkv_bias", self.qkv_bias)
+            check_int(name, getattr(self, name))
+        check_int("first_dense_layers", self.first_dense_layers, minimum=0)
+        check_choice("ffn_activation", self.ffn_activation, ACTIVATIONS)
+        check_float("rope_theta", self.rope_theta, 0.0, strict=True)
+        check_float("norm_eps", self.norm_eps, 0.0, strict=True)
+        check_float("init_std", self.init_std, 0.0, strict=True)
+        check_bool("tie_embeddings", self.tie_embeddings)
+        check_bool("qkv_bias", self.qkv_bias)
         if self.qk_norm is not None:
-            _check_choice("qk_norm", self.qk_norm, QK_NORMS)
+            check_choice("qk_norm", self.qk_norm, QK_NORMS)
         if self.sliding_window is not None:
-            _check_int("sliding_window", self.sliding_window)
-        _check_choice("attention", self.attention, ATTENTIONS)
+            check_int("sliding_window", self.sliding_window)
+        check_choice("attention", self.attention, ATTENTIONS)
         if self.attention == "mla":
             self._validate_mla()
         else:
@@ -262,7 +269,7 @@ class ModelConfig:
         if self.moe is not None and self.moe.d_model != self.d_model:
             raise ConfigError(f"moe.d_model ({self.moe.d_model}) must equal d_model ({self.d_model})")
         for i in self.dense_layers:
-            _check_int("dense_layers entry", i, minimum=0)
+            check_int("dense_layers entry", i, minimum=0)
             if i >= self.n_layers:
                 raise ConfigError(f"dense_layers entry {i} is out of range for n_layers={self.n_layers}")
 
@@ -271,9 +278,9 @@ class ModelConfig:
             if self.d_model % self.n_heads:
                 raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         else:
-            _check_int("head_dim", self.head_dim)
+            check_int("head_dim", self.head_dim)
         if self.n_kv_heads is not None:
-            _check_int("n_kv_heads", self.n_kv_heads)
+            check_int("n_kv_heads", self.n_kv_heads)
             if self.n_heads % self.n_kv_heads:
                 raise ConfigError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
         if self.resolved_head_dim % 2:
@@ -283,9 +290,9 @@ class ModelConfig:
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if getattr(self, name) is None:
                 raise ConfigError(f"{name} must be set for attention='mla'")
-            _check_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         if self.q_lora_rank is not None:
-            _check_int("q_lora_rank", self.q_lora_rank)
+            check_int("q_lora_rank", self.q_lora_rank)
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even for rotary embeddings")
         if self.n_kv_heads not in (None, self.n_heads):
@@ -312,7 +319,7 @@ class ModelConfig:
         if unknown := sorted(keys - required - optional):
             known = sorted(required | optional)
             raise ConfigError(f"rope_scaling ({kind}) has unknown key(s) {unknown}; known: {known}")
-        _check_float("rope_scaling.factor", rs["factor"], 0.0, strict=True)
+        check_float("rope_scaling.factor", rs["factor"], 0.0, strict=True)
 
     @property
     def rope_dim(self) -> int:
@@ -346,4 +353,4 @@ class ModelConfig:
         return cls(**check_fields(cls, data))
 
 
-__all__ = ["MoEConfig", "ModelConfig", "check_fields", "ROUTERS", "ACTIVATIONS", "first_proj_width", "QK_NORMS", "ATTENTIONS", "ROPE_SCALINGS"]
+__all__ = ["MoEConfig", "ModelConfig", "check_fields", "check_int", "check_float", "check_choice", "check_bool", "ROUTERS", "ACTIVATIONS", "first_proj_width", "QK_NORMS", "ATTENTIONS", "ROPE_SCALINGS"]

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from moekit.config import _check_float, _check_int, check_fields
+from moekit.config import check_fields, check_float, check_int
 from moekit.data.sources import Corpus, Document
 from moekit.data.tokenizer import TextTokenizer, bytes_tokenizer, load_tokenizer, train_bpe
 from moekit.errors import ConfigError, UsageError
@@ -60,12 +60,12 @@ class DataConfig:
             raise ConfigError(f"data.text_field must be a non-empty string, got {self.text_field!r}")
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
             raise ConfigError(f"data.tokenizer must be bpe, bytes or a tokenizer.json path, got {self.tokenizer!r}")
-        _check_int("data.vocab_size", self.vocab_size, minimum=258)
-        _check_int("data.tokenizer_train_chars", self.tokenizer_train_chars)
-        _check_float("data.val_fraction", self.val_fraction, 0.0, strict=True)
+        check_int("data.vocab_size", self.vocab_size, minimum=258)
+        check_int("data.tokenizer_train_chars", self.tokenizer_train_chars)
+        check_float("data.val_fraction", self.val_fraction, 0.0, strict=True)
         if self.val_fraction > 1.0:
             raise ConfigError(f"data.val_fraction must be <= 1, got {self.val_fraction}")
-        _check_int("data.split_seed", self.split_seed, minimum=0)
+        check_int("data.split_seed", self.split_seed, minimum=0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

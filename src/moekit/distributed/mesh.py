@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from moekit.config import _check_choice, _check_int
+from moekit.config import check_choice, check_int
 from moekit.errors import UsageError
 
 BALANCE_STATS = ("local", "global")
@@ -44,10 +44,10 @@ class ParallelConfig:
     balance_stats: str = "local"
 
     def __post_init__(self) -> None:
-        _check_int("ep", self.ep)
+        check_int("ep", self.ep)
         if self.dp is not None:
-            _check_int("dp", self.dp)
-        _check_choice("balance_stats", self.balance_stats, BALANCE_STATS)
+            check_int("dp", self.dp)
+        check_choice("balance_stats", self.balance_stats, BALANCE_STATS)
 
 
 def launched_by_torchrun() -> bool:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moekit.config import _check_float, _check_int
+from moekit.config import check_float, check_int
 
 
 @dataclass
@@ -31,23 +31,23 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         self.stop_token_ids, self.stop = tuple(self.stop_token_ids), tuple(self.stop)
-        _check_int("max_new_tokens", self.max_new_tokens)
-        _check_float("temperature", self.temperature)
+        check_int("max_new_tokens", self.max_new_tokens)
+        check_float("temperature", self.temperature)
         if self.top_k is not None:
-            _check_int("top_k", self.top_k)
-        _check_float("top_p", self.top_p, 0.0, strict=True)
+            check_int("top_k", self.top_k)
+        check_float("top_p", self.top_p, 0.0, strict=True)
         if self.top_p > 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        _check_float("min_p", self.min_p)
+        check_float("min_p", self.min_p)
         if self.min_p >= 1:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
-        _check_float("repetition_penalty", self.repetition_penalty, 0.0, strict=True)
+        check_float("repetition_penalty", self.repetition_penalty, 0.0, strict=True)
         for i in self.stop_token_ids:
-            _check_int("stop_token_ids entry", i, minimum=0)
+            check_int("stop_token_ids entry", i, minimum=0)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
+            check_int("seed", self.seed, minimum=0)
 
     @property
     def greedy(self) -> bool:

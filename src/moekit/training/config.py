@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moekit.config import ModelConfig, _check_choice, _check_float, _check_int, check_fields
+from moekit.config import ModelConfig, check_choice, check_fields, check_float, check_int
 from moekit.data.dataset import DataConfig
 from moekit.errors import ConfigError, UsageError
 
@@ -65,25 +65,25 @@ class TrainConfig:
             self.data = DataConfig.from_dict(self.data)
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
                      "ckpt_every", "keep_last", "log_every"):
-            _check_int(name, getattr(self, name))
-        _check_int("warmup_steps", self.warmup_steps, minimum=0)
-        _check_int("seed", self.seed, minimum=0)
+            check_int(name, getattr(self, name))
+        check_int("warmup_steps", self.warmup_steps, minimum=0)
+        check_int("seed", self.seed, minimum=0)
         if self.time_budget is not None:
-            _check_float("time_budget", self.time_budget, 0.0, strict=True)
-        _check_float("lr", self.lr, 0.0, strict=True)
-        _check_float("min_lr_ratio", self.min_lr_ratio)
+            check_float("time_budget", self.time_budget, 0.0, strict=True)
+        check_float("lr", self.lr, 0.0, strict=True)
+        check_float("min_lr_ratio", self.min_lr_ratio)
         if self.min_lr_ratio > 1:
             raise ConfigError(f"min_lr_ratio must be <= 1, got {self.min_lr_ratio}")
         for name in ("weight_decay", "grad_clip"):
-            _check_float(name, getattr(self, name))
+            check_float(name, getattr(self, name))
         for name in ("beta1", "beta2"):
-            _check_float(name, getattr(self, name))
+            check_float(name, getattr(self, name))
             if getattr(self, name) >= 1:
                 raise ConfigError(f"{name} must be < 1, got {getattr(self, name)}")
-        _check_choice("precision", self.precision, PRECISIONS)
+        check_choice("precision", self.precision, PRECISIONS)
         from moekit.training.freeze import PRESETS
 
-        _check_choice("trainable", self.trainable, tuple(PRESETS))
+        check_choice("trainable", self.trainable, tuple(PRESETS))
         if not isinstance(self.freeze, (list, tuple)) or not all(isinstance(f, str) and f for f in self.freeze):
             raise ConfigError(f"freeze must be a list of parameter-name patterns, got {self.freeze!r}")
         self.freeze = list(self.freeze)
