@@ -158,8 +158,8 @@ class MoETransformer(nn.Module):
 
     def save_pretrained(self, path, **kwargs) -> None:
         """Write a Hugging Face model folder (config.json + safetensors) that transformers loads;
-        see ``moekit.interop.hf.save_pretrained`` for the options."""
-        from moekit.interop.hf import save_pretrained
+        see ``moekit.interop.export.save_pretrained`` for the options."""
+        from moekit.interop.export import save_pretrained  # export.py does not import this module
 
         save_pretrained(self, path, **kwargs)
 

@@ -7,7 +7,7 @@ from moekit.lazy import lazy_exports
 
 _EXPORTS = {
     "from_pretrained": "moekit.interop.hf",
-    "save_pretrained": "moekit.interop.hf",
+    "save_pretrained": "moekit.interop.export",
     "config_from_hf": "moekit.interop.registry",
     "is_hf_config": "moekit.interop.registry",
     "supported_architectures": "moekit.interop.registry",
