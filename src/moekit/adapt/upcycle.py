@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from moekit.config import MoEConfig, ModelConfig, _check_choice, _check_float, _check_int
+from moekit.config import MoEConfig, ModelConfig, check_choice, check_float, check_int
 from moekit.errors import ConfigError
 from moekit.model import MoETransformer
 
@@ -56,14 +56,14 @@ class UpcycleConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "top_k", "granularity"):
-            _check_int(name, getattr(self, name))
-        _check_int("shared", self.shared, minimum=0)
-        _check_choice("strategy", self.strategy, STRATEGIES)
-        _check_float("drop_ratio", self.drop_ratio)
+            check_int(name, getattr(self, name))
+        check_int("shared", self.shared, minimum=0)
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_float("drop_ratio", self.drop_ratio)
         if self.drop_ratio > 1:
             raise ConfigError(f"drop_ratio must be <= 1, got {self.drop_ratio}")
-        _check_float("noise", self.noise)
-        _check_float("load_balance_coef", self.load_balance_coef)
+        check_float("noise", self.noise)
+        check_float("load_balance_coef", self.load_balance_coef)
         if self.top_k > self.num_experts:
             raise ConfigError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
         if self.num_experts % self.granularity:
