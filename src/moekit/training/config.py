@@ -87,7 +87,7 @@ class TrainConfig:
         if not isinstance(self.freeze, (list, tuple)) or not all(isinstance(f, str) and f for f in self.freeze):
             raise ConfigError(f"freeze must be a list of parameter-name patterns, got {self.freeze!r}")
         self.freeze = list(self.freeze)
-        _check_choice("loss", self.loss, ("lm", "distill"))
+        check_choice("loss", self.loss, ("lm", "distill"))
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
