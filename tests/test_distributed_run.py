@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from rich.console import Console
 
 from dist_harness import free_port, run_ranks

@@ -12,7 +12,6 @@ import os
 import re
 import sys
 import time
-from pathlib import Path
 
 from moekit.argtypes import nonneg_int, positive_int
 from moekit.config import ModelConfig

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 from moekit.argtypes import positive_float, positive_int
-from moekit.errors import UsageError
 
 
 def cmd_analyze(args) -> int:

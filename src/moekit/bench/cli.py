@@ -116,7 +116,7 @@ def cmd_bench_quant(args) -> int:
         meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": _cpu_name(),
                 "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
                 "args": {k: v for k, v in vars(args).items() if k != "func"}}
-        _write_json_atomic(Path(args.json_path), {"meta": meta, "rows": [
+        atomic_write_json(args.json_path, {"meta": meta, "rows": [
             {"format": r.format, "expert_bytes": r.expert_bytes, "us_per_token": r.us, "times_us": r.times_us}
             for r in rows]})
     return 0

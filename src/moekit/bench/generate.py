@@ -20,7 +20,6 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -237,7 +236,8 @@ def cmd_bench_generate(args) -> int:
 
 
 def _run(args, dtypes: list[str], batches: list[int]) -> int:
-    from moekit.bench.cli import _cpu_name, _version, _write_json_atomic
+    from moekit.bench.cli import _cpu_name, _version
+    from moekit.fileio import atomic_write_json
 
     cfg = bench_config(args.quick)
     pc = count_params(cfg)
@@ -266,7 +266,7 @@ def _run(args, dtypes: list[str], batches: list[int]) -> int:
     meta = {"torch": torch.__version__, "transformers": _version("transformers"), "threads": torch.get_num_threads(),
             "machine": _cpu_name(), "cpus": os.cpu_count(), "load_avg_start": load_start,
             "load_avg_end": os.getloadavg(), "args": {k: v for k, v in vars(args).items() if k != "func"}}
-    _write_json_atomic(Path(args.json_path), dict(meta=meta, config=cfg.to_dict(), rows=rows, memory=memory,
+    atomic_write_json(args.json_path, dict(meta=meta, config=cfg.to_dict(), rows=rows, memory=memory,
                                                   copy_bandwidth=bandwidth, targets=summary["targets"]))
     print(f"\nwrote {args.json_path}")
     return 0
