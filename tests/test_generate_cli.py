@@ -118,3 +118,23 @@ def test_folder_without_tokenizer_and_raising_template(folder, tmp_path, capsys)
     out = subprocess.run([sys.executable, "-m", "moekit", "chat", str(raising)], input="hi\n",
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "roles must alternate" in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_nan_weights_are_refused_unless_the_check_is_skipped(folder, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(folder, poisoned)
+    weights = poisoned / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[-1]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    argv = ["generate", str(poisoned), "--prompt", "x", "--max-new-tokens", "2", "--temperature", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert name in err and "NaN" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(argv + ["--no-check-finite", "--force"]) == 0

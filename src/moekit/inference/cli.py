@@ -30,6 +30,13 @@ def _sampling_args(s, default_max: str) -> None:
     s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     s.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="CPU threads for torch (default: torch's, one per core); on a busy machine use fewer, often 1")
+    loading_args(s)
+
+
+def loading_args(s) -> None:
+    """The loader's safety checks, each skippable (shared with ``moekit serve``)."""
+    s.add_argument("--force", action="store_true", help="skip the check that the model fits in the memory available")
+    s.add_argument("--no-check-finite", action="store_true", help="skip the NaN/inf check of the checkpoint's tensors")
 
 
 def add_parser(sub) -> None:
@@ -65,7 +72,8 @@ def _load(args):
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     _sampling_params(args, None, [])  # bad flag values fail before minutes of loading
-    return load_for_inference(args.model, dtype=args.dtype, device=args.device)
+    return load_for_inference(args.model, dtype=args.dtype, device=args.device, check_memory=not args.force,
+                              check_finite=not args.no_check_finite)
 
 
 def _sampling_params(args, defaults, eos_ids: list[int], default_max: int = 256):

@@ -55,9 +55,11 @@ def folder_kind(folder: Path) -> str:
 
 def load_for_inference(path: str | Path, dtype: torch.dtype | str | None = None,
                        device: str | torch.device | None = None,
-                       checkpoint: str | int = "last") -> tuple[torch.nn.Module, TextTokenizer, GenerationDefaults]:
+                       checkpoint: str | int = "last", *, check_memory: bool = True,
+                       check_finite: bool = True) -> tuple[torch.nn.Module, TextTokenizer, GenerationDefaults]:
     """(model in eval mode, tokenizer, generation defaults) of a run folder or HF folder.
-    ``checkpoint`` ("last", "best" or a step) applies to run folders only."""
+    ``checkpoint`` ("last", "best" or a step) applies to run folders only. ``check_memory``
+    refuses a model bigger than the memory available; ``check_finite`` refuses NaN/inf weights."""
     folder = Path(path)
     kind = folder_kind(folder)
     dtype = parse_dtype(dtype)
@@ -66,13 +68,15 @@ def load_for_inference(path: str | Path, dtype: torch.dtype | str | None = None,
         if kind == "run":
             from moekit.training.run import load_run
 
-            model = load_run(folder, checkpoint, device=device or "cpu").model
+            model = load_run(folder, checkpoint, device=device or "cpu", check_memory=check_memory,
+                             check_finite=check_finite).model
             if dtype is not None:
                 model = model.to(dtype)
         else:
             from moekit.interop import from_pretrained
 
-            model = from_pretrained(folder, dtype=dtype, device=device)
+            model = from_pretrained(folder, dtype=dtype, device=device, check_memory=check_memory,
+                                    check_finite=check_finite)
     except ValueError as e:  # interop reports unsupported configs and bad files as ValueError
         raise UsageError(" ".join(str(e).split())) from None
     return model.eval(), tokenizer, load_generation_defaults(folder, tokenizer)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from moekit.argtypes import IntArg, positive_int
 from moekit.errors import UsageError
+from moekit.inference.cli import loading_args
 
 
 def _require_server_stack() -> None:
@@ -61,7 +62,8 @@ def cmd_serve(args) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model, tokenizer, defaults = load_for_inference(args.model, args.dtype, args.device)
+    model, tokenizer, defaults = load_for_inference(args.model, args.dtype, args.device, check_memory=not args.force,
+                                                    check_finite=not args.no_check_finite)
     if args.quantize:  # quantize at load (a folder written by `moekit quantize` loads quantized as it is)
         from moekit.quant import QuantConfig, quantize_model
 
@@ -94,6 +96,7 @@ def add_parser(sub) -> None:
                    help="quantize the routed experts at load: 8 (int8 per row) or 4 (int4 groups)")
     s.add_argument("--group-size", type=positive_int, choices=(32, 64, 128, 256), default=64, help="with --quantize 4: inputs per scale/zero (default: 64)")
     s.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
+    loading_args(s)
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* requests (default: no key)")
     s.add_argument("--served-model-name", default=None,
