@@ -84,7 +84,7 @@ def atomic_write_json(target: str | os.PathLike, obj: Any) -> None:
 def read_json_object(path: str | os.PathLike) -> dict:
     """A JSON file that must hold an object; a ConfigError (a ValueError) naming the file otherwise."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"cannot read {path}: {e}") from None
     if not isinstance(data, dict):

@@ -10,12 +10,12 @@ top-p 1), so a folder without the file behaves as ``model.generate()`` would.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from moekit.errors import UsageError
+from moekit.fileio import read_json_object
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 MODEL_CONFIG_FILE = "config.json"
@@ -71,16 +71,6 @@ def _first(value: Any) -> int | None:
     return ids[0] if ids else None
 
 
-def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path} does not hold a JSON object")
-    return data
-
-
 def _merged(*groups: Iterable[int]) -> list[int]:
     return list(dict.fromkeys(i for group in groups for i in group))
 
@@ -98,10 +88,10 @@ def load_generation_defaults(folder: str | Path, tokenizer=None) -> GenerationDe
     tokenizer_bos_id = tokenizer.bos_id if tokenizer is not None else None
     path = folder / GENERATION_CONFIG_FILE
     if path.is_file():
-        data, source = _read(path), str(path)
+        data, source = read_json_object(path), str(path)
     else:
         model = folder / MODEL_CONFIG_FILE
-        data = _read(model) if model.is_file() else {}
+        data = read_json_object(model) if model.is_file() else {}
         data = {k: data[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id") if k in data}
         source = None
     values = {k: data[k] for k in ("do_sample", "temperature", "top_k", "top_p", "min_p",

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from moekit.errors import UsageError
+from moekit.fileio import read_json_object
 from moekit.inference.chat_template import render_chat
 from moekit.inference.detokenize import IncrementalDetokenizer
 from moekit.inference.generation_config import GenerationDefaults, load_generation_defaults
@@ -184,14 +185,6 @@ class ByteBackend:
 
 
 # -- loading ------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path} does not hold a JSON object")
-    return data
 
 
 def _token_content(value: Any) -> str | None:
@@ -246,7 +239,7 @@ def read_chat_templates(folder: Path, config: dict) -> dict[str, str]:
         return templates
     value = config.get("chat_template")
     if value is None and (folder / LEGACY_CHAT_TEMPLATE_FILE).is_file():
-        value = _read_json(folder / LEGACY_CHAT_TEMPLATE_FILE).get("chat_template")
+        value = read_json_object(folder / LEGACY_CHAT_TEMPLATE_FILE).get("chat_template")
     if isinstance(value, str):
         return {"default": value}
     if isinstance(value, list):  # [{"name": ..., "template": ...}], the older multi-template form
@@ -290,10 +283,10 @@ def _load_hf(folder: Path) -> TextTokenizer:
         backend = Tokenizer.from_str(text)
     except Exception as e:  # tokenizers raises a bare Exception for a malformed file
         raise UsageError(f"{path} is not a tokenizers JSON file ({' '.join(str(e).split())})") from None
-    config = _read_json(folder / TOKENIZER_CONFIG_FILE) if (folder / TOKENIZER_CONFIG_FILE).is_file() else {}
+    config = read_json_object(folder / TOKENIZER_CONFIG_FILE) if (folder / TOKENIZER_CONFIG_FILE).is_file() else {}
     cls = transformers_class(config, _model_type(folder), text)
     rebuild_pipeline(backend, cls, config)
-    legacy = _read_json(folder / SPECIAL_TOKENS_MAP_FILE) if (folder / SPECIAL_TOKENS_MAP_FILE).is_file() else {}
+    legacy = read_json_object(folder / SPECIAL_TOKENS_MAP_FILE) if (folder / SPECIAL_TOKENS_MAP_FILE).is_file() else {}
     specials = _special_tokens(config, legacy, class_default_specials(cls))
     _add_missing_specials(backend, [*specials.values(), *_extra_special_tokens(config)])
     clean_up = bool(config.get("clean_up_tokenization_spaces")) and type(backend.model).__name__ != "BPE"
