@@ -2,8 +2,10 @@
 
 The server runs in a child process (this script with --serve), so client and server do not
 share a GIL; both share the machine's cores, as a local deployment would. For each number
-of concurrent clients (default 1, 4, 16, 32) and each mode (continuous batching with
---max-batch, and batching off = --max-batch 1, one sequence at a time), every client sends
+of concurrent clients (default 1, 4, 16, 32) and each mode (``batching``: continuous batching
+with --max-batch and chunked prefill of --prefill-chunk tokens per step, as `moekit serve`
+runs by default; ``unchunked``: the same with whole-prompt prefill; ``off``: --max-batch 1, one
+sequence at a time), every client sends
 streaming completions one after another with mixed prompt and output lengths; we report
 
     output tok/s   completion tokens of all requests / wall time of the level
@@ -15,6 +17,7 @@ Usage:
     python benchmarks/serve_load.py                      # the table, ~10 minutes on 2 cores
     python benchmarks/serve_load.py --clients 1,16 --requests 2 --quick
     python benchmarks/serve_load.py --soak-minutes 10    # + memory across a soak at 16 clients
+    python benchmarks/serve_load.py --modes batching,unchunked --clients 16   # chunked prefill's effect
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import socket
 import subprocess
 import sys
 import time
+
+from moekit.serve.cli import DEFAULT_PREFILL_CHUNK
 
 # ---- the server side (child process) ----------------------------------------------------
 
@@ -71,7 +76,8 @@ def serve(args) -> None:
 
     torch.set_num_threads(args.threads)
     model = build_model(args)
-    scheduler = Scheduler(Engine(model, OneCharPerToken(), max_batch=args.max_batch), max_waiting=256)
+    engine = Engine(model, OneCharPerToken(), max_batch=args.max_batch, prefill_chunk=args.prefill_chunk or None)
+    scheduler = Scheduler(engine, max_waiting=256)
     # Prompts arrive as token ids. No stop ids: a random model's EOS would cut outputs short.
     state = ServeState(scheduler, OneCharPerToken(), "bench", model.cfg.vocab_size)
     run(state, "127.0.0.1", args.port, log_level="warning")
@@ -86,9 +92,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(args, max_batch: int, prefill_chunk: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, __file__, "--serve", "--port", str(port), "--max-batch", str(max_batch),
+           "--prefill-chunk", str(prefill_chunk),
            "--threads", str(args.threads), "--d-model", str(args.d_model), "--d-expert", str(args.d_expert),
            "--layers", str(args.layers), "--vocab", str(args.vocab)]
     proc = subprocess.Popen(cmd)
@@ -200,7 +207,12 @@ def main(argv=None) -> int:
     p.add_argument("--clients", default="1,4,16,32", help="comma list of concurrent client counts (default: 1,4,16,32)")
     p.add_argument("--requests", type=int, default=2, help="requests per client at each level (default: 2)")
     p.add_argument("--max-batch", type=int, default=32, help="the batching server's --max-batch (default: 32)")
-    p.add_argument("--no-off", action="store_true", help="skip the batching-off baseline")
+    p.add_argument("--modes", default="batching,off",
+                   help="comma list of: batching (chunked prefill), unchunked (whole-prompt prefill), "
+                        "off (one sequence at a time) (default: batching,off)")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help=f"prompt tokens prefilled per step in batching mode (default: {DEFAULT_PREFILL_CHUNK}, "
+                        "as moekit serve; 0 = whole prompts)")
     p.add_argument("--soak-minutes", type=float, default=0, help="then a soak at 16 clients, RSS sampled (default: off)")
     p.add_argument("--threads", type=int, default=2, help="the server's torch threads (default: 2)")
     p.add_argument("--d-model", type=int, default=512, help="model width (default: 512)")
@@ -215,11 +227,14 @@ def main(argv=None) -> int:
         serve(args)
         return 0
     levels = [int(c) for c in args.clients.split(",")]
-    modes = [("batching", args.max_batch)] + ([] if args.no_off else [("off", 1)])
+    known = {"batching": (args.max_batch, args.prefill_chunk), "unchunked": (args.max_batch, 0), "off": (1, 0)}
+    modes = [m.strip() for m in args.modes.split(",")]
+    if bad := [m for m in modes if m not in known]:
+        p.error(f"unknown mode {bad[0]!r}; choose from {', '.join(known)}")
     print(f"load average before: {os.getloadavg()}", flush=True)
     rows, record = [], {"args": vars(args), "results": []}
-    for mode, max_batch in modes:
-        proc, url = start_server(args, max_batch)
+    for mode in modes:
+        proc, url = start_server(args, *known[mode])
         try:
             asyncio.run(run_level(url, 1, 1, args.vocab, seed=99))  # warm-up
             for c in levels:

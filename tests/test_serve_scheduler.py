@@ -34,17 +34,22 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, temperature=0)
 
 
-def test_prefill_budget_admits_one_long_prompt_alone_then_the_rest():
-    sched = scheduler(4, max_prefill_tokens=10)
-    reqs = [Request(list(range(1, n + 1)), greedy(3), lambda ev: None) for n in (12, 4, 5, 3)]
-    for r in reqs:
+def test_chunked_prefill_lets_the_veteran_decode_every_step():
+    """Engine prefill budget 10: a 12-token prompt goes in over two steps, newcomers follow, and
+    the first request, once decoding, gets a token at every step meanwhile."""
+    sched = Scheduler(Engine(tiny_model(64), Letters(), max_batch=4, record_routing=True, prefill_chunk=10))
+    reqs = [Request(list(range(1, n + 1)), greedy(6), lambda ev: None) for n in (3, 12, 4, 5)]
+    sched.submit(reqs[0])
+    sched.step()  # the veteran: prefilled, one token
+    for r in reqs[1:]:
         sched.submit(r)
-    sched.step()
-    assert [r.seq is not None for r in reqs] == [True, False, False, False]  # over budget, but first goes alone
-    sched.step()
-    assert [r.seq is not None for r in reqs] == [True, True, True, False]  # 4 + 5 fit, 3 more would not
-    assert [len(r.seq.output_ids) for r in reqs[:3]] == [2, 1, 1]  # the veteran decoded while they prefilled
-    assert sched.stats.snapshot()["decode_batch_sizes"] == {"1": 1}
+    got = []
+    for _ in range(3):
+        sched.step()
+        got.append([len(r.seq.output_ids) for r in reqs])
+    # step 2: 10 of the 12; step 3: its last 2, the 4 and 4 of the 5; step 4: the 5's last one
+    assert got == [[2, 0, 0, 0], [3, 1, 1, 0], [4, 2, 2, 1]]
+    assert sched.stats.snapshot()["decode_batch_sizes"] == {"1": 2, "3": 1}
 
 
 def test_limits_raise_before_anything_is_queued():

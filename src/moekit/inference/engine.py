@@ -1,12 +1,16 @@
 """The generation engine: a slot-based KV cache, batched prefill and decode, per-sequence sampling.
 
 Plan of one ``step()``:
-  1. admit: queued sequences take free cache slots (at most ``max_batch`` run at once) and their
-     prompts are prefilled together in one forward, right-padded, logits only at each row's
-     last real token; each samples its first token;
-  2. decode: every sequence that was already running feeds its last token, one [B, 1] forward
+  1. admit: queued sequences take free cache slots (at most ``max_batch`` run at once);
+  2. prefill: prompts not yet in the cache are prefilled together in one forward, right-padded,
+     logits only at each row's last real token; a row whose whole prompt is in samples its first
+     token. With ``prefill_chunk`` set, a step prefills at most that many prompt tokens over all
+     rows, so a long prompt goes in over several steps (chunked prefill, as in Sarathi and vLLM)
+     while the running sequences keep decoding in between: a newcomer's prompt costs the others
+     at most one chunk of latency per token, not the whole prompt;
+  3. decode: every sequence that was already decoding feeds its last token, one [B, 1] forward
      over its slots (the MoE layers take their few-token decode path);
-  3. each row samples with its own ``SamplingParams`` and generator, detokenizes incrementally,
+  4. each row samples with its own ``SamplingParams`` and generator, detokenizes incrementally,
      and finishes on a stop token, a stop string (text cut right before it), ``max_new_tokens``
      or a full context; a finished sequence's slot is free for the next admit.
 ``generate`` and ``stream`` are loops over ``step``; a server calls ``add``, ``step`` and
@@ -49,6 +53,12 @@ class Sequence:
     _detok: object | None = field(default=None, repr=False)
     _emitted: int = 0  # characters of ``text`` handed out by take_text
     _cut: bool = False  # text was cut at a stop string: it is final
+    _prefilled: int = 0  # prompt tokens already in the KV cache
+
+    @property
+    def prefilling(self) -> bool:
+        """Part of the prompt is still to go into the cache (no token generated yet)."""
+        return self._prefilled < len(self.prompt_ids)
 
     @property
     def finished(self) -> bool:
@@ -95,10 +105,13 @@ class Engine:
     from ``load_tokenizer``) is needed for text and stop strings; without it sequences carry ids only."""
 
     def __init__(self, model: MoETransformer, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
-                 record_routing: bool = False):
+                 record_routing: bool = False, prefill_chunk: int | None = None):
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 (or None for whole prompts), got {prefill_chunk}")
         p = next(model.parameters())
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk  # prompt tokens prefilled per step over all rows; None = no cap
         with torch.inference_mode():
             self.cache = KVCache(model.cfg, max_batch, max_len, dtype=p.dtype, device=p.device)
         self.max_len = self.cache.max_len
@@ -144,14 +157,15 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """Admit and prefill newcomers, decode one token for the others -> sequences that got a token."""
-        old = list(self.running)
-        new = self._admit()
+        """Admit newcomers, prefill (a chunk of) the prompts not yet cached, decode one token for
+        the others -> sequences that got a token."""
+        decoding = [s for s in self.running if not s.prefilling]
+        self._admit()
         touched = []
-        if new:
-            touched += self._prefill(new)
-        if old:
-            touched += self._decode(old)
+        if prefilling := [s for s in self.running if s.prefilling]:
+            touched += self._prefill(prefilling)
+        if decoding:
+            touched += self._decode(decoding)
         return touched
 
     # -- loops over step -----------------------------------------------------------------------
@@ -184,32 +198,63 @@ class Engine:
 
     # -- the steps -----------------------------------------------------------------------------
 
-    def _admit(self) -> list[Sequence]:
-        new = []
+    def _admit(self) -> None:
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
             seq.slot = self.free_slots.pop(0)
+            seq._prefilled = 0
             self.cache.reset(seq.slot)
             self.running.append(seq)
-            new.append(seq)
-        return new
+
+    def _chunks(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
+        """(sequence, prompt tokens to prefill now), first come first served within the step's
+        ``prefill_chunk`` budget; the first row always gets some, so every prompt advances."""
+        budget = self.prefill_chunk
+        out = []
+        for s in seqs:
+            n = len(s.prompt_ids) - s._prefilled
+            if budget is not None:
+                if budget == 0:
+                    break
+                n = min(n, budget)
+                budget -= n
+            out.append((s, n))
+        return out
 
     def _prefill(self, seqs: list[Sequence]) -> list[Sequence]:
         t0 = time.perf_counter()
-        lengths = [len(s.prompt_ids) for s in seqs]
-        S = max(lengths)
-        ids = torch.zeros(len(seqs), S, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            ids[b, : lengths[b]] = torch.tensor(s.prompt_ids)
-        view = self.cache.view([s.slot for s in seqs], lengths, S)
-        last = torch.tensor(lengths, device=self.device) - 1
+        chunks = self._chunks(seqs)
+        S = max(n for _, n in chunks)
+        # A padded row writes S cache positions from its start: a row whose start + S would run
+        # past the cache (a late chunk near the end of the context) goes in a forward of its own.
+        fits = [(s, n) for s, n in chunks if self.cache.lengths[s.slot] + S <= self.max_len]
+        groups = ([fits] if fits else []) + [[c] for c in chunks if c not in fits]
+        done = []
+        for group in groups:
+            done += self._prefill_forward(group)
+        self.stats.prefill_tokens += sum(n for _, n in chunks)
+        self.stats.prefill_seconds += time.perf_counter() - t0
+        return done
+
+    def _prefill_forward(self, chunks: list[tuple[Sequence, int]]) -> list[Sequence]:
+        """One right-padded forward of the chunks; rows whose prompt is then all cached sample."""
+        S = max(n for _, n in chunks)
+        ids = torch.zeros(len(chunks), S, dtype=torch.long)
+        for b, (s, n) in enumerate(chunks):
+            ids[b, :n] = torch.tensor(s.prompt_ids[s._prefilled: s._prefilled + n])
+        view = self.cache.view([s.slot for s, _ in chunks], [n for _, n in chunks], S)
+        last = torch.tensor([n for _, n in chunks], device=self.device) - 1
         logits = self.model(ids.to(self.device), cache=view, logits_at=last).logits[:, 0]  # [B, V]
         self.cache.commit(view)
-        routing = self._take_routing([b * S + n - 1 for b, n in enumerate(lengths)])
-        self._advance(seqs, logits, routing)
-        self.stats.prefill_tokens += sum(lengths)
-        self.stats.prefill_seconds += time.perf_counter() - t0
-        return seqs
+        for s, n in chunks:
+            s._prefilled += n
+        rows = [b for b, (s, _) in enumerate(chunks) if not s.prefilling]
+        if not rows:
+            return []
+        routing = self._take_routing([b * S + chunks[b][1] - 1 for b in rows])
+        done = [chunks[b][0] for b in rows]
+        self._advance(done, logits[rows], routing)
+        return done
 
     def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
         t0 = time.perf_counter()

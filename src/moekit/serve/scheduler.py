@@ -8,8 +8,8 @@ scheduling", as in vLLM):
     1. requests arrive from any thread (``submit``) into a bounded queue: over ``max_waiting``
        they are refused (HTTP 429); over the context they are refused (HTTP 400);
     2. before each step, cancelled requests (their clients left) leave the engine, freeing
-       their slots, and waiting ones are handed to the engine while slots are free and the
-       step's prefill budget (``max_prefill_tokens``) lasts;
+       their slots, and waiting ones are handed to the engine while slots are free (the engine
+       prefills long prompts in chunks, ``Engine(prefill_chunk=...)``, so they share steps too);
     3. after each step, every request that got a token hears its text (and, if asked, the
        experts that produced it); finished ones hear ``done`` with the usage.
 So a long request never blocks short ones: it shares each step instead of owning the model.
@@ -63,10 +63,9 @@ class Request:
 class Scheduler:
     """The engine loop; at most ``engine.max_batch`` sequences run, ``max_waiting`` wait."""
 
-    def __init__(self, engine: Engine, max_waiting: int = 64, max_prefill_tokens: int | None = None):
+    def __init__(self, engine: Engine, max_waiting: int = 64):
         self.engine = engine
         self.max_waiting = max_waiting
-        self.max_prefill_tokens = max_prefill_tokens  # prompt tokens admitted per step; None = no cap
         self.stats = MoEStats(engine.model)
         self._waiting: deque[Request] = deque()
         self._active: list[Request] = []  # handed to the engine, not finished
@@ -140,7 +139,7 @@ class Scheduler:
         self._admit()
         if not self._active:
             return
-        decode_batch = sum(1 for r in self._active if r.seq.output_ids)  # the veterans decode together
+        decode_batch = sum(1 for r in self._active if not r.seq.prefilling)  # the veterans decode together
         touched = self.engine.step()
         self.stats.count_step(decode_batch)
         self.counters["steps"] += 1
@@ -159,13 +158,9 @@ class Scheduler:
         self.counters["cancelled"] += len(gone) + len(live)
 
     def _admit(self) -> None:
-        """Hand waiting requests to the engine while it has free slots, within the prefill budget."""
-        budget, admitted = self.max_prefill_tokens, 0
+        """Hand waiting requests to the engine while it has free slots."""
         with self._wake:
             while self._waiting and len(self._active) < self.engine.max_batch:
-                n = len(self._waiting[0].prompt_ids)
-                if admitted and budget is not None and n > budget:
-                    break  # the first newcomer always goes: a long prompt must not starve
                 req = self._waiting.popleft()
                 try:
                     req.seq = self.engine.add(req.prompt_ids, req.params)
@@ -175,8 +170,6 @@ class Scheduler:
                     continue
                 self._by_seq[req.seq.id] = req
                 self._active.append(req)
-                admitted += 1
-                budget = None if budget is None else budget - n
 
     def _report(self, req: Request) -> None:
         """Tell ``req`` about the token(s) it got this step, and ``done`` when it finished."""
