@@ -1,0 +1,169 @@
+"""Offload a built model's routed experts: ``offload_model(model, OffloadConfig(...))``.
+
+Applied from outside, after loading (as quantization is): for every MoE block,
+1. its provider's tensors go to the store (a folder of per-layer safetensors files, or CPU RAM);
+2. ``block.ffn.experts`` becomes an ``OffloadedExperts`` over a ``LayerCache`` of
+   ``capacity`` slots on the model's device, and the in-memory experts are released;
+3. with prefetch on, forward hooks guess each next layer's experts (``prefetch.py``) and load
+   them on one background thread.
+Everything else (embeddings, attention, norms, routers, shared experts, dense FFNs, the KV
+cache) stays where it was.
+
+The budget (``cache_gb``, 1 GB = 1e9 bytes) is split evenly over the MoE layers, each layer's
+share a whole number of expert slots (mixtral-offloading's per-layer cache): a layer's experts
+compete only with each other, and a forward that visits the layers in order does not flush
+layer l+1's experts to make room for layer l's. A budget without one slot per layer is an
+error naming the minimum.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moekit.config import check_choice
+from moekit.errors import ConfigError, UsageError
+from moekit.offload.cache import ON_MISS, CacheStats, LayerCache
+from moekit.offload.experts import OffloadedExperts, view_builder
+from moekit.offload.policies import POLICIES
+from moekit.offload.prefetch import Prefetcher
+from moekit.offload.store import DiskStore, ExpertStore, RamStore, write_store
+
+STORES = ("disk", "ram")
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    cache_gb: float  # the fast tier's budget for expert slots, all MoE layers together (1 GB = 1e9 B)
+    policy: str = "lru"  # eviction: lru (mixtral-offloading) or lfu (MoE-Infinity's frequency idea)
+    prefetch: bool = True  # load the next layer's guessed experts on a background thread
+    on_miss: str = "load"  # load: bring the expert into the cache; compute: run it where it lives (Fiddler)
+    store: str = "disk"  # where experts live: disk (safetensors, read on demand) or ram
+    store_dir: str | None = None  # the disk store's folder; None: a temporary one, removed on close
+
+    def __post_init__(self):
+        if not isinstance(self.cache_gb, (int, float)) or not self.cache_gb > 0:
+            raise ConfigError(f"expert cache size must be a positive number of GB; got {self.cache_gb!r}")
+        check_choice("cache policy", self.policy, tuple(POLICIES))
+        check_choice("on_miss", self.on_miss, ON_MISS)
+        check_choice("store", self.store, STORES)
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.cache_gb * 1e9)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class OffloadRuntime:
+    """What ``offload_model`` leaves on the model (``model.offload``): the caches, the store,
+    the prefetcher and its thread, and the counters."""
+
+    def __init__(self, cfg: OffloadConfig, store: ExpertStore, caches: dict[int, LayerCache],
+                 executor: ThreadPoolExecutor | None, prefetcher: Prefetcher | None, tmp: tempfile.TemporaryDirectory | None):
+        self.cfg, self.store, self.caches = cfg, store, caches
+        self.executor, self.prefetcher, self._tmp = executor, prefetcher, tmp
+
+    @property
+    def stats(self) -> CacheStats:
+        """Counters summed over layers (a fresh object)."""
+        total = CacheStats()
+        for c in self.caches.values():
+            with c.lock:
+                total.add(c.stats)
+        return total
+
+    def reset_stats(self) -> None:
+        for c in self.caches.values():
+            with c.lock:
+                c.stats = CacheStats()
+
+    def summary(self, tokens: int | None = None) -> dict:
+        """Config, sizes and counters as plain data (``generate --json``, serve's stats)."""
+        one = next(iter(self.caches.values()))
+        return {**self.cfg.to_dict(), "layers": len(self.caches), "slots_per_layer": one.capacity,
+                "expert_bytes": one.layout.expert_bytes,
+                "cache_allocated_bytes": sum(c.allocated_bytes for c in self.caches.values()),
+                **self.stats.to_dict(tokens)}
+
+    def drain(self) -> None:
+        for c in self.caches.values():
+            c.drain()
+
+    def close(self) -> None:
+        """Stop the prefetcher, finish its loads, close the store (and remove a temporary one)."""
+        if self.prefetcher is not None:
+            self.prefetcher.remove()
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+        self.store.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
+    return {i: b for i, b in enumerate(model.blocks) if b.is_moe}
+
+
+def slots_per_layer(cfg: OffloadConfig, slot_bytes: int, num_layers: int, num_experts: int) -> int:
+    """How many experts each layer's cache holds; UsageError when the budget has no room for one."""
+    slots = cfg.budget_bytes // (slot_bytes * num_layers)
+    if slots < 1:
+        need = slot_bytes * num_layers / 1e9
+        raise UsageError(f"--expert-cache-gb {cfg.cache_gb:g} holds no expert per MoE layer: one expert takes "
+                         f"{slot_bytes / 1e6:.3g} MB and there are {num_layers} MoE layers; give at least {need:.3g}")
+    return min(slots, num_experts)
+
+
+@torch.no_grad()
+def offload_model(model: nn.Module, cfg: OffloadConfig) -> OffloadRuntime:
+    """Move every MoE layer's routed experts to a store behind a per-layer cache (module
+    docstring); returns the runtime, also set as ``model.offload``."""
+    blocks = moe_blocks(model)
+    if not blocks:
+        raise UsageError("this model has no MoE layers: there are no experts to offload")
+    if getattr(model, "offload", None) is not None:
+        raise ValueError("this model's experts are already offloaded")
+    templates = {i: b.ffn.experts for i, b in blocks.items()}
+    builders_check = {i: view_builder(t, None) for i, t in templates.items()}  # refuse unknown kinds early
+    del builders_check
+    states = {i: dict(t.state_dict()) for i, t in templates.items()}
+    store, tmp = _make_store(cfg, states)
+    del states
+    device = next(model.parameters()).device
+    slot_bytes = max(l.slot_bytes for l in store.layouts.values())
+    capacity = slots_per_layer(cfg, slot_bytes, len(blocks), max(store.num_experts.values()))
+    executor = ThreadPoolExecutor(1, thread_name_prefix="moekit-prefetch") if cfg.prefetch else None
+    caches = {}
+    for i, block in blocks.items():
+        provider = OffloadedExperts(templates[i], None)
+        provider.cache = caches[i] = LayerCache(i, store, min(capacity, store.num_experts[i]), cfg.policy, device,
+                                                view_builder(templates[i], provider.scratch), cfg.on_miss, executor)
+        block.ffn.experts = provider  # the in-memory experts go with the last reference to them
+    del templates
+    prefetcher = Prefetcher(model.blocks, caches) if cfg.prefetch else None
+    model.offload = OffloadRuntime(cfg, store, caches, executor, prefetcher, tmp)
+    return model.offload
+
+
+def _make_store(cfg: OffloadConfig, states: dict) -> tuple[ExpertStore, tempfile.TemporaryDirectory | None]:
+    if cfg.store == "ram":
+        return RamStore(states), None
+    tmp = None
+    if cfg.store_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="moekit-experts-")
+        folder = Path(tmp.name)
+    else:
+        folder = Path(cfg.store_dir)
+    write_store(states, folder)
+    return DiskStore(folder), tmp
+
+
+__all__ = ["OffloadConfig", "OffloadRuntime", "offload_model", "slots_per_layer", "moe_blocks", "STORES"]
