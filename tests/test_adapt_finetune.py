@@ -32,6 +32,10 @@ def test_every_parameter_has_one_kind_and_presets_pick_theirs():
     assert kinds["embed.weight"] == "embedding" and kinds["lm_head.weight"] == "lm_head"
     assert any(k == "attention" for k in kinds.values())
     for preset, wanted in PRESETS.items():
+        if preset == "lora":  # the adapters, once applied (test_adapt_lora_training.py)
+            with pytest.raises(UsageError, match="no LoRA adapters"):
+                select_trainable(model, preset)
+            continue
         chosen = select_trainable(model, preset)
         assert chosen == {n for n, k in kinds.items() if k in wanted}, preset
     non_moe = select_trainable(model, "non-moe")

@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "moekit.experiments.cli",  # experiment
     "moekit.serve.cli",  # serve
     "moekit.adapt.cli",  # upcycle, distill
+    "moekit.adapt.lora_cli",  # lora merge
     "moekit.quant.cli",  # quantize
 )
 

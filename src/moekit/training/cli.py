@@ -26,7 +26,19 @@ TRAIN_FLAGS = {
     "precision": "precision", "device": "device", "eval_every": "eval_every", "eval_batches": "eval_batches",
     "ckpt_every": "ckpt_every", "keep_last": "keep_last", "cache_dir": "cache_dir",
     "train_preset": "trainable", "freeze": "freeze",
+    "lora_rank": "lora_rank", "lora_alpha": "lora_alpha", "lora_targets": "lora_targets",
+    "lora_dropout": "lora_dropout", "expert_dropout": "expert_dropout",
 }
+
+
+def comma_list(text: str) -> list[str]:
+    """'attention, experts' -> ['attention', 'experts']; an empty list is refused."""
+    import argparse
+
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"must name at least one target, got {text!r}")
+    return items
 
 
 def _stderr_log(text: str) -> None:
@@ -157,11 +169,12 @@ def cmd_train(args) -> int:
         elif args.init:
             from moekit.adapt.finetune import finetune
 
-            cfg = _init_train_config(args)
+            cfg = _check_lora_flags(args, _init_train_config(args))
             result = finetune(args.init, cfg, _new_out(args, f"finetune-{Path(args.init).name}"),
                               check_memory=not args.force, parallel=parallel)
         else:
             label, cfg, model_cfg = build_configs(args)
+            _check_lora_flags(args, cfg)
             result = train(cfg, model_cfg, _new_out(args, label), check_memory=not args.force, parallel=parallel)
     except (NonFiniteLossError, OutOfMemoryStop) as e:
         print(f"moekit train: error: {e}", file=sys.stderr)
@@ -171,6 +184,15 @@ def cmd_train(args) -> int:
         print(f"final validation loss {result.final_val_loss:.4f}{start}, perplexity "
               f"{math.exp(min(result.final_val_loss, 50)):.1f}, after {result.step} steps; run folder {result.run_dir}")
     return 130 if result.status == "interrupted" else 0
+
+
+def _check_lora_flags(args, cfg):
+    """--lora-* flags shape adapters that exist only with --train lora: never ignore them."""
+    given = [f"--{d.replace('_', '-')}" for d in ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout")
+             if getattr(args, d, None) is not None]
+    if given and cfg.trainable != "lora":
+        raise UsageError(f"{', '.join(given)} need --train lora (this run trains {cfg.trainable})")
+    return cfg
 
 
 def _parallel_config(args):
@@ -258,9 +280,20 @@ def add_parser(sub) -> None:
     s.add_argument("--init", metavar="MODEL",
                    help="fine-tune: start a new run from this model (a run folder, an upcycled folder or a Hugging "
                         "Face folder) and its tokenizer, on --data")
-    s.add_argument("--train", dest="train_preset", choices=("all", "non-moe", "attention", "experts", "router", "shared"),
-                   help="which module kinds train (default all; non-moe = ST-MoE's frozen MoE parameters); "
-                        "prints a coverage line")
+    s.add_argument("--train", dest="train_preset",
+                   choices=("all", "non-moe", "attention", "experts", "router", "shared", "lora"),
+                   help="which module kinds train (default all; non-moe = ST-MoE's frozen MoE parameters; lora = "
+                        "low-rank adapters only, see --lora-*); prints a coverage line")
+    s.add_argument("--lora-rank", type=positive_int, help="with --train lora: adapter rank r (default 8)")
+    s.add_argument("--lora-alpha", type=positive_float, help="with --train lora: scale alpha / r (default 16)")
+    s.add_argument("--lora-targets", type=comma_list, metavar="LIST",
+                   help="with --train lora: comma list of attention, dense, shared, experts (routed, a pair per "
+                        "expert), all (default), or name patterns (blocks.1.*); one matching nothing is an error")
+    s.add_argument("--lora-dropout", type=FloatArg(0.0, maximum=1.0),
+                   help="with --train lora: dropout on the adapters' input in training (default 0)")
+    s.add_argument("--expert-dropout", type=FloatArg(0.0, maximum=1.0),
+                   help="dropout on the routed experts' hidden activations, training only (Switch: 0.4 when "
+                        "fine-tuning; default 0)")
     s.add_argument("--freeze", action="append", metavar="PATTERN",
                    help="also freeze parameters whose name matches this glob (blocks.0.*) or regex (repeatable); "
                         "a pattern matching nothing is an error")

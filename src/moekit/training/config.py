@@ -57,6 +57,15 @@ class TrainConfig:
     # Kept here so that a resumed fine-tune freezes exactly what it froze before.
     trainable: str = "all"
     freeze: list[str] = field(default_factory=list)
+    # LoRA (trainable = "lora"; adapt/lora.py): rank, scale alpha / rank, the targets (module
+    # kinds attention | dense | shared | experts, all, or name patterns) and dropout on their input.
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["all"])
+    lora_dropout: float = 0.0
+    # Dropout on the routed experts' hidden activations, in training only (Switch Transformer,
+    # sec. 2.3: 0.4 when fine-tuning, 0 in pre-training); 0 = off.
+    expert_dropout: float = 0.0
     init: str | None = None  # the model folder a fine-tune started from (a record; --init)
     loss: str = "lm"  # lm (next-token) | distill (moekit distill: needs its teacher, so no plain --resume)
 
@@ -87,9 +96,21 @@ class TrainConfig:
         if not isinstance(self.freeze, (list, tuple)) or not all(isinstance(f, str) and f for f in self.freeze):
             raise ConfigError(f"freeze must be a list of parameter-name patterns, got {self.freeze!r}")
         self.freeze = list(self.freeze)
+        self.lora_targets = list(self.lora_targets) if isinstance(self.lora_targets, (list, tuple)) else self.lora_targets
+        self.lora_config()  # validates the lora_* fields
+        check_float("expert_dropout", self.expert_dropout)
+        if self.expert_dropout >= 1:
+            raise ConfigError(f"expert_dropout must be < 1, got {self.expert_dropout}")
         check_choice("loss", self.loss, ("lm", "distill"))
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def lora_config(self):
+        """The ``adapt.lora.LoRAConfig`` of the lora_* fields."""
+        from moekit.adapt.lora import LoRAConfig
+
+        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=self.lora_targets,
+                          dropout=self.lora_dropout)
 
     @property
     def tokens_per_step(self) -> int:

@@ -26,6 +26,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "experts": ("experts",),
     "router": ("router",),
     "shared": ("shared",),
+    "lora": (),  # the adapters alone (adapt/lora.py), whatever kind they sit in
 }
 
 
@@ -62,9 +63,16 @@ def select_trainable(model: nn.Module, preset: str = "all", freeze: Sequence[str
     when an MoE layer would train one of its expert matrices but not the other."""
     if preset not in PRESETS:
         raise UsageError(f"unknown --train preset {preset!r}; known: {', '.join(PRESETS)}")
+    from moekit.adapt.lora import is_lora_parameter
+
     names = [n for n, _ in model.named_parameters()]
     kinds = {n: module_kind(n) for n in names}
-    chosen = {n for n in names if kinds[n] in PRESETS[preset]}
+    if preset == "lora":
+        chosen = {n for n in names if is_lora_parameter(n)}
+    else:
+        chosen = {n for n in names if kinds[n] in PRESETS[preset] and not is_lora_parameter(n)}
+    if not chosen and preset == "lora":
+        raise UsageError("--train lora: the model has no LoRA adapters (adapt.lora.apply_lora adds them)")
     if not chosen:
         raise UsageError(f"--train {preset} matches no parameter of this model "
                          f"(it has {', '.join(sorted(set(kinds.values())))})")
@@ -84,7 +92,7 @@ def _check_whole_experts(names: list[str], chosen: set[str]) -> None:
     the silent partial coverage PEFT users report for fused experts."""
     layers: dict[str, list[str]] = {}
     for n in names:
-        if ".ffn.experts." in n:
+        if ".ffn.experts." in n and "lora_" not in n:  # adapters are checked whole when applied
             layers.setdefault(n.split(".ffn.experts.")[0], []).append(n)
     for layer, params in layers.items():
         on = [p for p in params if p in chosen]

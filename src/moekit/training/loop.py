@@ -400,7 +400,9 @@ def train(cfg: TrainConfig, model: ModelConfig | nn.Module, run_dir: str | Path,
         data = prepare_data(cfg.data, cfg.cache_dir, tokenizer=saved_tok, log=say)
     check_length(data, cfg.seq_len)
     torch.manual_seed(cfg.seed)
-    model = _build_model(model, data.tokenizer, cfg.seq_len, device, check_memory).to(device)
+    model = _build_model(model, data.tokenizer, cfg.seq_len, device, check_memory)
+    adapted = _adapt(model, cfg, parallel)  # LoRA twins exist before a resume loads their weights
+    model = model.to(device)
     freeze_parameters(model, _with_policy(param_filter, model, cfg))
     coverage = _coverage_text(model)
     # On resume the weights go into the whole model, before parallelize cuts it into pieces.
@@ -424,6 +426,8 @@ def train(cfg: TrainConfig, model: ModelConfig | nn.Module, run_dir: str | Path,
         _say_start(s, say)
         if coverage:
             say(coverage)
+        if adapted:
+            say(adapted)
 
         # 2. The loop, then the end: a final evaluation (unless interrupted) and checkpoint.
         try:
@@ -432,6 +436,8 @@ def train(cfg: TrainConfig, model: ModelConfig | nn.Module, run_dir: str | Path,
                 _evaluate_and_log(s)
             if s.ckpt_step != state.step:
                 _save(s)
+            if cfg.trainable == "lora" and dist.is_main:  # the adapters on their own (adapt/lora_io.py)
+                _save_adapter(s)
             log.write(dict(kind="end", step=state.step, status=status, val_loss=s.final_val(),
                            tokens=state.tokens, elapsed=state.elapsed))
         finally:
@@ -472,6 +478,30 @@ def _build_model(model: ModelConfig | nn.Module, tokenizer: TextTokenizer, seq_l
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary only "
                          f"{model.cfg.vocab_size}: pass the model's own tokenizer")
     return model
+
+
+def _adapt(model: nn.Module, cfg: TrainConfig, parallel: ParallelConfig | None) -> str | None:
+    """LoRA twins (``cfg.trainable == "lora"``) and expert dropout, applied to the built model
+    from outside (adapt/lora.py) -> a line saying what was applied, or None."""
+    if cfg.trainable != "lora" and not cfg.expert_dropout:
+        return None
+    if parallel is not None and parallel.ep > 1:
+        raise UsageError("LoRA and expert dropout do not combine with expert parallelism (--ep) yet")
+    from moekit.adapt.lora import apply_expert_dropout, apply_lora
+
+    lines = []
+    if cfg.trainable == "lora":
+        lines.append(apply_lora(model, cfg.lora_config()).line())
+    if cfg.expert_dropout:
+        n = apply_expert_dropout(model, cfg.expert_dropout)
+        lines.append(f"expert dropout {cfg.expert_dropout} in {n} MoE layer(s), training only")
+    return "; ".join(lines)
+
+
+def _save_adapter(s: _Session) -> None:
+    from moekit.adapt.lora_io import ADAPTER_DIR, save_adapter
+
+    save_adapter(s.model, s.run_dir / ADAPTER_DIR, s.cfg.lora_config(), step=s.state.step, init=s.cfg.init)
 
 
 def _with_policy(param_filter: ParamFilter | None, model: nn.Module, cfg: TrainConfig) -> ParamFilter | None:

@@ -236,7 +236,8 @@ def load_run(run_dir: str | Path, checkpoint: str | int = "last", device: str | 
     The model must fit in the memory available (``check_memory``; see ``moekit.memory``). The
     checkpoint's files are verified against their checksums, its tensors' names and shapes
     against the model's and (``check_finite``) their values for NaN/inf, before anything is
-    loaded; a bad one raises ``CheckpointError`` (a ``UsageError``) naming it.
+    loaded; a bad one raises ``CheckpointError`` (a ``UsageError``) naming it. A LoRA run's
+    model comes with its adapters unmerged (``moekit lora merge`` folds them in).
     """
     from moekit.memory import check_fits
 
@@ -247,6 +248,10 @@ def load_run(run_dir: str | Path, checkpoint: str | int = "last", device: str | 
     if str(device) != "cpu":
         check_fits(model_cfg, str(device), force=not check_memory, what=f"the model of {run_dir}")
     model = MoETransformer(model_cfg)
+    if train_cfg.trainable == "lora":  # its checkpoints hold the adapters beside the frozen weights
+        from moekit.adapt.lora import apply_lora
+
+        apply_lora(model, train_cfg.lora_config())
     path, _, meta = load_from_run(run_dir, checkpoint, model, map_location="cpu", check_finite=check_finite)
     model.to(device).eval()
     return LoadedRun(run_dir, model, model_cfg, train_cfg, tokenizer, path, int(meta["step"]), meta.get("val_loss"))
