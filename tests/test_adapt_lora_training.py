@@ -93,3 +93,13 @@ def test_eval_of_a_lora_run(lora_run, capsys):
     _, ft, _ = lora_run
     assert main(["eval", str(ft), "--batches", "1", "--threads", "1"]) == 0
     assert "validation loss" in capsys.readouterr().out
+
+
+def test_cli_lora_export_bad_input_is_one_line(lora_run, tmp_path, capsys):
+    _, ft, _ = lora_run
+    assert main(["lora", "export", str(ft), "--out", str(tmp_path / "p")]) == 2  # a native model: no HF architecture
+    assert "give --architecture" in capsys.readouterr().err
+    # Mixtral has no shared expert: the model does not fit it
+    assert main(["lora", "export", str(ft), "--out", str(tmp_path / "p"), "--architecture", "MixtralForCausalLM"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot export" in err

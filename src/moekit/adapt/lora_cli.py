@@ -1,5 +1,5 @@
-"""``moekit lora merge`` (and ``export``): a LoRA run's adapters folded into plain weights, or
-written in PEFT's layout."""
+"""``moekit lora merge`` and ``moekit lora export``: a LoRA run's adapters folded into plain
+weights, or written in PEFT's layout."""
 
 from __future__ import annotations
 
@@ -57,10 +57,27 @@ def cmd_lora_merge(args) -> int:
     return 0
 
 
+def cmd_lora_export(args) -> int:
+    from moekit.adapt.lora_peft import export_peft
+    from moekit.training.cli import apply_threads
+
+    apply_threads(args.threads)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out {out} exists and is not empty")
+    run = _load_lora_run(args.run_dir, args.checkpoint, args.force)
+    export_peft(run.model, run.train_cfg.lora_config(), out, args.architecture, base_model=run.train_cfg.init)
+    arch = args.architecture or run.model.cfg.hf_architecture
+    print(f"wrote the adapters of {run.checkpoint} in PEFT's layout to {out} (for {arch}); load with "
+          f"peft.PeftModel.from_pretrained(base, {str(out)!r}), base = the Hugging Face export of the start model")
+    return 0
+
+
 def add_parser(sub) -> None:
     from moekit.training.cli import add_resource_args
 
-    lora = sub.add_parser("lora", help="LoRA adapters of a run trained with --train lora: merge them into the weights")
+    lora = sub.add_parser("lora", help="LoRA adapters of a run trained with --train lora: merge them into the weights, or "
+                          "export them for PEFT")
     lsub = lora.add_subparsers(dest="lora_command", metavar="COMMAND", required=True)
     s = lsub.add_parser("merge", help="fold a LoRA run's adapters into its weights: a plain run folder")
     s.add_argument("run_dir", metavar="RUN_DIR", help="a run folder trained with moekit train --train lora")
@@ -68,6 +85,14 @@ def add_parser(sub) -> None:
     s.add_argument("--checkpoint", default="last", help="last (default), best, or a step number")
     add_resource_args(s)
     s.set_defaults(func=cmd_lora_merge)
+    s = lsub.add_parser("export", help="write a LoRA run's adapters in PEFT's layout (fused experts via target_parameters)")
+    s.add_argument("run_dir", metavar="RUN_DIR", help="a run folder trained with moekit train --train lora")
+    s.add_argument("--out", required=True, help="the PEFT adapter folder (must not exist or be empty)")
+    s.add_argument("--architecture", help="the Hugging Face architecture of the base export (default: the one the "
+                   "model was loaded from, e.g. Qwen3MoeForCausalLM)")
+    s.add_argument("--checkpoint", default="last", help="last (default), best, or a step number")
+    add_resource_args(s)
+    s.set_defaults(func=cmd_lora_export)
 
 
-__all__ = ["add_parser", "cmd_lora_merge"]
+__all__ = ["add_parser", "cmd_lora_merge", "cmd_lora_export"]

@@ -1,6 +1,7 @@
 """Tokenizers: byte-level BPE trained with the ``tokenizers`` library, or raw bytes.
 
-Both end every document with one end-of-text token (``eos_id``). A tokenizer is saved as one
+Both end every document with one end-of-text token (``eos_id``); a Hugging Face tokenizer
+without ``<|endoftext|>`` (Llama, Mistral) uses the eos token its tokenizer_config.json names. A tokenizer is saved as one
 JSON file (``tokenizer.json`` in a run folder): the ``tokenizers`` format for BPE, a small
 moekit record for bytes. ``fingerprint`` hashes that JSON, so a data cache built with one
 tokenizer is never read with another.
@@ -18,22 +19,24 @@ from moekit.errors import UsageError
 from moekit.fileio import atomic_write_text
 
 EOS = "<|endoftext|>"
+HF_CONFIG = "tokenizer_config.json"
 _BYTES_JSON = {"moekit_tokenizer": "bytes", "version": 1}
 
 
 class TextTokenizer:
     """Text <-> token ids. ``kind`` is "bpe" or "bytes"; ids are < ``vocab_size``."""
 
-    def __init__(self, kind: str, backend=None):
+    def __init__(self, kind: str, backend=None, hf_config: dict | None = None):
         self.kind = kind
         self._tok = backend  # a tokenizers.Tokenizer for "bpe", None for "bytes"
+        # A Hugging Face tokenizer's tokenizer_config.json, when it came with one: it names the
+        # document separator of tokenizers without <|endoftext|>, and is saved beside tokenizer.json.
+        self.hf_config = hf_config
         if kind == "bytes":
             self.vocab_size, self.eos_id = 257, 256  # 256 byte values + end-of-text
         else:
             self.vocab_size = backend.get_vocab_size()
-            self.eos_id = backend.token_to_id(EOS)
-            if self.eos_id is None:
-                raise UsageError(f"the BPE tokenizer has no {EOS} token")
+            self.eos_id = _separator_id(backend, hf_config or {})
 
     @property
     def backend(self):
@@ -63,13 +66,40 @@ class TextTokenizer:
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
+        separator = "" if self._tok is None or self._tok.token_to_id(EOS) == self.eos_id else f"\nsep={self.eos_id}"
+        return hashlib.sha256((self.to_json() + separator).encode()).hexdigest()
 
     def save(self, path: str | Path) -> None:
+        """tokenizer.json at ``path``, and the tokenizer_config.json it came with beside it
+        (unless one is there: a run folder keeps the file its source shipped)."""
         atomic_write_text(path, self.to_json())
+        beside = Path(path).parent / HF_CONFIG
+        if self.hf_config is not None and not beside.exists():
+            atomic_write_text(beside, json.dumps(self.hf_config, ensure_ascii=False, indent=2))
 
     def __repr__(self) -> str:
         return f"TextTokenizer({self.kind}, vocab_size={self.vocab_size})"
+
+
+def _separator_id(backend, hf_config: dict) -> int:
+    """The document separator: <|endoftext|> (GPT-2, Qwen, moekit's BPE), else the eos token
+    of tokenizer_config.json (Llama/Mistral's </s>), else its bos token (a document start
+    separates documents as well)."""
+    if backend.token_to_id(EOS) is not None:
+        return backend.token_to_id(EOS)
+    for key in ("eos_token", "bos_token"):
+        text = _token_text(hf_config.get(key))
+        if text is not None and backend.token_to_id(text) is not None:
+            return backend.token_to_id(text)
+    raise UsageError(f"the BPE tokenizer has no {EOS} token, and no eos_token or bos_token of its "
+                     f"{HF_CONFIG} is in its vocabulary: nothing can separate documents")
+
+
+def _token_text(value) -> str | None:
+    """A special token of tokenizer_config.json: a string or an AddedToken record."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
 
 
 def bytes_tokenizer() -> TextTokenizer:
@@ -135,7 +165,7 @@ def _interruptible(work) -> None:
         raise errors[0]
 
 
-def tokenizer_from_json(text: str, source: str = "tokenizer") -> TextTokenizer:
+def tokenizer_from_json(text: str, source: str = "tokenizer", hf_config: dict | None = None) -> TextTokenizer:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -147,9 +177,10 @@ def tokenizer_from_json(text: str, source: str = "tokenizer") -> TextTokenizer:
     from tokenizers import Tokenizer
 
     try:
-        return TextTokenizer("bpe", Tokenizer.from_str(text))
+        backend = Tokenizer.from_str(text)
     except Exception as e:  # tokenizers raises a bare Exception for a malformed file
         raise UsageError(f"{source} is not a tokenizers JSON file ({e})") from None
+    return TextTokenizer("bpe", backend, hf_config)
 
 
 def load_tokenizer(path: str | Path) -> TextTokenizer:
@@ -158,7 +189,16 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise UsageError(f"cannot read tokenizer {path}: {e.strerror or e}") from None
-    return tokenizer_from_json(text, str(path))
+    return tokenizer_from_json(text, str(path), _read_hf_config(path.parent / HF_CONFIG))
+
+
+def _read_hf_config(path: Path) -> dict | None:
+    """tokenizer_config.json beside a tokenizer.json, if any (a Hugging Face folder's)."""
+    if not path.is_file():
+        return None
+    from moekit.fileio import read_json_object
+
+    return read_json_object(path)
 
 
 __all__ = ["TextTokenizer", "bytes_tokenizer", "train_bpe", "load_tokenizer", "tokenizer_from_json", "EOS"]
