@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "moekit.adapt.cli",  # upcycle, distill
     "moekit.adapt.lora_cli",  # lora merge
     "moekit.quant.cli",  # quantize
+    "moekit.offload.trace_cli",  # trace, plan-offload
 )
 
 
