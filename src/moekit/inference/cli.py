@@ -12,6 +12,7 @@ import time
 
 from moekit.argtypes import FloatArg, nonneg_float, nonneg_int, positive_float, positive_int
 from moekit.errors import UsageError
+from moekit.quant.cli import add_load_args, quant_config
 
 
 def _sampling_args(s, default_max: str) -> None:
@@ -31,6 +32,7 @@ def _sampling_args(s, default_max: str) -> None:
     s.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="CPU threads for torch (default: torch's, one per core); on a busy machine use fewer, often 1")
     loading_args(s)
+    add_load_args(s)
 
 
 def loading_args(s) -> None:
@@ -72,8 +74,11 @@ def _load(args):
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     _sampling_params(args, None, [])  # bad flag values fail before minutes of loading
+    qcfg = quant_config(args)  # likewise a bad scope or group size
+    if qcfg is not None:
+        qcfg.check_supported()
     return load_for_inference(args.model, dtype=args.dtype, device=args.device, check_memory=not args.force,
-                              check_finite=not args.no_check_finite)
+                              check_finite=not args.no_check_finite, quantize=qcfg, reference=args.reference)
 
 
 def _sampling_params(args, defaults, eos_ids: list[int], default_max: int = 256):

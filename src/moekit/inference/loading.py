@@ -1,9 +1,10 @@
 """One call from a folder to everything generation needs: model, tokenizer, generation defaults.
 
 MODEL is either a moekit run folder (``train_config.json``: the model comes from its last
-checkpoint, the tokenizer is the run's own) or a Hugging Face model folder (``config.json``
+checkpoint, the tokenizer is the run's own), a Hugging Face model folder (``config.json``
 with ``model_type``: weights through ``moekit.from_pretrained``, tokenizer from
-``tokenizer.json``). The tokenizer is read first, so a folder without one fails in a moment
+``tokenizer.json``), or a folder that ``moekit quantize`` wrote from either (``config.json``
+with a ``quantization`` entry; from a run, the config is moekit's own and so is the tokenizer). The tokenizer is read first, so a folder without one fails in a moment
 with a line naming the missing file, not after minutes of loading weights.
 """
 
@@ -31,7 +32,9 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def folder_kind(folder: Path) -> str:
-    """"run" (moekit train's folder) or "hf" (a Hugging Face model folder); UsageError otherwise."""
+    """"run" (moekit train's folder), "hf" (a Hugging Face model folder, or a quantized folder
+    written from one) or "quantized" (``moekit quantize``'s folder from a run); UsageError
+    otherwise."""
     from moekit.fileio import read_json_object
     from moekit.interop.registry import is_hf_config
     from moekit.training.run import is_run_dir
@@ -45,10 +48,13 @@ def folder_kind(folder: Path) -> str:
     config = folder / "config.json"
     if config.is_file():
         try:
-            if is_hf_config(read_json_object(config)):
+            data = read_json_object(config)
+            if is_hf_config(data):
                 return "hf"
         except ValueError as e:
             raise UsageError(str(e)) from None
+        if isinstance(data.get("quantization"), dict):
+            return "quantized"
     raise UsageError(f"{folder} is neither a moekit run folder (no train_config.json) nor a Hugging Face "
                      "model folder (no config.json with a model_type)")
 
@@ -56,10 +62,13 @@ def folder_kind(folder: Path) -> str:
 def load_for_inference(path: str | Path, dtype: torch.dtype | str | None = None,
                        device: str | torch.device | None = None,
                        checkpoint: str | int = "last", *, check_memory: bool = True,
-                       check_finite: bool = True) -> tuple[torch.nn.Module, TextTokenizer, GenerationDefaults]:
-    """(model in eval mode, tokenizer, generation defaults) of a run folder or HF folder.
-    ``checkpoint`` ("last", "best" or a step) applies to run folders only. ``check_memory``
-    refuses a model bigger than the memory available; ``check_finite`` refuses NaN/inf weights."""
+                       check_finite: bool = True, quantize=None,
+                       reference: bool = False) -> tuple[torch.nn.Module, TextTokenizer, GenerationDefaults]:
+    """(model in eval mode, tokenizer, generation defaults) of a run folder, HF folder or
+    quantized folder. ``checkpoint`` ("last", "best" or a step) applies to run folders only.
+    ``check_memory`` refuses a model bigger than the memory available; ``check_finite`` refuses
+    NaN/inf weights. ``quantize`` (8, 4 or a ``moekit.quant.QuantConfig``) quantizes at load;
+    ``reference`` runs int4 without torch's kernel (``moekit.from_pretrained``)."""
     folder = Path(path)
     kind = folder_kind(folder)
     dtype = parse_dtype(dtype)
@@ -72,11 +81,16 @@ def load_for_inference(path: str | Path, dtype: torch.dtype | str | None = None,
                              check_finite=check_finite).model
             if dtype is not None:
                 model = model.to(dtype)
+            if quantize is not None:
+                from moekit.quant.convert import QuantConfig, quantize_at_load
+
+                quantize_at_load(model, QuantConfig(bits=quantize, reference=reference)
+                                 if isinstance(quantize, int) else quantize)
         else:
             from moekit.interop import from_pretrained
 
             model = from_pretrained(folder, dtype=dtype, device=device, check_memory=check_memory,
-                                    check_finite=check_finite)
+                                    check_finite=check_finite, quantize=quantize, reference=reference)
     except ValueError as e:  # interop reports unsupported configs and bad files as ValueError
         raise UsageError(" ".join(str(e).split())) from None
     return model.eval(), tokenizer, load_generation_defaults(folder, tokenizer)

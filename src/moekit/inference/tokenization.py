@@ -314,7 +314,17 @@ def load_tokenizer(folder: str | Path) -> TextTokenizer:
         raise UsageError(f"no such model folder: {folder}")
     from moekit.training.run import is_run_dir
 
-    return _load_run(folder) if is_run_dir(folder) else _load_hf(folder)
+    return _load_run(folder) if is_run_dir(folder) or _quantized_from_run(folder) else _load_hf(folder)
+
+
+def _quantized_from_run(folder: Path) -> bool:
+    """A folder ``moekit quantize`` wrote from a run: moekit's own config (no model_type) plus a
+    ``quantization`` entry, and the run's tokenizer.json, which is moekit's format too."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("quantization"), dict) and "model_type" not in config
 
 
 __all__ = ["TextTokenizer", "ByteBackend", "load_tokenizer", "read_chat_templates", "IncrementalDetokenizer",

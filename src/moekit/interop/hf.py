@@ -42,7 +42,7 @@ def read_hf_config(folder: Path) -> HFConfig:
 
 def from_pretrained(
     path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None, *,
-    check_memory: bool = True, check_finite: bool = True,
+    check_memory: bool = True, check_finite: bool = True, quantize=None, reference: bool = False,
 ) -> MoETransformer:
     """Load a local Hugging Face model folder into a ``MoETransformer`` (in eval mode, as
     transformers returns it). ``dtype`` None keeps the checkpoint's dtype (that of its embedding).
@@ -50,14 +50,26 @@ def from_pretrained(
     Before allocating, the model's bytes are compared with the memory free on ``device``
     (``check_memory=False`` skips it; see ``moekit.memory``); every tensor is checked for
     NaN/inf as it is copied (``check_finite=False`` skips it), and a bad one is named.
+
+    ``quantize`` (8, 4 or a ``moekit.quant.QuantConfig``) quantizes the experts at load; a folder
+    written by ``moekit quantize`` loads quantized as it is. ``reference`` runs int4 through the
+    dequantize-then-matmul reference, for a torch that lacks the int4 kernel.
     """
+    model = _load(Path(path), dtype, device, check_memory, check_finite, reference)
+    if quantize is not None:
+        from moekit.quant.convert import QuantConfig, quantize_at_load
+
+        quantize_at_load(model, QuantConfig(bits=quantize, reference=reference) if isinstance(quantize, int) else quantize)
+    return model
+
+
+def _load(folder: Path, dtype, device, check_memory: bool, check_finite: bool, reference: bool) -> MoETransformer:
     from moekit.memory import check_fits
-    folder = Path(path)
     hf = read_hf_config(folder)
     if "quantization" in hf:  # a folder written by `moekit quantize` (moekit.quant.checkpoint)
         from moekit.quant.checkpoint import load_quantized
 
-        return load_quantized(folder, dtype, device)
+        return load_quantized(folder, dtype, device, reference)
     family = family_for(hf)
     if hf.get("quantization_config"):
         method = hf["quantization_config"].get("quant_method", "?")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from moekit.argtypes import nonneg_int, positive_int
-from moekit.errors import UsageError
+from moekit.quant.cli import add_load_args, quant_config
 
 
 def _cache_sizes(text: str):
@@ -58,13 +58,13 @@ def cmd_trace(args) -> int:
     from moekit.offload.trace import record_trace
 
     resolve_sources(args.data)  # a missing --data path fails before minutes of loading
+    qcfg = quant_config(args)
+    if qcfg is not None:
+        qcfg.check_supported()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model, tok, _ = load_for_inference(args.model, dtype=args.dtype, device=args.device, check_memory=not args.force)
-    if args.quantize:
-        from moekit.quant import QuantConfig, quantize_model
-
-        quantize_model(model, QuantConfig(bits=args.quantize, group_size=args.group_size))
+    model, tok, _ = load_for_inference(args.model, dtype=args.dtype, device=args.device, check_memory=not args.force,
+                                       quantize=qcfg, reference=args.reference)
     trace = record_trace(model, tok, args.data, args.model, args.max_tokens, args.window, args.decode_tokens,
                          progress=_progress)
     trace.save(args.out)
@@ -111,10 +111,7 @@ def add_parser(sub) -> None:
     s.add_argument("--decode-tokens", type=nonneg_int, default=16,
                    help="tokens of in-memory greedy decode to time, the compute the planner adds transfers to "
                         "(default: 16; 0 = skip)")
-    s.add_argument("--quantize", type=positive_int, choices=(8, 4), default=None,
-                   help="quantize the routed experts at load (8 or 4): traced expert bytes are the quantized ones")
-    s.add_argument("--group-size", type=positive_int, choices=(32, 64, 128, 256), default=64,
-                   help="with --quantize 4: inputs per scale/zero (default: 64)")
+    add_load_args(s)  # --quantize: the trace's expert bytes are then the quantized ones
     s.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's)")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     s.add_argument("--threads", type=positive_int, default=None, metavar="N", help="CPU threads for torch (default: torch's)")

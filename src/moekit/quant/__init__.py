@@ -11,6 +11,7 @@ _EXPORTS = {
     "QuantConfig": "moekit.quant.convert",
     "Coverage": "moekit.quant.convert",
     "quantize_model": "moekit.quant.convert",
+    "quantize_at_load": "moekit.quant.convert",
     "save_quantized": "moekit.quant.checkpoint",
     "load_quantized": "moekit.quant.checkpoint",
 }

@@ -93,10 +93,14 @@ def export_tensors(model: MoETransformer) -> dict[str, torch.Tensor]:
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None,
-                   device: str | torch.device | None = None) -> MoETransformer:
-    """Load a folder written by ``save_quantized`` (eval mode, on CPU: the int4 kernel is CPU's)."""
+                   device: str | torch.device | None = None, reference: bool = False) -> MoETransformer:
+    """Load a folder written by ``save_quantized`` (eval mode, on CPU: the int4 kernel is CPU's).
+    ``reference``: int4 through dequantize-then-matmul instead of torch's kernel (a torch that
+    lacks it); the stored codes are portable, so any int4 folder loads either way."""
     folder = Path(path)
     data, qcfg = split_config(read_json_object(folder / "config.json"))
+    if reference:
+        qcfg = QuantConfig(**{**qcfg.to_dict(), "reference": True})
     if device is not None and torch.device(device).type != "cpu":
         raise UsageError(f"quantized models run on CPU in this version; got device {device}")
     qcfg.check_supported()

@@ -82,6 +82,29 @@ def _progress(i: int, n: int, name: str) -> None:
         print(f"quantizing {i}/{n}: {name}", file=sys.stderr, flush=True)
 
 
+def add_load_args(s) -> None:
+    """``--quantize`` and its options on a command that loads a model (generate, chat, trace)."""
+    s.add_argument("--quantize", type=positive_int, choices=(8, 4), default=None,
+                   help="quantize at load: 8 (int8 per output channel) or 4 (int4 groups); a folder written by "
+                        "moekit quantize loads quantized without it")
+    s.add_argument("--group-size", type=positive_int, choices=(32, 64, 128, 256), default=64,
+                   help="with --quantize 4: input features per scale/zero (default: 64)")
+    s.add_argument("--quantize-scope", default="experts", metavar="KINDS",
+                   help="with --quantize: comma list of experts, shared, attention, dense (default: experts)")
+    s.add_argument("--reference", action="store_true",
+                   help="int4 without torch's kernel: dequantize-then-matmul (slow; for a torch that lacks the op)")
+
+
+def quant_config(args):
+    """The QuantConfig that ``add_load_args``' flags ask for (None without --quantize)."""
+    if args.quantize is None:
+        return None
+    from moekit.quant.convert import QuantConfig
+
+    return QuantConfig(bits=args.quantize, group_size=args.group_size, scope=tuple(_scope(args.quantize_scope)),
+                       reference=args.reference)
+
+
 def add_parser(sub) -> None:
     s = sub.add_parser("quantize", help="write an int8/int4 weight-only quantized copy of a model")
     s.add_argument("model", help="a Hugging Face model folder, a moekit run folder, or a preset name (random weights)")
@@ -99,4 +122,4 @@ def add_parser(sub) -> None:
     s.set_defaults(func=cmd_quantize)
 
 
-__all__ = ["add_parser", "cmd_quantize", "load_float_model"]
+__all__ = ["add_parser", "cmd_quantize", "load_float_model", "add_load_args", "quant_config"]

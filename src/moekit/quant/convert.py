@@ -57,7 +57,7 @@ class QuantConfig:
         """int4 needs torch's CPU int4 kernel unless the reference path was asked for."""
         if self.bits == 4 and not self.reference and not kernels.int4_available():
             raise ConfigError(f"this torch ({torch.__version__}) lacks a working CPU int4 kernel "
-                             "(aten::_weight_int4pack_mm_for_cpu); use --bits 8, or --reference for the slow "
+                             "(aten::_weight_int4pack_mm_for_cpu); use 8 bits, or --reference for the slow "
                              "dequantize-then-matmul path")
 
     def to_dict(self) -> dict:
@@ -123,6 +123,28 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, progress=None) -> "Covera
             progress(i + 1, len(todo), name)
     model.quantization = cfg
     return Coverage(cfg, before, tally(model), float_left(model, cfg.scope))
+
+
+def quantize_at_load(model: nn.Module, cfg: "QuantConfig | int") -> "Coverage | None":
+    """``--quantize`` on the commands that load a model: quantize it in place (on CPU), and
+    refuse, naming the first, any matrix of the scope that stayed float. A model loaded from a
+    quantized folder is left as it is when it already has these bits, else refused (quantizing
+    twice would stack the rounding errors). Returns the coverage (None when nothing was done)."""
+    cfg = QuantConfig(bits=cfg) if isinstance(cfg, int) else cfg
+    have: QuantConfig | None = getattr(model, "quantization", None)
+    if have is not None:
+        if (have.bits, have.group_size) == (cfg.bits, cfg.group_size) or (have.bits == cfg.bits == 8):
+            return None
+        raise ConfigError(f"the model is already quantized (int{have.bits}); quantize its float original to "
+                          f"int{cfg.bits} instead")
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise ConfigError(f"quantized models run on CPU in this version; the model is on {device}")
+    cov = quantize_model(model, cfg)
+    if cov.float_in_scope:
+        raise ConfigError(f"{len(cov.float_in_scope)} matrix(es) in scope {','.join(cfg.scope)} stayed floating point "
+                          f"(first: {cov.float_in_scope[0]})")
+    return cov
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -218,4 +240,4 @@ class Coverage:
         return "\n".join(lines)
 
 
-__all__ = ["QuantConfig", "Coverage", "quantize_model", "quantized_weights", "module_kind", "targets", "SCOPES"]
+__all__ = ["QuantConfig", "Coverage", "quantize_model", "quantize_at_load", "quantized_weights", "module_kind", "targets", "SCOPES"]
