@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 from dataclasses import dataclass
 
 from moekit.errors import UsageError
@@ -126,7 +127,7 @@ def plot(rows: list[dict], info: dict, path: str) -> None:
         ax_hit.plot(xs, [100 * r["hit_rate"] for r in mine], marker="o", label=policy)
         ax_tps.plot(xs, [r["tokens_per_s"] or 0 for r in mine], marker="o", label=policy)
     ax_hit.set(xlabel="cache size (experts per MoE layer)", ylabel="hit rate (%)", ylim=(0, 100),
-               title=f"{info['model']}: expert cache hit rate")
+               title=f"{Path(info['model']).name}: expert cache hit rate")
     ax_tps.set(xlabel="cache size (experts per MoE layer)", ylabel="predicted decode tokens/s", ylim=(0, None),
                title=f"at {info['bandwidth_gbs']:.3g} GB/s ({info['bandwidth_source']})")
     for ax in (ax_hit, ax_tps):
