@@ -126,3 +126,20 @@ def test_trace_bad_input(folder, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert needle in err[-1] and err[-1].startswith("moekit trace: error:")
     assert not (tmp_path / "x.trace").exists()
+
+
+def test_a_trace_of_generated_tokens_routes_as_the_cached_decode_did(folder):
+    """trace_tokens over prompt + output: each position's experts are those the engine's KV-cached
+    decode used there (the API a real offloaded run's counters are compared through)."""
+    from moekit.inference.engine import Engine
+    from moekit.inference.sampling import SamplingParams
+    from moekit.offload.trace import trace_tokens
+
+    model, tok, _ = load_for_inference(folder)
+    prompt = tok.encode("def route(x):")
+    seq = Engine(model, tok, max_batch=1, record_routing=True).generate(
+        [prompt], SamplingParams(max_new_tokens=10, temperature=0.0))[0]
+    trace = trace_tokens(model, prompt + seq.output_ids, "hf")
+    for i, routing in enumerate(seq.routing):  # token i was predicted at position len(prompt) - 1 + i
+        pos = len(prompt) - 1 + i
+        assert [sorted(ids) for ids in routing] == [sorted(trace.experts[layer, pos].tolist()) for layer in range(3)]

@@ -318,18 +318,30 @@ def record_trace(model, tokenizer, sources: list[str], model_label: str, max_tok
     if model.cfg.moe is None:
         raise UsageError(f"{model_label} is a dense model: it has no routing to trace")
     ids_T = token_stream(sources, tokenizer, max_tokens)
-    window = min(window or model.cfg.max_seq_len, model.cfg.max_seq_len)
+    return trace_tokens(model, ids_T, model_label, ", ".join(sources), window, decode_tokens, progress)
+
+
+def trace_tokens(model, ids_T, model_label: str, source: str = "token ids", window: int | None = None,
+                 decode_tokens: int = 0, progress: Callable[[int, int], None] | None = None) -> Trace:
+    """Trace ``model`` over given token ids [T] (e.g. a real run's prompt and output, for
+    comparing its cache counters with the planner's replay of the same tokens)."""
+    if model.cfg.moe is None:
+        raise UsageError(f"{model_label} is a dense model: it has no routing to trace")
+    ids_T = np.asarray(ids_T, dtype=np.int64)
+    if ids_T.ndim != 1 or len(ids_T) == 0:
+        raise UsageError(f"trace_tokens needs a non-empty 1-D sequence of token ids; got shape {list(ids_T.shape)}")
+    cfg = model.cfg
+    window = min(window or cfg.max_seq_len, cfg.max_seq_len)
     experts, guess = record_routing(model, ids_T, window, progress=progress)
     nbytes, dtype = expert_bytes(model)
     hf = getattr(model, "hf_config", None) or {}
-    cfg = model.cfg
     header = TraceHeader(
         family=hf.get("model_type", "moekit"), moe_layers=list(cfg.moe_layer_ids), num_experts=cfg.moe.num_experts,
         top_k=cfg.moe.top_k, fingerprint=config_fingerprint(cfg.to_dict()), config=cfg.to_dict(),
-        expert_bytes=nbytes, expert_dtype=dtype, model=model_label, source=", ".join(sources),
+        expert_bytes=nbytes, expert_dtype=dtype, model=model_label, source=source,
         num_tokens=len(ids_T), decode_tokens_per_s=measure_decode(model, ids_T, decode_tokens))
     return Trace(header, experts, guess, ids_T.astype(np.int32))
 
 
-__all__ = ["Trace", "TraceHeader", "TraceError", "load_trace", "record_trace", "record_routing", "token_stream",
+__all__ = ["Trace", "TraceHeader", "TraceError", "load_trace", "record_trace", "trace_tokens", "record_routing", "token_stream",
            "check_trace_matches", "guess_experts", "model_config_of", "config_fingerprint", "expert_bytes", "NO_GUESS"]
