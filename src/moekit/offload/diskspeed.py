@@ -18,18 +18,15 @@ CHUNK = 4 << 20  # 4 MiB reads: about one expert of a 1-2 B-parameter MoE in bf1
 
 
 def measure_read_bandwidth(folder: str | Path, nbytes: int = 64 << 20) -> float:
-    """GB/s (1e9 bytes) of a cold sequential read of ``nbytes`` in ``folder``'s file system."""
-    fd, tmp = tempfile.mkstemp(prefix=".moekit-diskspeed.", dir=folder)
-    try:
+    """GB/s (1e9 bytes) of a cold sequential read of ``nbytes`` in ``folder``'s file system.
+    The probe is a scratch file, deleted on close, not a result: no atomic write needed."""
+    with tempfile.NamedTemporaryFile(prefix=".moekit-diskspeed.", dir=folder) as f:
         data = os.urandom(CHUNK)
-        with os.fdopen(fd, "wb") as f:
-            for _ in range(max(1, nbytes // CHUNK)):
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return _timed_read(tmp)
-    finally:
-        os.unlink(tmp)
+        for _ in range(max(1, nbytes // CHUNK)):
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        return _timed_read(f.name)
 
 
 def _timed_read(path: str) -> float:
