@@ -48,10 +48,12 @@ def cmd_experiment(args) -> int:
         torch.set_num_threads(args.threads)
     command = _command(args)
     result = run_experiment(args.name, args.out or f"runs/experiments/{args.name}", cfg, steps=args.steps,
-                            minutes=args.minutes, scale=args.scale, overwrite=args.overwrite, command=command,
+                            minutes=args.minutes, scale=args.scale, seeds=args.seeds, overwrite=args.overwrite,
+                            command=command,
                             log=lambda s: print(s, file=sys.stderr))
     for r in result["rows"]:
-        loss = "-" if r["final_val_loss"] is None else f"{r['final_val_loss']:.4f}"
+        sd = (r["spread"].get("final_val_loss") or {}).get("sd") if args.seeds > 1 else None
+        loss = "-" if r["final_val_loss"] is None else f"{r['final_val_loss']:.4f}" + (f" ± {sd:.4f}" if sd else "")
         print(f"{r['variant']:<20} final val loss {loss}  tokens {r['tokens']:,}  train {r['train_seconds'] or 0:.0f}s")
     return 0
 
@@ -59,9 +61,9 @@ def cmd_experiment(args) -> int:
 def _command(args) -> str:
     """The command line that reproduces this run, for the results page."""
     parts = ["moekit", "experiment", args.name]
-    for dest in ("minutes", "steps", "scale", "out", "threads", *_TRAIN_FLAGS):
+    for dest in ("minutes", "steps", "scale", "seeds", "out", "threads", *_TRAIN_FLAGS):
         value = getattr(args, dest)
-        if value is None or (dest == "minutes" and args.steps is not None) or (dest == "scale" and value == 1.0):
+        if value is None or (dest == "minutes" and args.steps is not None) or (dest in ("scale", "seeds") and value == 1):
             continue
         flag = "--" + dest.replace("_", "-")
         parts += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
@@ -78,6 +80,9 @@ def add_parser(sub) -> None:
                         "steps first (default: 10); ignored with --steps")
     s.add_argument("--steps", type=positive_int, help="optimizer steps per variant (exact and reproducible)")
     s.add_argument("--scale", type=positive_float, default=1.0, help="multiply the steps (tokens) per variant (default: 1)")
+    s.add_argument("--seeds", type=positive_int, default=1,
+                   help="repeat every variant with seeds --seed, --seed+1, ... (init and batch order; default 1); "
+                        "the table shows mean ± standard deviation")
     s.add_argument("--out", help="results folder (default: runs/experiments/NAME)")
     s.add_argument("--overwrite", action="store_true", help="retrain variants whose run folders already exist")
     s.add_argument("--data", nargs="+", action="extend", metavar="PATH",
@@ -86,7 +91,8 @@ def add_parser(sub) -> None:
     s.add_argument("--seq-len", type=positive_int, help="tokens per sequence (default: 128)")
     s.add_argument("--batch-size", type=positive_int, help="sequences per step (default: 8)")
     s.add_argument("--eval-batches", type=positive_int, help="validation batches per evaluation (default: 8)")
-    s.add_argument("--seed", type=nonneg_int, help="seed of initialization and batches, the same for all variants")
+    s.add_argument("--seed", type=nonneg_int, help="seed of initialization and batches, the same for all variants "
+                   "(the first of --seeds)")
     s.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     s.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 = autocast (for GPUs)")
     s.add_argument("--cache-dir", help="tokenized data cache (default: $MOEKIT_CACHE or ~/.cache/moekit)")

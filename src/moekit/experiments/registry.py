@@ -1,17 +1,20 @@
 """The experiments: named lists of model variants trained on the same data and token budget.
 
-Each checks one of the claims people choose MoEs for. The first variant of each list is the
-baseline that "tokens to reach the baseline's final loss" refers to. Everything is built from
-the tiny presets (4 layers, d_model 256), whose FFNs spend 1024 hidden units per token.
+Each checks one of the claims people choose MoEs for. The first variant of each list that is
+not a stage is the baseline that "tokens to reach the baseline's final loss" refers to.
+Everything is built from the tiny presets (4 layers, d_model 256), whose FFNs spend 1024
+hidden units per token. Multi-stage variants (upcycle, finetune, distill) start from an
+earlier variant's final model (experiments/stages.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from moekit.config import ModelConfig
+from moekit.experiments.stages import Distill, Start, switch_student, upcycled
 from moekit.presets import get_preset
 
 
@@ -19,7 +22,13 @@ from moekit.presets import get_preset
 class Variant:
     name: str  # a folder name: letters, digits, dashes
     description: str
-    model: ModelConfig
+    model: ModelConfig  # what it trains; with a start, the architecture the start gives it
+    start: Start | None = None  # begin from an earlier variant's final model, not a fresh one
+    steps: float = 1.0  # its share of the experiment's --steps
+    train: dict = field(default_factory=dict)  # TrainConfig changes (trainable, freeze, lr, ...)
+    corpus: str | None = None  # train on a built-in corpus (experiments/corpora.py), not --data
+    distill: Distill | None = None  # learn from an earlier variant's model too (Switch's loss)
+    stage: bool = False  # a step towards the others (a pre-training, a teacher): plotted, not the baseline
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,64 @@ def capacity() -> list[Variant]:
         Variant("dropless", "no capacity limit", _moe(moe, capacity_factor=None))]
 
 
+def upcycle() -> list[Variant]:
+    from moekit.adapt.upcycle import UpcycleConfig, upcycled_config
+
+    dense, moe = get_preset("tiny-dense"), get_preset("tiny-moe")
+    copy, granular = dict(num_experts=8, top_k=2), dict(num_experts=8, top_k=2, granularity=2)
+
+    def up(kw: dict) -> ModelConfig:
+        return upcycled_config(dense, UpcycleConfig(**kw))
+
+    return [  # the dense stage takes a third of the tokens; the rest continue it to the same total
+        Variant("dense", "tiny-dense (FFN 1024) trained for the first third of the tokens", dense, steps=1 / 3,
+                stage=True),
+        Variant("continued-dense", "the dense model trained on", dense, start=Start("dense", continues=True),
+                steps=2 / 3),
+        # Komatsuzaki et al. 2023: every expert a copy of the FFN; top-2 of whole copies doubles
+        # the active FFN compute, which the FLOPs axis shows.
+        Variant("upcycled-copy", "upcycled: 8 copies of the FFN (1024 wide), top-2", up(copy),
+                start=Start("dense", upcycled(**copy), continues=True), steps=2 / 3),
+        # Virtual groups: 8 experts of 512 = 4 copies of 2 half-FFN shards, top-2: tiny-moe's shape
+        # and the dense model's active compute.
+        Variant("upcycled-granular", "upcycled: FFN split in 2 shards x 4 copies (8 of 512), top-2", up(granular),
+                start=Start("dense", upcycled(**granular), continues=True), steps=2 / 3),
+        Variant("moe-scratch", "tiny-moe (8 of 512, top-2) from scratch, all the tokens", moe),
+    ]
+
+
+def finetune() -> list[Variant]:
+    moe = get_preset("tiny-moe")
+
+    def tune(name: str, description: str, **train) -> Variant:  # from the pre-trained model, on prose
+        return Variant(name, description, moe, start=Start("pretrain"), corpus="python-reference", train=train)
+
+    return [
+        Variant("pretrain", "tiny-moe pre-trained on the default corpus (stdlib code)", moe, steps=1.5, stage=True),
+        tune("all", "fine-tune every parameter"),
+        tune("non-moe", "freeze routers and experts (ST-MoE)", trainable="non-moe"),
+        tune("experts-only", "train only the routed experts", trainable="experts"),
+        tune("router-frozen", "every parameter but the routers", freeze=["*.ffn.router.*"]),
+    ]
+
+
+def distill() -> list[Variant]:
+    from moekit.adapt.distill import dense_student_config
+
+    teacher = get_preset("tiny-moe")
+    student = dense_student_config(teacher)  # what `moekit distill --student dense` builds
+    init = Start("teacher", switch_student)
+    return [  # Switch Transformer's Table 7, row by row
+        Variant("teacher", "tiny-moe teacher, trained on twice the students' tokens", teacher, steps=2.0,
+                stage=True),
+        Variant("baseline", "dense student (FFN 512) trained alone", student),
+        Variant("distilled", "fresh student, 0.25 soft + 0.75 hard loss", student, distill=Distill("teacher")),
+        Variant("teacher-init", "student initialized from the teacher, hard labels only", student, start=init),
+        Variant("init-distilled", "teacher init + 0.25 soft loss (Switch's recipe)", student, start=init,
+                distill=Distill("teacher")),
+    ]
+
+
 EXPERIMENTS: dict[str, Experiment] = {
     "dense-vs-moe": Experiment(
         "dense-vs-moe", "At equal active compute, does an MoE learn faster than a dense model?", dense_vs_moe),
@@ -87,6 +154,15 @@ EXPERIMENTS: dict[str, Experiment] = {
         "expert", top_k),
     "capacity": Experiment(
         "capacity", "How much do capacity limits drop, and what does it cost in loss?", capacity),
+    "upcycle": Experiment(
+        "upcycle", "Does a dense model upcycled into an MoE beat training the dense model on, or an MoE from "
+        "scratch, at the same total tokens; and per training FLOP?", upcycle),
+    "finetune": Experiment(
+        "finetune", "Fine-tuning an MoE on a different corpus (prose): which parameters need to train, and does "
+        "routing stay healthy?", finetune),
+    "distill": Experiment(
+        "distill", "How much of an MoE teacher's gain does a dense student keep (Switch Transformer, Table 7)?",
+        distill),
 }
 
 
@@ -97,4 +173,4 @@ def get_experiment(name: str) -> Experiment:
 
 
 __all__ = ["Variant", "Experiment", "EXPERIMENTS", "get_experiment", "dense_vs_moe", "balancing", "top_k",
-           "capacity"]
+           "capacity", "upcycle", "finetune", "distill"]

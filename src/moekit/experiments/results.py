@@ -4,13 +4,18 @@ table (markdown + JSON) and the plots.
 Per evaluation point of a variant: tokens seen, training FLOPs (tokens x 3 x forward FLOPs
 per token, ``moekit.accounting``), training seconds (the optimizer steps' own time, without
 evaluations), validation loss, and routing: the worst layer's max_violation, dead experts
-summed over layers, and the mean dropped fraction.
+summed over layers, the mean dropped fraction and, for a variant that started from a trained
+router, the mean top-1 agreement with that router. With several seeds, every row holds the
+mean over the seeds and ``spread`` the standard deviation, range and values of each loss;
+curves are averaged point by point with the range over seeds as a band.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
+from typing import Callable
 
 from moekit.fileio import atomic_path, atomic_write_json, atomic_write_text
 
@@ -37,10 +42,24 @@ def variant_curve(run_dir: Path) -> dict:
             max_violation=max((r["max_violation"] for r in routing), default=None),
             dead_experts=sum(r["dead_experts"] for r in routing) if routing else None,
             dropped_fraction=sum(r["dropped_fraction"] for r in routing) / len(routing) if routing else None,
+            top1_agreement=statistics.mean(e["top1_agreement"]) if e.get("top1_agreement") else None,
         ))
     pc = count_params(model_cfg)
-    return dict(total_params=pc.total, active_params=pc.active, train_flops_per_token=3 * fwd, points=points,
-                moe=model_cfg.moe is not None)
+    return dict(total_params=pc.total, active_params=pc.active, trainable_params=trainable_params(cfg, model_cfg),
+                train_flops_per_token=3 * fwd, points=points, moe=model_cfg.moe is not None)
+
+
+def trainable_params(cfg, model_cfg) -> int:
+    """Parameters the run's fine-tuning policy trains (a model on the meta device: no memory)."""
+    import torch
+
+    from moekit.model import MoETransformer
+    from moekit.training.freeze import select_trainable
+
+    with torch.device("meta"):
+        model = MoETransformer(model_cfg)
+    chosen = select_trainable(model, cfg.trainable, cfg.freeze)
+    return sum(p.numel() for n, p in model.named_parameters() if n in chosen)
 
 
 def tokens_to_reach(points: list[dict], target: float) -> float | None:
@@ -61,10 +80,14 @@ def tokens_to_reach(points: list[dict], target: float) -> float | None:
 
 
 def summarize(variants: list[dict]) -> list[dict]:
-    """Rows of the results table; ``variants`` are dicts with name, description and a curve."""
-    base = variants[0]
+    """Rows of the results table; ``variants`` are dicts with name, description and a curve.
+    The baseline is the first variant that is not a stage; when a variant learned from a
+    teacher, every row gets the share of the teacher's gain over the baseline it keeps."""
+    base = next(v for v in variants if not v.get("stage"))
     base_final = base["points"][-1]["val_loss"] if base["points"] else None
     base_tokens = base["points"][-1]["tokens"] if base["points"] else None
+    teachers = {v["teacher"] for v in variants if v.get("teacher")}
+    teacher = next((v for v in variants if v["name"] in teachers), None)
     rows = []
     for v in variants:
         pts = v["points"]
@@ -72,17 +95,76 @@ def summarize(variants: list[dict]) -> list[dict]:
         reach = tokens_to_reach(pts, base_final) if base_final is not None else None
         losses = [p["val_loss"] for p in pts if p["val_loss"] is not None]
         rows.append(dict(
-            variant=v["name"], description=v["description"], total_params=v["total_params"],
-            active_params=v["active_params"], train_flops_per_token=v["train_flops_per_token"],
-            steps=last.get("step"), tokens=last.get("tokens"), final_val_loss=last.get("val_loss"),
+            variant=v["name"], description=v["description"], stage=bool(v.get("stage")), start=v.get("start"),
+            corpus=v.get("corpus"),
+            total_params=v["total_params"], active_params=v["active_params"],
+            trainable_params=v.get("trainable_params", v["total_params"]),
+            train_flops_per_token=v["train_flops_per_token"],
+            steps=last.get("step"), tokens=last.get("tokens"), flops=last.get("flops"),
+            initial_val_loss=pts[0]["val_loss"] if pts else None, final_val_loss=last.get("val_loss"),
             best_val_loss=min(losses) if losses else None, train_seconds=last.get("train_seconds"),
             tokens_per_s=(last["tokens"] / last["train_seconds"]) if last.get("train_seconds") else None,
             max_violation=last.get("max_violation"), dead_experts=last.get("dead_experts"),
-            dropped_fraction=last.get("dropped_fraction"),
+            dropped_fraction=last.get("dropped_fraction"), top1_agreement=last.get("top1_agreement"),
             tokens_to_baseline_loss=reach,
             tokens_to_baseline_ratio=(reach / base_tokens) if reach is not None and base_tokens else None,
+            gain_kept=_gain_kept(base_final, last.get("val_loss"), teacher) if teacher and not v.get("stage") else None,
         ))
     return rows
+
+
+def _gain_kept(base: float | None, loss: float | None, teacher: dict) -> float | None:
+    from moekit.adapt.distill import gain_kept
+
+    t = teacher["points"][-1]["val_loss"] if teacher["points"] else None
+    if None in (base, loss, t) or base <= t:  # no gain to share
+        return None
+    return gain_kept(base, loss, t)
+
+
+SPREAD_FIELDS = ("initial_val_loss", "final_val_loss", "best_val_loss", "gain_kept")
+
+
+def aggregate(rows_by_seed: list[list[dict]]) -> list[dict]:
+    """One row per variant from the rows of every seed: numbers averaged (None if any seed has
+    None: "not reached" must hold in every seed), and ``spread`` of the losses: standard
+    deviation (0 for one seed), min, max and the per-seed values."""
+    rows = []
+    for same in zip(*rows_by_seed):
+        row = dict(same[0])
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                values = [r[key] for r in same]
+                row[key] = None if any(x is None for x in values) else statistics.mean(values)
+        row["spread"] = {k: _spread([r[k] for r in same]) for k in SPREAD_FIELDS}
+        rows.append(row)
+    return rows
+
+
+def _spread(values: list) -> dict | None:
+    if any(v is None for v in values):
+        return None
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return dict(sd=sd, min=min(values), max=max(values), values=values)
+
+
+def mean_curves(curves_by_seed: list[list[dict]]) -> list[dict]:
+    """Per variant, the curve averaged over seeds point by point (the seeds evaluate at the same
+    steps), with ``val_lo``/``val_hi``: the range of the validation loss over the seeds."""
+    out = []
+    for same in zip(*curves_by_seed):
+        points = []
+        for pts in zip(*(c["points"] for c in same)):
+            p = dict(pts[0])
+            for key, value in p.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    values = [q[key] for q in pts]
+                    p[key] = None if any(x is None for x in values) else statistics.mean(values)
+            losses = [q["val_loss"] for q in pts if q["val_loss"] is not None]
+            p["val_lo"], p["val_hi"] = (min(losses), max(losses)) if losses else (None, None)
+            points.append(p)
+        out.append({**same[0], "points": points, "seed": None})
+    return out
 
 
 def _fmt(x, spec: str = ".4f") -> str:
@@ -91,28 +173,69 @@ def _fmt(x, spec: str = ".4f") -> str:
     return format(x, spec)
 
 
+def _loss(row: dict, key: str) -> str:
+    """'5.0489', or with seeds '5.0489 ± 0.0120' (mean ± standard deviation)."""
+    spread = (row.get("spread") or {}).get(key)
+    if spread is None or len(spread["values"]) < 2:
+        return _fmt(row[key])
+    return f"{_fmt(row[key])} ± {spread['sd']:.4f}"
+
+
+def _columns(result: dict) -> list[tuple[str, Callable[[dict], str]]]:
+    """The table's columns; those about fine-tuning, starts and teachers only where they say something."""
+    rows, base = result["rows"], next(r["variant"] for r in result["rows"] if not r["stage"])
+    cols = [("variant", lambda r: r["variant"] + (" (stage)" if r["stage"] else ""))]
+    if len({r.get("corpus") for r in rows}) > 1:
+        cols.append(("trained and validated on", lambda r: r.get("corpus") or "--data"))
+    cols += [("total params", lambda r: f"{r['total_params'] / 1e6:.2f}M"),
+             ("active params", lambda r: f"{r['active_params'] / 1e6:.2f}M")]
+    if any(r["trainable_params"] != r["total_params"] for r in rows):
+        cols.append(("trainable params", lambda r: f"{r['trainable_params'] / 1e6:.2f}M"))
+    cols.append(("train GFLOPs/token", lambda r: f"{r['train_flops_per_token'] / 1e9:.4f}"))
+    if any(r.get("start") for r in rows):
+        cols += [("training TFLOPs (all stages)", lambda r: _fmt(r["flops"] / 1e12 if r["flops"] else None, ".1f")),
+                 ("val loss at its start", lambda r: _loss(r, "initial_val_loss"))]
+    cols += [("final val loss", lambda r: _loss(r, "final_val_loss")),
+             ("best val loss", lambda r: _loss(r, "best_val_loss")),
+             ("train s", lambda r: _fmt(r["train_seconds"], ".0f")), ("tokens/s", lambda r: _fmt(r["tokens_per_s"], ".0f")),
+             ("max_violation", lambda r: _fmt(r["max_violation"], ".3f")),
+             ("dead", lambda r: _fmt(r["dead_experts"], ".3g")), ("dropped", lambda r: _fmt(r["dropped_fraction"], ".4f"))]
+    if any(r["top1_agreement"] is not None for r in rows):
+        cols.append(("top-1 agreement", lambda r: _fmt(r["top1_agreement"], ".3f")))
+    if any(r["gain_kept"] is not None for r in rows):
+        cols.append(("gain kept", _gain))
+    cols.append((f"tokens to reach {base}'s final loss", lambda r: "not reached" if r["tokens_to_baseline_loss"] is None
+                 else f"{r['tokens_to_baseline_loss']:,.0f} ({r['tokens_to_baseline_ratio']:.2f}x)"))
+    return cols
+
+
+def _gain(row: dict) -> str:
+    """'31.2 %', or with seeds '31.2 ± 4.0 %'."""
+    if row["gain_kept"] is None:
+        return "-"
+    spread = (row.get("spread") or {}).get("gain_kept")
+    sd = f" ± {100 * spread['sd']:.1f}" if spread and len(spread["values"]) > 1 else ""
+    return f"{100 * row['gain_kept']:.1f}{sd} %"
+
+
 def render_markdown(result: dict) -> str:
-    rows, base = result["rows"], result["rows"][0]["variant"]
+    rows, cols = result["rows"], _columns(result)
+    seeds = result.get("seeds") or [result["seed"]]
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else \
+        f"seeds {', '.join(map(str, seeds))}; losses are the mean ± standard deviation over the seeds"
     lines = [f"# Experiment `{result['experiment']}`", "", result["question"], "",
              f"Command: `{result['command']}`", "",
-             f"Each variant: {result['steps']} steps x {result['tokens_per_step']:,} tokens = "
-             f"{result['steps'] * result['tokens_per_step']:,} training tokens, same data and batches "
-             f"(seed {result['seed']}); device {result['device']} ({result['machine']}); "
+             f"Budget: {result['steps']} steps x {result['tokens_per_step']:,} tokens = "
+             f"{result['steps'] * result['tokens_per_step']:,} training tokens per full variant (a stage or a "
+             f"continuation trains its share: the steps column), every variant of a seed on the same batches "
+             f"({seed_text}); device {result['device']} ({result['machine']}); "
              f"{result['wall_seconds'] / 60:.1f} minutes in all.", "",
-             "| variant | total params | active params | train GFLOPs/token | final val loss | best val loss | "
-             "train s | tokens/s | max_violation | dead | dropped | tokens to reach " + base + "'s final loss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        reach = "not reached" if r["tokens_to_baseline_loss"] is None else \
-            f"{r['tokens_to_baseline_loss']:,.0f} ({r['tokens_to_baseline_ratio']:.2f}x)"
-        lines.append(f"| {r['variant']} | {r['total_params'] / 1e6:.2f}M | {r['active_params'] / 1e6:.2f}M | "
-                     f"{r['train_flops_per_token'] / 1e9:.4f} | {_fmt(r['final_val_loss'])} | {_fmt(r['best_val_loss'])} | "
-                     f"{_fmt(r['train_seconds'], '.0f')} | {_fmt(r['tokens_per_s'], '.0f')} | "
-                     f"{_fmt(r['max_violation'], '.3f')} | {_fmt(r['dead_experts'], 'd')} | "
-                     f"{_fmt(r['dropped_fraction'], '.4f')} | {reach} |")
+             "| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fn(r) for _, fn in cols) + " |" for r in rows]
     lines += ["", "Variants: " + "; ".join(f"**{r['variant']}**: {r['description']}" for r in rows) + ".", "",
-              "max_violation (worst layer), dead experts (summed over layers) and dropped fraction (mean over "
-              "layers) are from the final validation pass. Train seconds count optimizer steps only.", "",
+              "max_violation (worst layer), dead experts (summed over layers), dropped fraction and top-1 "
+              "agreement with the starting router (mean over layers) are from the final validation pass. "
+              "Train seconds count optimizer steps only (a continuation's include its start's).", "",
               "![loss](loss.png)", ""]
     if any(r["max_violation"] is not None for r in rows):
         lines += ["![routing](routing.png)", ""]
@@ -135,12 +258,19 @@ def loss_figure(result: dict):
     panels = [("tokens", "training tokens"), ("flops", "training FLOPs"), ("train_seconds", "training seconds")]
     fig = Figure(figsize=(15, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
+    base = next(v for v in result["variants"] if not v.get("stage"))
+    # A stage on another corpus (a pre-training before a fine-tune) has another validation set.
+    shown = [v for v in result["variants"] if v.get("corpus") == base.get("corpus")]
     for ax, (key, label) in zip(fig.subplots(1, 3), panels):
         xs = []
-        for v in result["variants"]:
+        for v in shown:
             pts = [p for p in v["points"] if p["val_loss"] is not None and (key != "train_seconds" or p["step"] > 0)]
             xs += [p[key] for p in pts]
-            ax.plot([p[key] for p in pts], [p["val_loss"] for p in pts], "o-", ms=3, label=v["name"])
+            x = [p[key] for p in pts]
+            line, = ax.plot(x, [p["val_loss"] for p in pts], "o--" if v.get("stage") else "o-", ms=3, label=v["name"])
+            if all(p.get("val_lo") is not None for p in pts):  # the range over seeds
+                ax.fill_between(x, [p["val_lo"] for p in pts], [p["val_hi"] for p in pts], color=line.get_color(),
+                                alpha=0.15, linewidth=0)
         ax.set(xlabel=label, ylabel="validation loss (nats/token)", title=f"validation loss vs {label}")
         if key != "tokens" and xs:
             _log_x(ax, min(xs), max(xs))

@@ -68,6 +68,10 @@ class TrainConfig:
     expert_dropout: float = 0.0
     init: str | None = None  # the model folder a fine-tune started from (a record; --init)
     loss: str = "lm"  # lm (next-token) | distill (moekit distill: needs its teacher, so no plain --resume)
+    # Index of the first training micro-batch. A run that continues another model's training
+    # (an experiment's later stage) reads the batches that follow the ones it has seen, so the
+    # two stages see the same token stream as one run of their total length.
+    first_batch: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, DataConfig):
@@ -77,6 +81,7 @@ class TrainConfig:
             check_int(name, getattr(self, name))
         check_int("warmup_steps", self.warmup_steps, minimum=0)
         check_int("seed", self.seed, minimum=0)
+        check_int("first_batch", self.first_batch, minimum=0)
         if self.time_budget is not None:
             check_float("time_budget", self.time_budget, 0.0, strict=True)
         check_float("lr", self.lr, 0.0, strict=True)

@@ -677,7 +677,8 @@ def _agree(dist: DistContext, state: RunState, requested: bool) -> bool:
 
 def _train_batches(s: _Session) -> list[torch.Tensor]:
     """The next step's micro-batches: a pure function of the seed and the step."""
-    cfg, first = s.cfg, s.state.step * s.cfg.grad_accum
+    cfg = s.cfg
+    first = cfg.first_batch + s.state.step * cfg.grad_accum
     return [train_batch(s.data.train, cfg.batch_size, cfg.seq_len, cfg.seed, first + i) for i in range(cfg.grad_accum)]
 
 
