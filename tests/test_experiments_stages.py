@@ -23,7 +23,8 @@ from moekit.training import TrainConfig, read_metrics
 def small(cfg):
     """The registry's model at 1/16 of the width and 2 layers: every ratio (expert widths,
     shards, the student's FFN) stays what the experiment defines."""
-    moe = cfg.moe and dataclasses.replace(cfg.moe, d_model=32, d_expert=cfg.moe.d_expert // 16)
+    moe = cfg.moe and dataclasses.replace(cfg.moe, d_model=32, d_expert=cfg.moe.d_expert // 16,
+                                          d_shared=cfg.moe.d_shared and cfg.moe.d_shared // 16)
     return dataclasses.replace(cfg, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=cfg.d_ff // 16, moe=moe,
                                max_seq_len=32)
 

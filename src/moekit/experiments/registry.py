@@ -112,13 +112,16 @@ def upcycle() -> list[Variant]:
 
 
 def finetune() -> list[Variant]:
-    moe = get_preset("tiny-moe")
+    # tiny-moe plus an always-on shared expert (Qwen-MoE / DeepSeekMoE style), so that the
+    # fine-tunes can target shared and routed experts apart.
+    moe = _moe(get_preset("tiny-moe"), num_shared_experts=1, d_shared=512)
 
     def tune(name: str, description: str, **train) -> Variant:  # from the pre-trained model, on prose
         return Variant(name, description, moe, start=Start("pretrain"), corpus="python-reference", train=train)
 
     return [
-        Variant("pretrain", "tiny-moe pre-trained on the default corpus (stdlib code)", moe, steps=1.5, stage=True),
+        Variant("pretrain", "tiny-moe + a shared expert of 512, pre-trained on the default corpus (stdlib code)",
+                moe, steps=1.5, stage=True),
         tune("all", "fine-tune every parameter"),
         tune("non-moe", "freeze routers and experts (ST-MoE)", trainable="non-moe"),
         tune("experts-only", "train only the routed experts", trainable="experts"),
