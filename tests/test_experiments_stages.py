@@ -104,7 +104,10 @@ def test_finetune_on_another_corpus_with_freeze_policies(cfg, tmp_path):
     assert rows["all"]["trainable_params"] == total
     assert rows["non-moe"]["trainable_params"] < rows["router-frozen"]["trainable_params"] < total
     assert rows["experts-only"]["trainable_params"] < total - rows["non-moe"]["trainable_params"]
-    for frozen_router in ("non-moe", "experts-only", "router-frozen"):  # the router still chooses as it did
+    lora = rows["lora-shared"]["trainable_params"], rows["lora-experts"]["trainable_params"]
+    assert 0 < lora[0] < lora[1] < rows["non-moe"]["trainable_params"]  # the adapters alone
+    assert (out / "runs" / "lora-experts" / "adapter").is_dir()
+    for frozen_router in ("non-moe", "experts-only", "router-frozen", "lora-shared", "lora-experts"):
         assert rows[frozen_router]["top1_agreement"] == 1.0, frozen_router
     assert "trainable params" in (out / "results.md").read_text()
 

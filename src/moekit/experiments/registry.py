@@ -126,6 +126,11 @@ def finetune() -> list[Variant]:
         tune("non-moe", "freeze routers and experts (ST-MoE)", trainable="non-moe"),
         tune("experts-only", "train only the routed experts", trainable="experts"),
         tune("router-frozen", "every parameter but the routers", freeze=["*.ffn.router.*"]),
+        # LoRA (adapt/lora.py), rank 8, alpha 16, everything else frozen: "LoRA on shared
+        # experts is the safest path" against per-expert pairs on the routed experts.
+        tune("lora-shared", "LoRA rank 8 on the shared expert only", trainable="lora", lora_targets=["shared"]),
+        tune("lora-experts", "LoRA rank 8 on every routed expert (a pair per expert)", trainable="lora",
+             lora_targets=["experts"]),
     ]
 
 

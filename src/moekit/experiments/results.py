@@ -58,6 +58,10 @@ def trainable_params(cfg, model_cfg) -> int:
 
     with torch.device("meta"):
         model = MoETransformer(model_cfg)
+        if cfg.trainable == "lora":
+            from moekit.adapt.lora import apply_lora
+
+            apply_lora(model, cfg.lora_config())
     chosen = select_trainable(model, cfg.trainable, cfg.freeze)
     return sum(p.numel() for n, p in model.named_parameters() if n in chosen)
 
