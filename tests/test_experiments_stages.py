@@ -153,6 +153,14 @@ def test_seeds_change_init_and_batch_order_and_nothing_else(cfg, tmp_path):
     run_experiment("dense-vs-moe", out, cfg, steps=3, seeds=3, variants=[dense, twin, moe],
                    console=Console(quiet=True), log=logs.append)
     assert sum("reusing" in line for line in logs) == 6 and (out / "runs" / "seed-2" / "moe").is_dir()
+    # A seed's folder depends on the seed alone: seed 3 trained on its own joins them later.
+    run_experiment("dense-vs-moe", out, dataclasses.replace(cfg, seed=3), steps=3, variants=[dense, twin, moe],
+                   console=Console(quiet=True), log=logs.append)
+    assert (out / "runs" / "seed-3" / "moe").is_dir()
+    logs.clear()
+    assert len(run_experiment("dense-vs-moe", out, cfg, steps=3, seeds=4, variants=[dense, twin, moe],
+                              console=Console(quiet=True), log=logs.append)["per_seed"]) == 4
+    assert sum("reusing" in line for line in logs) == 12
 
 
 def _curve(name, losses, stage=False, teacher=None, **extra):

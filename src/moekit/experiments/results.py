@@ -268,7 +268,8 @@ def loss_figure(result: dict):
     for ax, (key, label) in zip(fig.subplots(1, 3), panels):
         xs = []
         for v in shown:
-            pts = [p for p in v["points"] if p["val_loss"] is not None and (key != "train_seconds" or p["step"] > 0)]
+            # log axes: a point at 0 FLOPs or seconds (a fresh model) has no place on them
+            pts = [p for p in v["points"] if p["val_loss"] is not None and (key == "tokens" or p[key] > 0)]
             xs += [p[key] for p in pts]
             x = [p[key] for p in pts]
             line, = ax.plot(x, [p["val_loss"] for p in pts], "o--" if v.get("stage") else "o-", ms=3, label=v["name"])

@@ -2,7 +2,7 @@
 token budget (equal tokens, not equal time), then write the results.
 
     OUT/runs/VARIANT/   an ordinary run folder per variant (moekit eval/analyze work on it);
-                        OUT/runs/seed-S/VARIANT/ for the seeds after the first (``seeds``)
+                        OUT/runs/seed-S/VARIANT/ for every seed S but 0 (``seeds``)
     OUT/corpora/NAME/   a built-in corpus a variant trains on (experiments/corpora.py)
     OUT/results.md      the results table, the command, the budget
     OUT/results.json    every number, including each variant's curve
@@ -133,8 +133,10 @@ def run_experiment(name: str, out: str | Path, cfg: TrainConfig, *, steps: int |
 
     ``seeds`` > 1 repeats every variant with seeds ``cfg.seed``, ``cfg.seed + 1``, ...: a seed
     changes the initialization and the order of the batches and nothing else, and all variants
-    of a seed read the same batches. The first seed's runs are ``OUT/runs/VARIANT`` (where a
-    one-seed run puts them, so adding seeds reuses it), the others ``OUT/runs/seed-S/VARIANT``.
+    of a seed read the same batches. Seed 0's runs are ``OUT/runs/VARIANT`` (where a default
+    run puts them, so adding seeds reuses it), seed S's ``OUT/runs/seed-S/VARIANT``: a folder
+    depends on its seed alone, so seeds can also be trained apart (``--seed 2``, in another
+    process) and gathered by a later ``--seeds 3``.
     The table gives every loss as the mean over the seeds, with its standard deviation."""
     from rich.console import Console
 
@@ -163,7 +165,7 @@ def run_experiment(name: str, out: str | Path, cfg: TrainConfig, *, steps: int |
     steps = max(1, round(steps * scale))
     log(f"experiment {name}: {len(variants)} variants x {seeds} seed(s), {steps} steps x {cfg.tokens_per_step:,} "
         f"tokens per full variant, into {out}")
-    per_seed = [_run_seed(variants, out, cfg, steps, seed, seed == cfg.seed, overwrite, console, log)
+    per_seed = [_run_seed(variants, out, cfg, steps, seed, overwrite, console, log)
                 for seed in range(cfg.seed, cfg.seed + seeds)]
     result = dict(experiment=name, question=exp.question, command=command, steps=steps,
                   tokens_per_step=cfg.tokens_per_step, seed=cfg.seed, seeds=list(range(cfg.seed, cfg.seed + seeds)),
@@ -190,12 +192,12 @@ def check_variants(variants: list[Variant]) -> None:
         raise ValueError("every variant is a stage: nothing to compare")
 
 
-def _run_seed(variants: list[Variant], out: Path, cfg: TrainConfig, steps: int, seed: int, first: bool,
-              overwrite: bool, console, log) -> list[dict]:
+def _run_seed(variants: list[Variant], out: Path, cfg: TrainConfig, steps: int, seed: int, overwrite: bool,
+              console, log) -> list[dict]:
     """Every variant for one seed, in order -> their curves."""
     done: dict[str, tuple[Path, TrainConfig, dict]] = {}  # variant -> its run folder, config, curve
     for v in variants:
-        run_dir = out / "runs" / v.name if first else out / "runs" / f"seed-{seed}" / v.name
+        run_dir = out / "runs" / v.name if seed == 0 else out / "runs" / f"seed-{seed}" / v.name
         start = done[v.start.variant] if v.start else None
         run_cfg = _run_config(v, cfg, steps, seed, out, start)
         _train_variant(v, run_dir, run_cfg, start, done, overwrite, console, log)
