@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 
-from moekit.serve.cli import DEFAULT_PREFILL_CHUNK
+from moekit.inference.cli import DEFAULT_PREFILL_CHUNK
 
 # ---- the server side (child process) ----------------------------------------------------
 

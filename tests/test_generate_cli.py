@@ -138,3 +138,14 @@ def test_nan_weights_are_refused_unless_the_check_is_skipped(folder, tmp_path, c
     err = capsys.readouterr().err
     assert name in err and "NaN" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main(argv + ["--no-check-finite", "--force"]) == 0
+
+
+def test_prefill_chunk_changes_nothing_but_the_steps(folder, capsys):
+    """--prefill-chunk 3 prefills the prompt over several forwards: the same tokens as one forward."""
+    prompt = "the router learns which expert each token goes to"
+    outs = []
+    for chunk in ("0", "3"):
+        assert main(["generate", str(folder), "--prompt", prompt, "--max-new-tokens", "6", "--temperature", "0",
+                     "--json", "--prefill-chunk", chunk]) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert outs[0]["output_ids"] == outs[1]["output_ids"] and outs[0]["prompt_tokens"] > 3

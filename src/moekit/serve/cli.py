@@ -11,7 +11,7 @@ from pathlib import Path
 
 from moekit.argtypes import IntArg, positive_int
 from moekit.errors import UsageError
-from moekit.inference.cli import loading_args
+from moekit.inference.cli import DEFAULT_PREFILL_CHUNK, loading_args
 
 
 def _require_server_stack() -> None:
@@ -21,12 +21,6 @@ def _require_server_stack() -> None:
     except ImportError as e:
         raise UsageError(f"moekit serve needs FastAPI and uvicorn ({e.name} is missing): "
                          "pip install 'moekit[serve]'") from None
-
-
-# Prompt tokens prefilled per step. A chunk of 256 costs the decoding requests about one
-# 256-token forward per step on a CPU instead of the whole prompt's, while a prefill of
-# that size still runs the experts' grouped path efficiently.
-DEFAULT_PREFILL_CHUNK = 256
 
 
 def build_state(model, tokenizer, defaults, name: str, max_batch: int, max_waiting: int,
