@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 
-from moekit.inference.cli import DEFAULT_PREFILL_CHUNK
+from moekit.serve.cli import SERVE_PREFILL_CHUNK
 
 # ---- the server side (child process) ----------------------------------------------------
 
@@ -210,8 +210,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="batching,off",
                    help="comma list of: batching (chunked prefill), unchunked (whole-prompt prefill), "
                         "off (one sequence at a time) (default: batching,off)")
-    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
-                   help=f"prompt tokens prefilled per step in batching mode (default: {DEFAULT_PREFILL_CHUNK}, "
+    p.add_argument("--prefill-chunk", type=int, default=SERVE_PREFILL_CHUNK,
+                   help=f"prompt tokens prefilled per step in batching mode (default: {SERVE_PREFILL_CHUNK}, "
                         "as moekit serve; 0 = whole prompts)")
     p.add_argument("--soak-minutes", type=float, default=0, help="then a soak at 16 clients, RSS sampled (default: off)")
     p.add_argument("--threads", type=int, default=2, help="the server's torch threads (default: 2)")

@@ -149,3 +149,31 @@ def test_prefill_chunk_changes_nothing_but_the_steps(folder, capsys):
                      "--json", "--prefill-chunk", chunk]) == 0
         outs.append(json.loads(capsys.readouterr().out))
     assert outs[0]["output_ids"] == outs[1]["output_ids"] and outs[0]["prompt_tokens"] > 3
+
+
+def test_chat_drops_the_oldest_exchanges_when_the_context_fills(folder):
+    """Context 128: after a few long turns the oldest exchanges go (system message kept), the
+    reply is what the model gives to the trimmed conversation, and an over-long message alone
+    is refused without ending the session."""
+    long_msg = "the experts " * 12
+    script = f"{long_msg}\n{long_msg}one\n{long_msg}two\n{'x ' * 200}\nshort\n/exit\n"
+    out = subprocess.run([sys.executable, "-m", "moekit", "chat", str(folder), "--max-new-tokens", "3",
+                          "--temperature", "0", "--system", "be brief"], input=script, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "oldest messages to fit the context of 128 tokens" in out.stderr
+    assert "this message alone fills the context" in out.stderr
+    model, tok, _ = load_for_inference(folder)
+    replies = out.stdout.split("\n")[:-1]
+    assert len(replies) == 4  # three long turns and "short"; the over-long one got no reply
+    history = [{"role": "system", "content": "be brief"}]
+    want = []
+    for msg in [long_msg, long_msg + "one", long_msg + "two", "short"]:
+        history.append({"role": "user", "content": msg})
+        while len(tok.encode_chat(history)) >= 128:
+            del history[1:3]
+        seq = Engine(model, tok).generate([tok.encode_chat(history)], SamplingParams(
+            max_new_tokens=3, temperature=0, stop_token_ids=tuple(tok.eos_ids)))[0]
+        want.append(seq.text)
+        history.append({"role": "assistant", "content": seq.text})
+    assert replies == want

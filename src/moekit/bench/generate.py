@@ -25,7 +25,6 @@ import torch
 
 from moekit.accounting import count_params, kv_cache_bytes_per_token
 from moekit.config import ModelConfig, MoEConfig
-from moekit.inference.cli import DEFAULT_PREFILL_CHUNK
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -76,8 +75,9 @@ def time_moekit(model, prompts: list[list[int]], new_tokens: int) -> Timing:
     from moekit.inference.engine import Engine
     from moekit.inference.sampling import SamplingParams
 
-    engine = Engine(model, max_batch=len(prompts), max_len=len(prompts[0]) + new_tokens,
-                    prefill_chunk=DEFAULT_PREFILL_CHUNK)  # as `moekit generate` runs
+    # Whole-prompt prefill, like transformers' generate: every row then decodes in lockstep, so
+    # "batch 8 decode" is eight rows in every step (chunks would stagger their starts).
+    engine = Engine(model, max_batch=len(prompts), max_len=len(prompts[0]) + new_tokens)
     engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0))
     st = engine.stats
     return Timing(st.prefill_tokens / st.prefill_seconds, st.decode_tokens / st.decode_seconds)

@@ -15,12 +15,12 @@ from moekit.errors import UsageError
 from moekit.quant.cli import add_load_args, quant_config
 
 
-# Prompt tokens prefilled per engine step by `moekit generate`, `chat`, `serve` and the benchmark.
-# Activation peak of an 8 x 128-token prefill of the 389M bench model (fp32, over weights + KV):
-# whole 123 MB, chunks of 512: 79 MB, 256: 46 MB, 64: 21 MB; a server's running streams wait
-# at most one chunk per token. At 256 each expert of a top-2-of-8 layer still gets ~64 rows per
-# chunk: grouped matmuls, not a GEMV per token.
-DEFAULT_PREFILL_CHUNK = 256
+# Prompt tokens `moekit generate`, `chat` and the benchmark prefill per forward. Chunks bound
+# the activations of long prompts, but on the 389M bench model (990-token prompt, peak over
+# weights + KV) chunks of 256 cut fp32's 123 MB to 51 MB while bf16 went from 122 MB to 167 MB
+# (the allocator keeps each chunk's differently sized buffers), so only prompts beyond 1024
+# tokens are split. `serve` uses smaller chunks for latency (serve/cli.py).
+DEFAULT_PREFILL_CHUNK = 1024
 
 
 def _sampling_args(s, default_max: str) -> None:
@@ -227,15 +227,33 @@ def cmd_chat(args) -> int:
         if not cmd:
             continue
         history.append({"role": "user", "content": line})
-        ids = tok.encode_chat(history)  # a template that raises: ChatTemplateError, one line, exit 2
-        if len(ids) >= engine.max_len:
+        ids = _fit_history(history, tok, engine.max_len)
+        if ids is None:
             history.pop()
-            print(f"moekit chat: the conversation ({len(ids)} tokens) fills the context ({engine.max_len}); "
-                  "/reset to start over", file=sys.stderr)
+            print(f"moekit chat: this message alone fills the context ({engine.max_len} tokens); "
+                  "send a shorter one", file=sys.stderr)
             continue
         reply = "".join(_stream_print(engine, ids, params))
         print(flush=True)
         history.append({"role": "assistant", "content": reply})
+
+
+def _fit_history(history: list[dict], tok, max_len: int) -> list[int] | None:
+    """Token ids of the conversation, dropping its oldest exchanges (never the system message
+    or the new message) until it leaves room to reply; None if the new message alone does not.
+    ``history`` is trimmed in place and the user is told what went."""
+    first = 1 if history and history[0]["role"] == "system" else 0
+    trimmed = list(history)
+    while len(ids := tok.encode_chat(trimmed)) >= max_len:  # a template that raises: one line, exit 2
+        if len(trimmed) - first <= 1:
+            return None  # history stays as it was
+        # the oldest exchange: a user message and the reply to it
+        n = 2 if len(trimmed) - first > 2 and trimmed[first + 1]["role"] == "assistant" else 1
+        del trimmed[first: first + n]
+    if dropped := len(history) - len(trimmed):
+        history[:] = trimmed
+        print(f"(dropped the {dropped} oldest messages to fit the context of {max_len} tokens)", file=sys.stderr)
+    return ids
 
 
 def _fresh_history(system: str | None) -> list[dict]:

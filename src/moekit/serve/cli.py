@@ -11,7 +11,13 @@ from pathlib import Path
 
 from moekit.argtypes import IntArg, positive_int
 from moekit.errors import UsageError
-from moekit.inference.cli import DEFAULT_PREFILL_CHUNK, loading_args
+from moekit.inference.cli import loading_args
+
+
+# Prompt tokens prefilled per step over all newcomers: the running streams wait at most one
+# chunk's forward per token (benchmarks/serve_load.py --modes batching,unchunked measures it),
+# while each expert of a top-2-of-8 layer still gets ~64 rows of a chunk: grouped matmuls.
+SERVE_PREFILL_CHUNK = 256
 
 
 def _require_server_stack() -> None:
@@ -88,10 +94,10 @@ def add_parser(sub) -> None:
                    help="sequences decoded together at most, each with its own KV slot (default: 16; 1 = no batching)")
     s.add_argument("--max-waiting", type=positive_int, default=64,
                    help="requests queued behind the running ones; beyond that a request gets 429 (default: 64)")
-    s.add_argument("--max-tokens-per-step", type=positive_int, default=DEFAULT_PREFILL_CHUNK,
+    s.add_argument("--max-tokens-per-step", type=positive_int, default=SERVE_PREFILL_CHUNK,
                    help="prompt tokens prefilled per engine step over all newcomers; longer prompts go in "
                         "chunks over several steps while running requests keep decoding in between "
-                        f"(chunked prefill; default: {DEFAULT_PREFILL_CHUNK})")
+                        f"(chunked prefill; default: {SERVE_PREFILL_CHUNK})")
     s.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's)")
     s.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
     s.add_argument("--quantize", type=positive_int, choices=(8, 4), default=None,
