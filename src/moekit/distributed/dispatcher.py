@@ -23,7 +23,7 @@ steps), given a local ``DispatchPlan``:
     combine:
     4. back to arrival order, [R, D] -> all_to_all_single(reversed splits) -> [M, D], then
        the routing weights and the scatter-add to tokens, exactly as the local combine
-The backward of each data all-to-all is the reverse all-to-all (``torch.distributed.nn``).
+The backward of each data all-to-all is the reverse all-to-all (``collectives.all_to_all``).
 
 Capacity is per expert over every rank's slots, as one process would apply it to the whole
 batch of the expert-parallel group: ``plan`` keeps every routed slot (dropless) and their
@@ -46,9 +46,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
+from moekit.distributed.collectives import all_to_all
 from moekit.layers.dispatch import (
     Dispatched, Dispatcher, DispatchPlan, expert_capacity, keep_within_capacity, plan_dispatch,
 )
@@ -181,8 +181,7 @@ class AllToAllDispatcher(Dispatcher):
         return recv.view(self.ep, self.num_local)
 
     def _all_to_all(self, rows: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
-        out = rows.new_empty(sum(out_splits), rows.shape[-1])
-        return dist_fn.all_to_all_single(out, rows.contiguous(), out_splits, in_splits, group=self.group)
+        return all_to_all(rows, out_splits, in_splits, self.group)
 
     def _count(self, x_MD: torch.Tensor, send: list[int], recv: list[int]) -> None:
         c, row = self.counter, x_MD.shape[-1] * x_MD.element_size()

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.distributed._composable.replicate import replicate
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
+from moekit.distributed.collectives import all_reduce_sum
 from moekit.distributed.dispatcher import AllToAllDispatcher, CommCounter, ExpertParallelExperts
 from moekit.distributed.mesh import DistContext, ParallelConfig
 from moekit.errors import ConfigError
@@ -112,7 +112,7 @@ def _fully_shard(model: MoETransformer, ctx: DistContext, ep_modules: list[nn.Mo
 def _sum_over_world(t: torch.Tensor) -> torch.Tensor:
     """A differentiable all-reduce: its backward sums the gradient over ranks too, which DDP's
     average then turns into the single-process gradient of the global loss."""
-    return dist_fn.all_reduce(t)
+    return all_reduce_sum(t)
 
 
 def expert_parameters(model: nn.Module) -> set[nn.Parameter]:
