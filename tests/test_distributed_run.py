@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,29 +53,83 @@ def _train_ranks(rank: int, world: int, cfg: TrainConfig, run_dir, pcfg: Paralle
     return train(cfg, MODEL, run_dir, console=_quiet(), stop_after=stop_after, parallel=pcfg).status
 
 
+def _resume_ranks(rank: int, world: int, run_dir, pcfg: ParallelConfig) -> str:
+    return resume_run(run_dir, console=_quiet(), parallel=pcfg).status
+
+
 def _losses(run_dir) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir, "train")]
+
+
+@pytest.fixture(scope="module")
+def straight(corpus, tmp_path_factory):
+    """The uninterrupted single-process run every split run must reproduce."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    train(_cfg(corpus), MODEL, run, console=_quiet())
+    return run
+
+
+def _assert_sharded(ckpt, world: int) -> None:
+    """Each rank wrote its own file with torch.distributed.checkpoint; no consolidated copy."""
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["layout"] == "sharded" and meta["parallel"]["world"] == world
+    assert not (ckpt / "model.safetensors").exists()
+    assert sorted(f.name for f in (ckpt / "sharded").glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(world)]
 
 
 @pytest.mark.parametrize("pcfg", [ParallelConfig(ep=2, balance_stats="global"),
                                   ParallelConfig(ep=2, fsdp=True, balance_stats="global"),
                                   ParallelConfig(balance_stats="global")],
                          ids=["ep", "ep+fsdp", "dp"])
-def test_two_ranks_stop_then_one_resumes_like_a_straight_run(corpus, tmp_path, pcfg):
-    straight = tmp_path / "straight"
-    train(_cfg(corpus), MODEL, straight, console=_quiet())
+def test_two_ranks_stop_then_one_resumes_like_a_straight_run(corpus, tmp_path, straight, pcfg):
     split = tmp_path / "split"
     assert run_ranks(_train_ranks, 2, _cfg(corpus), split, pcfg, 4, timeout=180) == ["interrupted"] * 2
     assert _losses(split) == pytest.approx(_losses(straight)[:4], rel=1e-5)
+    _assert_sharded(split / "checkpoints" / "step-00000004", world=2)
+    # any single-process reader takes the sharded checkpoint: the weights are the straight run's
+    from moekit.training.run import load_run
+
+    got, want = load_run(split, 4).model.state_dict(), load_run(straight, 4).model.state_dict()
+    for key, w in want.items():
+        assert (got[key] - w).abs().max() <= 1e-4 * w.abs().max(), key  # float rounding of 4 steps
     result = resume_run(split, console=_quiet())  # world size 1 now
     assert result.status == "done" and result.step == 8
     assert _losses(split) == pytest.approx(_losses(straight), rel=1e-5)
     assert result.final_val_loss == pytest.approx(read_metrics(straight, "end")[-1]["val_loss"], rel=1e-5)
 
 
-def _torchrun(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+def test_two_ranks_stop_then_four_resume_like_a_straight_run(corpus, tmp_path, straight):
+    """Sharded at EP 2 over 2 ranks, resharded to EP 4 + FSDP over 4: DCP reads each new piece
+    from the old files; the run ends with the consolidated export."""
+    split = tmp_path / "split"
+    pcfg = ParallelConfig(ep=2, balance_stats="global")
+    assert run_ranks(_train_ranks, 2, _cfg(corpus), split, pcfg, 4, timeout=180) == ["interrupted"] * 2
+    _assert_sharded(split / "checkpoints" / "step-00000004", world=2)
+    wider = ParallelConfig(ep=4, fsdp=True, balance_stats="global")
+    assert run_ranks(_resume_ranks, 4, split, wider, timeout=240) == ["done"] * 4
+    assert _losses(split) == pytest.approx(_losses(straight), rel=1e-5)
+    final = split / "checkpoints" / "step-00000008"
+    assert json.loads((final / "meta.json").read_text())["layout"] == "consolidated"
+    assert (final / "model.safetensors").exists() and not (final / "sharded").exists()
+
+
+def test_corrupt_shard_is_named(corpus, tmp_path):
+    """A truncated shard file is caught by its checksum before anything loads."""
+    from moekit.training.checkpoint import CheckpointError
+    from moekit.training.run import load_run
+
+    split = tmp_path / "split"
+    pcfg = ParallelConfig(ep=2)
+    assert run_ranks(_train_ranks, 2, _cfg(corpus, steps=4), split, pcfg, 2, timeout=180) == ["interrupted"] * 2
+    shard = split / "checkpoints" / "step-00000002" / "sharded" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="sharded/__1_0.distcp has .* bytes, expected"):
+        load_run(split, 2)
+
+
+def _torchrun(args: list[str], timeout: float = 240, nproc: int = 2) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node 2 -m moekit ...`` in its own session, killed whole on timeout."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "moekit", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -115,3 +170,16 @@ def test_ep_without_torchrun_is_a_usage_error(corpus, tmp_path, capsys):
     assert main([*_train_args(corpus, tmp_path / "run"), "--ep", "2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("moekit train: error: --ep/--dp/--fsdp need several processes") and err.count("\n") == 1
+
+
+def test_resume_at_a_world_size_that_cannot_split_the_batch(corpus, tmp_path):
+    """A run sharded over 2 ranks reshards onto any world size that splits its global batch; one
+    that does not (3 ranks, batch 4) is one line from rank 0, exit 2 on every rank, no hang."""
+    split = tmp_path / "split"
+    assert run_ranks(_train_ranks, 2, _cfg(corpus), split, ParallelConfig(ep=2), 2, timeout=180) == ["interrupted"] * 2
+    r = _torchrun(["train", "--resume", str(split)], nproc=3)
+    ours = [line for line in r.stderr.splitlines() if line.startswith("moekit train: error:")]
+    assert ours == ["moekit train: error: --batch-size 4 (global) is not divisible by the world size 3: resume this "
+                    "run with a world size that divides it (1, 2, 4)"]
+    assert r.returncode != 0 and len(re.findall(r"exitcode\s*:\s*2\b", r.stderr)) >= 1, r.stderr[-2000:]
+    assert not re.search(r'File ".*/moekit/', r.stderr)  # torchrun's own traceback only, none from a worker

@@ -28,6 +28,7 @@ from moekit.config import check_choice, check_int
 from moekit.errors import UsageError
 
 BALANCE_STATS = ("local", "global")
+CKPT_FORMATS = ("sharded", "consolidated")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -42,12 +43,17 @@ class ParallelConfig:
     # balanced on its own) or from counts and probabilities all-reduced over every rank ("global":
     # the single-process loss of the whole global batch, exactly).
     balance_stats: str = "local"
+    # "sharded": each rank writes its pieces with torch.distributed.checkpoint, nothing gathered,
+    # and a finished run ends with one consolidated checkpoint (model.safetensors) as its export;
+    # "consolidated": every checkpoint is gathered and written whole by rank 0 (one full copy).
+    ckpt_format: str = "sharded"
 
     def __post_init__(self) -> None:
         check_int("ep", self.ep)
         if self.dp is not None:
             check_int("dp", self.dp)
         check_choice("balance_stats", self.balance_stats, BALANCE_STATS)
+        check_choice("ckpt_format", self.ckpt_format, CKPT_FORMATS)
 
 
 def launched_by_torchrun() -> bool:
@@ -128,6 +134,8 @@ def init_mesh(pcfg: ParallelConfig, num_experts: int | None, device_type: str | 
         if pcfg.ep > 1 or pcfg.dp not in (None, 1) or pcfg.fsdp:
             raise UsageError(f"--ep/--dp/--fsdp need several processes: launch with torchrun --nproc-per-node N "
                              f"-m moekit train ... (got --ep {pcfg.ep} in a single process)")
+        # --balance-stats / --ckpt-format alone: nothing to split, one process as usual
+        return single_process(torch.device(device_type or ("cuda" if torch.cuda.is_available() else "cpu")))
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     dp = check_layout(pcfg, world, num_experts)
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -7,6 +7,13 @@ A checkpoint is a folder ``RUN/checkpoints/step-NNNNNNNN/`` holding
     state.pt            optimizer state, step, training time spent, RNG states, best val loss
     meta.json           step, validation loss, and the size and sha256 of each file above
 
+A distributed run writes its checkpoints *sharded* instead (``distributed/sharded.py``):
+``sharded/`` holds torch.distributed.checkpoint's files, each rank's pieces, in place of
+model.safetensors, and state.pt no optimizer moments (they are in ``sharded/`` too);
+meta.json says ``"layout": "sharded"`` and lists every file. ``load_checkpoint`` reads both
+layouts, so everything that loads a run (eval, generate, export, resume at any world size)
+takes either.
+
 It is written into ``.tmp-step-NNNNNNNN-*`` (each file fsynced, meta.json last) and renamed
 into place, so a crash leaves the previous checkpoints intact and never a folder that looks
 complete. Loading checks every size and checksum first: a truncated or modified file raises
@@ -40,6 +47,7 @@ from moekit.fileio import atomic_write_json, fsync_dir, fsync_file, make_temp_di
 
 FORMAT_VERSION = 1
 CHECKPOINT_FILES = ("model.safetensors", "state.pt")
+SHARDED_DIR = "sharded"  # a sharded checkpoint's torch.distributed.checkpoint files
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _TEMP_DIR = re.compile(r"^\.tmp-step-\d{8}-[A-Za-z0-9_]+$")  # make_temp_dir's names, nothing else
 
@@ -77,25 +85,51 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, state: dict, val_loss
     root.mkdir(parents=True, exist_ok=True)
     step = int(state["step"])
     final = root / f"step-{step:08d}"
-    tmp = make_temp_dir(root, f".tmp-{final.name}-")
+    tmp = new_checkpoint_temp(root, step)
     try:
         save_model(model, str(tmp / "model.safetensors"), force_contiguous=True)
         torch.save(state, tmp / "state.pt")
-        files = {}
-        for name in CHECKPOINT_FILES:
-            fsync_file(tmp / name)
-            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-        meta = dict(format=FORMAT_VERSION, step=step, val_loss=val_loss, files=files, time=time.time())
-        atomic_write_json(tmp / "meta.json", meta)
-        fsync_dir(tmp)
-        if final.exists():  # the same step again (a resumed run re-saving): replace it whole
-            shutil.rmtree(final)
-        tmp.rename(final)
-        fsync_dir(root)
+        seal_checkpoint(tmp, step, val_loss, CHECKPOINT_FILES)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def new_checkpoint_temp(root: Path, step: int) -> Path:
+    """The temporary folder a checkpoint of ``step`` is written into (``seal_checkpoint`` renames it)."""
+    return make_temp_dir(root, f".tmp-step-{step:08d}-")
+
+
+def seal_checkpoint(tmp: Path, step: int, val_loss: float | None, names: tuple[str, ...] | list[str],
+                    layout: str = "consolidated", extra: dict | None = None) -> Path:
+    """Fsync and checksum the files ``names`` (relative to ``tmp``), write meta.json last, and
+    rename ``tmp`` to ``step-NNNNNNNN`` (replacing one of the same step) -> the final folder."""
+    root, final = tmp.parent, tmp.parent / f"step-{step:08d}"
+    files = {}
+    for name in names:
+        fsync_file(tmp / name)
+        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+    meta = dict(format=FORMAT_VERSION, step=step, val_loss=val_loss, files=files, time=time.time(), layout=layout,
+                **(extra or {}))
+    atomic_write_json(tmp / "meta.json", meta)
+    for d in {(tmp / name).parent for name in names}:
+        fsync_dir(d)
+    fsync_dir(tmp)
+    if final.exists():  # the same step again (a resumed run re-saving): replace it whole
+        shutil.rmtree(final)
+    tmp.rename(final)
+    fsync_dir(root)
+    return final
+
+
+def is_sharded(meta: dict) -> bool:
+    return meta.get("layout") == "sharded"
+
+
+def required_files(meta: dict) -> tuple[str, ...]:
+    """The files a checkpoint of this layout cannot be without (meta.json lists the rest)."""
+    return ("state.pt", f"{SHARDED_DIR}/.metadata") if is_sharded(meta) else CHECKPOINT_FILES
 
 
 def verify_checkpoint(path: str | Path) -> dict:
@@ -108,7 +142,7 @@ def verify_checkpoint(path: str | Path) -> dict:
         files = meta["files"]
     except (OSError, ValueError, KeyError, TypeError):
         raise CheckpointError(f"checkpoint {path} is incomplete or corrupt: unreadable meta.json") from None
-    for name in CHECKPOINT_FILES:
+    for name in dict.fromkeys([*required_files(meta), *files]):
         f, want = path / name, files.get(name, {})
         if not f.exists():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
@@ -130,17 +164,26 @@ def load_checkpoint(path: str | Path, model: nn.Module, map_location: str | torc
     """
     path = Path(path)
     meta = verify_checkpoint(path)
+    if is_sharded(meta):
+        from moekit.distributed.sharded import load_sharded
+
+        load_sharded(path, model, None, check_finite)
+        return _read_state(path, map_location), meta
     check_tensors(path / "model.safetensors", model, check_finite)
-    try:
-        state = torch.load(path / "state.pt", map_location=map_location, weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        raise CheckpointError(f"checkpoint {path}: cannot read state.pt ({e})") from None
+    state = _read_state(path, map_location)
     try:
         load_model(model, str(path / "model.safetensors"), strict=True, device=str(map_location))
     except (RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} does not fit this model: {first}") from None
     return state, meta
+
+
+def _read_state(path: Path, map_location) -> dict:
+    try:
+        return torch.load(path / "state.pt", map_location=map_location, weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        raise CheckpointError(f"checkpoint {path}: cannot read state.pt ({e})") from None
 
 
 def check_tensors(file: Path, model: nn.Module, check_finite: bool = True) -> None:
@@ -315,4 +358,8 @@ __all__ = [
     "remove_stale_temps",
     "load_from_run",
     "discard_after",
+    "seal_checkpoint",
+    "new_checkpoint_temp",
+    "is_sharded",
+    "SHARDED_DIR",
 ]

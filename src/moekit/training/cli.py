@@ -198,11 +198,12 @@ def _check_lora_flags(args, cfg):
 def _parallel_config(args):
     """--ep/--dp/--fsdp/--balance-stats -> ParallelConfig, or None (one process, or plain data
     parallelism under torchrun)."""
-    if args.ep is None and args.dp is None and not args.fsdp and args.balance_stats is None:
+    if args.ep is None and args.dp is None and not args.fsdp and args.balance_stats is None and args.ckpt_format is None:
         return None
     from moekit.distributed.mesh import ParallelConfig
 
-    return ParallelConfig(ep=args.ep or 1, dp=args.dp, fsdp=args.fsdp, balance_stats=args.balance_stats or "local")
+    return ParallelConfig(ep=args.ep or 1, dp=args.dp, fsdp=args.fsdp, balance_stats=args.balance_stats or "local",
+                          ckpt_format=args.ckpt_format or "sharded")
 
 
 def _is_rank_0() -> bool:
@@ -332,6 +333,9 @@ def add_parser(sub) -> None:
                    "instead of replicating them (DDP)")
     s.add_argument("--balance-stats", choices=("local", "global"), help="under torchrun: Switch loss from each rank's "
                    "tokens (local, default, as Megatron-Core) or from all-reduced statistics (global = single process)")
+    s.add_argument("--ckpt-format", choices=("sharded", "consolidated"), help="under torchrun: checkpoints written "
+                   "by every rank with torch.distributed.checkpoint, resumable at any world size, and one consolidated "
+                   "model.safetensors at the end (sharded, default); or every checkpoint gathered and written by rank 0")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="validation loss, perplexity and routing statistics of a run's checkpoint")

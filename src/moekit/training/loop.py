@@ -36,7 +36,10 @@ from moekit.data.tokenizer import TextTokenizer, load_tokenizer
 from moekit.errors import UsageError
 from moekit.model import LossParts, ModelOutput, MoETransformer, lm_loss
 from moekit.memory import check_fits, is_out_of_memory
-from moekit.training.checkpoint import discard_after, load_from_run, prune_checkpoints, save_checkpoint
+from moekit.training.checkpoint import (
+    SHARDED_DIR, CheckpointError, discard_after, find_checkpoint, intact_hint, load_from_run, prune_checkpoints,
+    save_checkpoint, verify_checkpoint,
+)
 from moekit.training.config import TrainConfig
 from moekit.training.metrics import LayerRouting, MetricsLog, aggregate_routing
 from moekit.training.optim import apply_hyperparameters, build_optimizer, lr_at, set_lr
@@ -299,8 +302,10 @@ def _log_eval(log: MetricsLog, state: RunState, ev: EvalResult, extra: dict | No
 
 
 def _checkpoint(run_dir: Path, model, optimizer, state: RunState, device, cfg: TrainConfig,
-                val_loss: float | None, dist: DistContext | None = None) -> Path:
+                val_loss: float | None, dist: DistContext | None = None, sharded: bool = False) -> Path:
     if dist is not None and dist.distributed:
+        if sharded:
+            return _checkpoint_sharded(run_dir, model, optimizer, state, device, cfg, val_loss, dist)
         return _checkpoint_distributed(run_dir, model, optimizer, state, device, cfg, val_loss, dist)
     payload = {"run": asdict(state), "optimizer": optimizer.state_dict(), "rng": _rng_state(device)}
     path = save_checkpoint(run_dir, model, {**payload, "step": state.step}, val_loss=val_loss)
@@ -308,9 +313,27 @@ def _checkpoint(run_dir: Path, model, optimizer, state: RunState, device, cfg: T
     return path
 
 
+def _checkpoint_sharded(run_dir: Path, model, optimizer, state: RunState, device, cfg: TrainConfig,
+                        val_loss: float | None, dist: DistContext) -> Path:
+    """Every rank writes its pieces with torch.distributed.checkpoint (distributed/sharded.py)."""
+    import torch.distributed as torch_dist
+
+    from moekit.distributed.sharded import optimizer_hyperparameters, save_sharded
+
+    payload = {"run": asdict(state), "optimizer_groups": optimizer_hyperparameters(optimizer),
+               "rng": _rng_state(device), "step": state.step}
+    layout = {"world": dist.world, "ep": dist.ep, "dp": dist.dp}
+    path = save_sharded(run_dir, model, optimizer, payload, val_loss, layout)
+    if dist.is_main:
+        prune_checkpoints(run_dir, cfg.keep_last)
+    torch_dist.barrier()  # nobody reads or prunes checkpoints while rank 0 seals
+    return path
+
+
 def _checkpoint_distributed(run_dir: Path, model, optimizer, state: RunState, device, cfg: TrainConfig,
                             val_loss: float | None, dist: DistContext) -> Path:
-    """Every rank gathers; rank 0 writes the single-process checkpoint (distributed/checkpoint.py)."""
+    """Every rank gathers; rank 0 writes the single-process checkpoint (distributed/checkpoint.py):
+    the consolidated export at the end of a run (or every time with ``--ckpt-format consolidated``)."""
     import torch.distributed as torch_dist
 
     from moekit.distributed.checkpoint import full_optimizer_state, full_state_dict, unsharded_twin
@@ -347,6 +370,8 @@ class _Session:
     step_seconds: float = 0.0  # in train steps, this session
     session_tokens: int = 0
     on_eval: EvalHook | None = None
+    sharded: bool = False  # distributed: checkpoints other than the final one are sharded (DCP)
+    ckpt_sharded: bool = False  # the latest checkpoint is
 
     def final_val(self) -> float | None:
         """The validation loss at the current step, if it was evaluated there."""
@@ -385,7 +410,9 @@ def train(cfg: TrainConfig, model: ModelConfig | nn.Module, run_dir: str | Path,
     device = resolve_device(cfg.device)
     dist = _dist_context(parallel, model, device)
     if cfg.batch_size % dist.world:
-        raise UsageError(f"--batch-size {cfg.batch_size} (global) is not divisible by the world size {dist.world}")
+        fits = ", ".join(str(w) for w in range(1, cfg.batch_size + 1) if cfg.batch_size % w == 0)
+        raise UsageError(f"--batch-size {cfg.batch_size} (global) is not divisible by the world size {dist.world}"
+                         + (f": resume this run with a world size that divides it ({fits})" if resume else ""))
     # Rank 0 alone prints, logs and writes the run folder; the others run the same steps quietly.
     console = console or Console(soft_wrap=True)  # long paths stay on one line in logs
     console = console if dist.is_main else Console(quiet=True)
@@ -409,6 +436,8 @@ def train(cfg: TrainConfig, model: ModelConfig | nn.Module, run_dir: str | Path,
     last_ckpt, saved = _load_weights(run_dir, model, device, resume_from, check_finite) if resume else (None, None)
     model = _parallelize(model, dist, parallel)
     optimizer = build_optimizer(model, cfg)
+    if resume and saved is None:  # a sharded checkpoint: read into the pieces, whatever the layout
+        saved = _load_sharded(run_dir, last_ckpt, model, optimizer, device, check_finite)
     state = RunState()
     with claim_run_dir(run_dir, resume, say) if dist.is_main else contextlib.nullcontext():
         if resume:  # the lock above: one trainer per folder, until the end
@@ -422,7 +451,8 @@ def train(cfg: TrainConfig, model: ModelConfig | nn.Module, run_dir: str | Path,
         if resume:
             log.write(dict(kind="resume", step=state.step, checkpoint=last_ckpt.name, changed=changed or {}))
         s = _Session(cfg, run_dir, device, model, optimizer, loss_fn, data, val_batches, log, state, dist,
-                     last_ckpt, ckpt_step=state.step if resume else None, on_eval=on_eval)
+                     last_ckpt, ckpt_step=state.step if resume else None, on_eval=on_eval,
+                     sharded=dist.distributed and (parallel is None or parallel.ckpt_format == "sharded"))
         _say_start(s, say)
         if coverage:
             say(coverage)
@@ -434,8 +464,8 @@ def train(cfg: TrainConfig, model: ModelConfig | nn.Module, run_dir: str | Path,
             status = _run_loop(s, console, stop_after)
             if status != "interrupted" and s.ev_step != state.step:
                 _evaluate_and_log(s)
-            if s.ckpt_step != state.step:
-                _save(s)
+            if s.ckpt_step != state.step or (status != "interrupted" and s.ckpt_sharded):
+                _save(s, final=status != "interrupted")  # a finished run ends with the consolidated export
             if cfg.trainable == "lora" and dist.is_main:  # the adapters on their own (adapt/lora_io.py)
                 _save_adapter(s)
             log.write(dict(kind="end", step=state.step, status=status, val_loss=s.final_val(),
@@ -533,18 +563,39 @@ def freeze_parameters(model: nn.Module, param_filter: ParamFilter | None) -> Non
 
 
 def _load_weights(run_dir: Path, model: nn.Module, device: torch.device, which: str | int,
-                  check_finite: bool) -> tuple[Path, dict]:
+                  check_finite: bool) -> tuple[Path, dict | None]:
     """Checkpoint ``which`` (default the last): its weights into ``model`` (whole, not yet
-    parallelized) -> (its folder, the rest of its state)."""
-    path, saved, _ = load_from_run(run_dir, which, model, map_location=device, check_finite=check_finite)
-    return path, saved
+    parallelized) -> (its folder, the rest of its state). A sharded checkpoint is only found
+    and verified here -> (its folder, None): ``_load_sharded`` reads it after ``parallelize``."""
+    path = find_checkpoint(run_dir, which)
+    if not (path / SHARDED_DIR).is_dir():
+        path, saved, _ = load_from_run(run_dir, which, model, map_location=device, check_finite=check_finite)
+        return path, saved
+    try:
+        verify_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {intact_hint(run_dir, path)}") from None
+    return path, None
+
+
+def _load_sharded(run_dir: Path, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  device: torch.device, check_finite: bool) -> dict:
+    """Weights and optimizer state of a sharded checkpoint into this rank's pieces (every rank
+    reads the overlap of its pieces with what was saved: any world size) -> state.pt."""
+    from moekit.distributed.sharded import load_sharded
+
+    load_sharded(path, model, optimizer, check_finite)
+    return torch.load(path / "state.pt", map_location=device, weights_only=True)
 
 
 def _restore(run_dir: Path, saved: dict, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
              dist: DistContext, say) -> RunState:
     """Optimizer (cut to this rank's pieces when distributed), RNG and counters. Later
     checkpoints are moved aside: their steps are about to be trained again."""
-    if dist.distributed:
+    if "optimizer_groups" in saved:  # sharded: the moments are loaded already, the hyperparameters here
+        for group, saved_group in zip(optimizer.param_groups, saved["optimizer_groups"]):
+            group.update(saved_group)
+    elif dist.distributed:
         from moekit.distributed.checkpoint import load_optimizer_state
 
         load_optimizer_state(model, optimizer, saved["optimizer"], dist)
@@ -708,9 +759,11 @@ def _evaluate_and_log(s: _Session) -> EvalResult:
     return s.ev
 
 
-def _save(s: _Session) -> None:
-    s.last_ckpt = _checkpoint(s.run_dir, s.model, s.optimizer, s.state, s.device, s.cfg, s.final_val(), s.dist)
-    s.ckpt_step = s.state.step
+def _save(s: _Session, final: bool = False) -> None:
+    sharded = s.sharded and not final
+    s.last_ckpt = _checkpoint(s.run_dir, s.model, s.optimizer, s.state, s.device, s.cfg, s.final_val(), s.dist,
+                              sharded)
+    s.ckpt_step, s.ckpt_sharded = s.state.step, sharded
 
 
 def _print_summary(console: Console, r: TrainResult, plot: Path) -> None:
