@@ -77,6 +77,20 @@ def _assert_sharded(ckpt, world: int) -> None:
     assert sorted(f.name for f in (ckpt / "sharded").glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(world)]
 
 
+def _assert_same_routing(split, straight, steps: int) -> None:
+    """Rank 0 logs the global batch's routing (all-reduced expert loads), not its own half."""
+    def records(run, kind):
+        return [r for r in read_metrics(run, kind) if r["step"] <= steps]
+
+    for got, want in zip(records(split, "train"), records(straight, "train"), strict=True):
+        assert got["max_violation"] == pytest.approx(want["max_violation"], rel=1e-6, abs=1e-9)
+    for got, want in zip(records(split, "eval"), records(straight, "eval"), strict=True):
+        for g, w in zip(got["routing"], want["routing"], strict=True):
+            assert g["tokens_per_expert"] == w["tokens_per_expert"] and g["dead_experts"] == w["dead_experts"]
+            assert g["router_entropy"] == pytest.approx(w["router_entropy"], rel=1e-5)
+            assert g["losses"] == pytest.approx(w["losses"], rel=1e-5)
+
+
 @pytest.mark.parametrize("pcfg", [ParallelConfig(ep=2, balance_stats="global"),
                                   ParallelConfig(ep=2, fsdp=True, balance_stats="global"),
                                   ParallelConfig(balance_stats="global")],
@@ -85,6 +99,7 @@ def test_two_ranks_stop_then_one_resumes_like_a_straight_run(corpus, tmp_path, s
     split = tmp_path / "split"
     assert run_ranks(_train_ranks, 2, _cfg(corpus), split, pcfg, 4, timeout=180) == ["interrupted"] * 2
     assert _losses(split) == pytest.approx(_losses(straight)[:4], rel=1e-5)
+    _assert_same_routing(split, straight, 4)
     _assert_sharded(split / "checkpoints" / "step-00000004", world=2)
     # any single-process reader takes the sharded checkpoint: the weights are the straight run's
     from moekit.training.run import load_run

@@ -14,7 +14,8 @@ step transforms it in place, from outside, like torchtitan's ``parallelize`` and
        and methods) or FSDP2 (``fully_shard`` per block, then the root) over all W ranks
 
 Helpers for the step: ``clip_grad_norm_`` (the norm over every rank's shards),
-``sync_balancing_state`` (all-reduced expert loads before the aux-free bias update) and
+``sync_balancing_state`` (all-reduced expert loads before the aux-free bias update),
+``global_routing_stats`` (the logged routing statistics of the global batch) and
 ``all_reduce_mean``.
 """
 
@@ -31,7 +32,8 @@ from moekit.distributed.collectives import all_reduce_sum
 from moekit.distributed.dispatcher import AllToAllDispatcher, CommCounter, ExpertParallelExperts
 from moekit.distributed.mesh import DistContext, ParallelConfig
 from moekit.errors import ConfigError
-from moekit.layers.moe import MoELayer
+from moekit.layers.moe import MoELayer, RoutingStats
+from moekit.routing_metrics import max_violation
 from moekit.model import MoETransformer
 
 
@@ -166,6 +168,42 @@ def sync_balancing_state(model: MoETransformer, ctx: DistContext) -> None:
         buf.copy_(new)
 
 
+@torch.no_grad()
+def global_routing_stats(stats: list[RoutingStats | None], ctx: DistContext) -> list[RoutingStats | None]:
+    """Each MoE layer's routing statistics over every rank's tokens: what one process sees on
+    the whole global batch. Expert loads are summed (all-reduce of the counts over all W ranks,
+    i.e. the ``ep`` and ``dp`` groups together), the imbalance and dead experts recomputed from
+    the sums; entropy weighted by tokens, drops by routed slots; the balancing losses averaged
+    over ranks (with ``--balance-stats global`` they are equal on every rank already).
+    One all-reduce for all layers; every rank calls it with the same layers."""
+    if not ctx.distributed:
+        return stats
+    present = [s for s in stats if s is not None]
+    if not present:
+        return stats
+    rows = []
+    for s in present:  # [E counts, tokens, entropy * tokens, dropped slots, losses...]
+        counts = s.tokens_per_expert.to(torch.float64)
+        extra = [s.num_tokens, s.router_entropy * s.num_tokens, s.dropped_fraction * float(counts.sum())]
+        rows.append(torch.cat([counts, torch.tensor(extra + [s.losses[k] for k in sorted(s.losses)], dtype=torch.float64)]))
+    flat = torch.cat(rows).to(ctx.device)
+    dist.all_reduce(flat)
+    out, parts = [], iter(flat.cpu().split([r.numel() for r in rows]))
+    for s in stats:
+        out.append(None if s is None else _summed_stats(s, next(parts), ctx.world))
+    return out
+
+
+def _summed_stats(s: RoutingStats, summed: torch.Tensor, world: int) -> RoutingStats:
+    E = s.tokens_per_expert.numel()
+    counts = summed[:E].round().to(torch.int64)  # [E] exact: integers far below 2**53
+    tokens, entropy_sum, dropped = summed[E:E + 3].tolist()
+    losses = dict(zip(sorted(s.losses), (summed[E + 3:] / world).tolist()))
+    return RoutingStats(tokens_per_expert=counts, dropped_fraction=dropped / max(float(counts.sum()), 1.0),
+                        max_violation=max_violation(counts), router_entropy=entropy_sum / max(tokens, 1.0),
+                        dead_experts=int((counts == 0).sum()), num_tokens=int(tokens), losses=losses)
+
+
 def all_reduce_mean(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """The mean over all ranks of a tensor (a new tensor; the input is unchanged)."""
     if not ctx.distributed:
@@ -175,4 +213,5 @@ def all_reduce_mean(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return out / ctx.world
 
 
-__all__ = ["parallelize", "shard_experts", "clip_grad_norm_", "sync_balancing_state", "all_reduce_mean", "expert_parameters"]
+__all__ = ["parallelize", "shard_experts", "clip_grad_norm_", "sync_balancing_state", "all_reduce_mean", "expert_parameters",
+           "global_routing_stats"]

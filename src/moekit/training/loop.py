@@ -94,7 +94,7 @@ class StepResult:
     lm_loss: float
     aux_loss: float
     grad_norm: float
-    max_violation: list[float]  # per MoE layer, on this step's last micro-batch
+    max_violation: list[float]  # per MoE layer, on this step's last micro-batch (every rank's rows)
 
     @property
     def finite(self) -> bool:
@@ -170,7 +170,8 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, batches:
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = _clip_grad_norm(model, max_norm, dist)
     total, lm, aux = (_mean_over_ranks(sums, dist) / len(batches)).tolist()
-    result = StepResult(total, lm, aux, grad_norm, [s.max_violation for s in model.routing_stats() if s])
+    routing = _global_routing(model.routing_stats(), dist)  # logged from rank 0: the global batch's load
+    result = StepResult(total, lm, aux, grad_norm, [s.max_violation for s in routing if s])
     if result.finite:
         set_lr(optimizer, lr)
         optimizer.step()
@@ -202,6 +203,14 @@ def _mean_over_ranks(t: torch.Tensor, dist: DistContext | None) -> torch.Tensor:
     return all_reduce_mean(t, dist)
 
 
+def _global_routing(stats: list, dist: DistContext | None) -> list:
+    if dist is None or not dist.distributed:
+        return stats
+    from moekit.distributed.parallelize import global_routing_stats
+
+    return global_routing_stats(stats, dist)
+
+
 def _sync_balancing_state(model: nn.Module, dist: DistContext | None) -> None:
     if dist is not None and dist.distributed:
         from moekit.distributed.parallelize import sync_balancing_state
@@ -213,7 +222,8 @@ def _sync_balancing_state(model: nn.Module, dist: DistContext | None) -> None:
 def evaluate(model: MoETransformer, batches: list[torch.Tensor], precision: str = "fp32",
              dist: DistContext | None = None) -> EvalResult:
     """Token-weighted mean validation cross-entropy, perplexity, and routing over all batches.
-    With ``dist``, each rank evaluates its rows of every batch and the sums are all-reduced."""
+    With ``dist``, each rank evaluates its rows of every batch and the sums are all-reduced
+    (the routing statistics too: expert loads over the whole batch, not this rank's)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -224,7 +234,7 @@ def evaluate(model: MoETransformer, batches: list[torch.Tensor], precision: str 
             out = model(batch[:, :-1])
         n = batch[:, 1:].numel()
         sums += torch.tensor([float(lm_loss(out, batch[:, 1:]).lm) * n, n], dtype=torch.float64)
-        stats.append(model.routing_stats())
+        stats.append(_global_routing(model.routing_stats(), dist))
     model.train(was_training)
     nll, n = (_mean_over_ranks(sums, dist)).tolist()
     loss = nll / n
