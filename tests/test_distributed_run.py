@@ -172,11 +172,21 @@ def test_torchrun_expert_parallel_train(corpus, tmp_path):
     assert (out / "checkpoints" / "step-00000002" / "model.safetensors").exists()
 
 
-def test_torchrun_bad_ep_is_one_line_from_rank_0(corpus, tmp_path):
-    r = _torchrun([*_train_args(corpus, tmp_path / "run"), "--ep", "3"])
-    assert r.returncode != 0
+@pytest.mark.parametrize("args, message", [
+    (["--ep", "3"], "--ep 3 does not divide the world size 2"),
+    (["--ep", "2", "--set", "moe.num_experts=3"], "--ep 2 does not divide the number of experts 3"),
+    (["--ep", "2", "--set", "moe.router=expert_choice", "--set", "moe.capacity_factor=1.0", "--set",
+      "moe.bias_update_rate=0"],
+     "expert parallelism does not support router='expert_choice'"),
+], ids=["ep-world", "ep-experts", "expert-choice"])
+def test_torchrun_bad_layout_is_one_line_from_rank_0(corpus, tmp_path, args, message):
+    """Every rank finds the problem before any collective that could wait for another: one line
+    from rank 0, exit 2 on every rank, no hang (the timeout would fail the test)."""
+    r = _torchrun([*_train_args(corpus, tmp_path / "run"), *args, "--max-steps", "1"])
     ours = [line for line in r.stderr.splitlines() if line.startswith("moekit train: error:")]
-    assert ours == ["moekit train: error: --ep 3 does not divide the world size 2"]
+    assert len(ours) == 1 and message in ours[0], r.stderr[-3000:]
+    assert r.returncode != 0 and len(re.findall(r"exitcode\s*:\s*2\b", r.stderr)) >= 1
+    assert not re.search(r'File ".*/moekit/', r.stderr)
 
 
 def test_ep_without_torchrun_is_a_usage_error(corpus, tmp_path, capsys):
