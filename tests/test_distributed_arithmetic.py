@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from moekit.accounting import count_params
 from moekit.cli import main
-from moekit.distributed.arithmetic import a2a_bytes_per_token_per_layer, gpus_needed, parallel_summary, per_gpu_params
+from moekit.distributed.arithmetic import (
+    a2a_bytes_per_token_per_layer, gpus_needed, parallel_summary, parallel_table, per_gpu_params,
+)
 from moekit.presets import get_preset
 
 
@@ -78,3 +81,23 @@ def test_layout_gives_the_replicas():
 
     assert check_layout(ParallelConfig(ep=2), 8, 16) == 4
     assert check_layout(ParallelConfig(), 3, None) == 3  # plain data parallelism of a dense model
+
+
+def test_doc_table_is_the_generated_one():
+    doc = (Path(__file__).parent.parent / "docs" / "distributed.md").read_text()
+    assert parallel_table() in doc, "regenerate the table in docs/distributed.md: python -m moekit.distributed.arithmetic"
+
+
+def test_doc_table_rows_are_the_summary():
+    """The generated table is the arithmetic's own figures (not a second derivation)."""
+    s = parallel_summary(get_preset("qwen3-30b-a3b"), 16, 16, 4096)
+    row = next(line for line in parallel_table().splitlines() if line.startswith("| Qwen3-30B-A3B | 16 |"))
+    assert s["a2a_bytes_per_token_per_layer_fwd"] == 2 * 8 * 2048 * 2 and "| 65.54KB |" in row
+    assert s["a2a_bytes_per_gpu_per_step_fwd"] == 4096 * 48 * 65536 and "| 12.88GB / 25.77GB |" in row
+    assert "| 16 / 16 / 16 |" in row
+
+
+def test_backend_follows_the_device():
+    from moekit.distributed.mesh import backend_for
+
+    assert backend_for("cuda") == "nccl" and backend_for("cpu") == "gloo"

@@ -208,3 +208,14 @@ def test_resume_at_a_world_size_that_cannot_split_the_batch(corpus, tmp_path):
                     "run with a world size that divides it (1, 2, 4)"]
     assert r.returncode != 0 and len(re.findall(r"exitcode\s*:\s*2\b", r.stderr)) >= 1, r.stderr[-2000:]
     assert not re.search(r'File ".*/moekit/', r.stderr)  # torchrun's own traceback only, none from a worker
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU: the NCCL path runs only there")
+def test_torchrun_nccl_on_one_gpu(corpus, tmp_path):
+    """The GPU path: torchrun with one process, --device auto picks cuda and so NCCL."""
+    out = tmp_path / "run"
+    args = [a if a != "cpu" else "auto" for a in _train_args(corpus, out)]
+    r = _torchrun([*args, "--max-steps", "2"], nproc=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "on cuda" in r.stdout and [m["step"] for m in read_metrics(out, "train")] == [1, 2]

@@ -115,5 +115,49 @@ def format_parallel(s: dict) -> str:
     ])
 
 
-__all__ = ["a2a_bytes_per_token_per_layer", "parallel_summary", "format_parallel", "gpus_needed", "per_gpu_params",
+DOC_MODELS = {"mixtral-8x7b": "Mixtral-8x7B", "qwen3-30b-a3b": "Qwen3-30B-A3B", "deepseek-v3": "DeepSeek-V3"}
+DOC_EPS, DOC_SEQ_LEN = (8, 16, 64), 4096
+
+
+def parallel_table() -> str:
+    """The Markdown table of docs/distributed.md: each DOC_MODELS preset at --ep 8/16/64 with
+    one GPU per expert slice (W = P) and one DOC_SEQ_LEN-token sequence per GPU per step
+    (``python -m moekit.distributed.arithmetic`` prints it; a test keeps the doc equal to it)."""
+    lines = [
+        "| model | P | all-to-all per token per MoE layer (fwd) | per GPU per step, fwd / fwd+bwd | off-rank share "
+        "| params per GPU, DDP / FSDP | training state per GPU, DDP / FSDP | bf16 weights per GPU (DDP) "
+        "| 80 GB GPUs needed: train FSDP / train DDP / bf16 weights |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for preset, title in DOC_MODELS.items():
+        from moekit.presets import get_preset
+
+        cfg = get_preset(preset)
+        name = (f"{title} ({human(count_params(cfg).total)}; {len(cfg.moe_layer_ids)} MoE layers, K {cfg.moe.top_k}, "
+                f"D {cfg.d_model}, E {cfg.moe.num_experts})")
+        for ep in DOC_EPS:
+            lines.append(_table_row(cfg, name, ep))
+            name = title
+    return "\n".join(lines) + "\n"
+
+
+def _table_row(cfg: ModelConfig, name: str, ep: int) -> str:
+    try:
+        s = parallel_summary(cfg, ep, ep, DOC_SEQ_LEN)
+    except UsageError:
+        return f"| {name} | {ep} | — ({cfg.moe.num_experts} experts: P must divide them) | | | | | | |"
+    need = " / ".join(str(v) if v is not None else "none" for v in s["gpus_80gb_needed"].values())
+    params, train = s["params_per_gpu"], s["train_bytes_per_gpu"]
+    return (f"| {name} | {ep} | {human(s['a2a_bytes_per_token_per_layer_fwd'], 'B')} "
+            f"| {human(s['a2a_bytes_per_gpu_per_step_fwd'], 'B')} / {human(s['a2a_bytes_per_gpu_per_step_train'], 'B')} "
+            f"| {100 * s['a2a_off_rank_fraction']:.1f} % | {human(params['ddp'])} / {human(params['fsdp'])} "
+            f"| {human(train['ddp'], 'B')} / {human(train['fsdp'], 'B')} | {human(s['bf16_weight_bytes_per_gpu'], 'B')} "
+            f"| {need} |")
+
+
+__all__ = ["a2a_bytes_per_token_per_layer", "parallel_table", "parallel_summary", "format_parallel", "gpus_needed", "per_gpu_params",
            "check_split", "TRAIN_BYTES_PER_PARAM"]
+
+
+if __name__ == "__main__":
+    print(parallel_table(), end="")

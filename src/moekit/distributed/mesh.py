@@ -120,6 +120,11 @@ class DistContext:
         return batch[self.rank * per:(self.rank + 1) * per]
 
 
+def backend_for(device_type: str) -> str:
+    """NCCL between GPUs (``--device auto`` picks cuda when torch sees one), gloo between CPU processes."""
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
 def single_process(device: torch.device) -> DistContext:
     return DistContext(rank=0, world=1, ep=1, dp=1, device=device, mesh=None)
 
@@ -142,7 +147,7 @@ def init_mesh(pcfg: ParallelConfig, num_experts: int | None, device_type: str | 
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend_for(device_type))
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     mesh = init_device_mesh(device_type, (dp, pcfg.ep), mesh_dim_names=("dp", "ep"))
@@ -150,5 +155,5 @@ def init_mesh(pcfg: ParallelConfig, num_experts: int | None, device_type: str | 
     return DistContext(rank=rank, world=world, ep=pcfg.ep, dp=dp, device=device, mesh=mesh, world_mesh=world_mesh)
 
 
-__all__ = ["ParallelConfig", "DistContext", "BALANCE_STATS", "check_layout", "init_mesh", "launched_by_torchrun",
+__all__ = ["ParallelConfig", "DistContext", "BALANCE_STATS", "CKPT_FORMATS", "backend_for", "check_layout", "init_mesh", "launched_by_torchrun",
            "single_process"]
