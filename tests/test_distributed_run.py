@@ -120,8 +120,14 @@ def test_two_ranks_stop_then_four_resume_like_a_straight_run(corpus, tmp_path, s
     pcfg = ParallelConfig(ep=2, balance_stats="global")
     assert run_ranks(_train_ranks, 2, _cfg(corpus), split, pcfg, 4, timeout=180) == ["interrupted"] * 2
     _assert_sharded(split / "checkpoints" / "step-00000004", world=2)
+    # a later checkpoint killed mid-write: its temporary folder is ignored, then removed
+    killed = split / "checkpoints" / ".tmp-step-00000006-killed"
+    shutil.copytree(split / "checkpoints" / "step-00000004", killed)
+    (killed / "meta.json").unlink()
     wider = ParallelConfig(ep=4, fsdp=True, balance_stats="global")
     assert run_ranks(_resume_ranks, 4, split, wider, timeout=240) == ["done"] * 4
+    assert not killed.exists()
+    assert [r["step"] for r in read_metrics(split, "resume")] == [4]
     assert _losses(split) == pytest.approx(_losses(straight), rel=1e-5)
     final = split / "checkpoints" / "step-00000008"
     assert json.loads((final / "meta.json").read_text())["layout"] == "consolidated"

@@ -414,8 +414,9 @@ def train(cfg: TrainConfig, model: ModelConfig | nn.Module, run_dir: str | Path,
 
     ``parallel`` (or a launch by torchrun): every rank runs ``train`` with the same arguments;
     the model is ``parallelize``d (expert and data parallelism, docs/distributed.md) and
-    ``cfg.batch_size`` stays the global batch, split over the ranks; checkpoints are written
-    whole by rank 0, so a run resumes at any world size.
+    ``cfg.batch_size`` stays the global batch, split over the ranks; checkpoints are sharded
+    (every rank writes its pieces, ``distributed/sharded.py``) and a finished run ends with a
+    consolidated one; either kind resumes at any world size.
     """
     device = resolve_device(cfg.device)
     dist = _dist_context(parallel, model, device)
