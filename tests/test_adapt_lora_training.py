@@ -31,7 +31,7 @@ def test_lora_run_trains_only_adapters_and_saves_them(lora_run):
     start, ft, result = lora_run
     assert result.step == 4
     base = load_run(start).model.state_dict()
-    tuned = load_run(ft).model.state_dict()
+    tuned = load_run(ft, merge_lora=False).model.state_dict()
     assert all(torch.equal(base[k], tuned[k]) for k in base)  # every base tensor bit-identical
     adapters = {k for k in tuned if is_lora_parameter(k)}
     assert any(".ffn.experts.w_in_lora_B" in k for k in adapters) and any(".attn.wq.lora_A" in k for k in adapters)
@@ -44,7 +44,21 @@ def test_lora_run_trains_only_adapters_and_saves_them(lora_run):
     model = load_run(start).model
     load_adapter(model, ft / ADAPTER_DIR)
     ids = torch.randint(0, 257, (2, 16))
-    torch.testing.assert_close(model.eval()(ids).logits, load_run(ft).model(ids).logits)
+    torch.testing.assert_close(model.eval()(ids).logits, load_run(ft, merge_lora=False).model(ids).logits)
+
+
+def test_load_run_of_a_lora_run_is_the_merged_plain_model_and_fine_tunes_further(lora_run, corpus, cache, tmp_path):
+    from moekit.adapt.lora import LoRAExperts
+
+    _, ft, _ = lora_run
+    merged = load_run(ft).model
+    assert not any(isinstance(m, LoRAExperts) for m in merged.modules())
+    assert not any(is_lora_parameter(n) for n, _ in merged.named_parameters())
+    ids = torch.randint(0, 257, (2, 16))
+    adapted = load_run(ft, merge_lora=False).model
+    torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+    cfg = tiny_train(corpus, cache, max_steps=1, eval_every=1, ckpt_every=1, trainable="experts")
+    assert finetune(ft, cfg, tmp_path / "again", console=quiet()).step == 1
 
 
 def test_lora_run_resumes_with_its_adapters(lora_run, tmp_path):
@@ -66,7 +80,8 @@ def test_cli_lora_merge_gives_the_adapted_logits(lora_run, tmp_path, capsys):
     assert merged.train_cfg.trainable == "all"
     assert not any(is_lora_parameter(n) for n, _ in merged.model.named_parameters())
     ids = torch.randint(0, 257, (2, 16))
-    torch.testing.assert_close(merged.model(ids).logits, load_run(ft).model(ids).logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(merged.model(ids).logits, load_run(ft, merge_lora=False).model(ids).logits,
+                               atol=1e-4, rtol=1e-4)
     assert main(["lora", "merge", str(tmp_path / "merged"), "--out", str(tmp_path / "again")]) == 2
     assert "was not trained with --train lora" in capsys.readouterr().err
 

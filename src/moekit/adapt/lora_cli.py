@@ -21,7 +21,7 @@ def _load_lora_run(run_dir: str, checkpoint: str, force: bool):
     if train_cfg.trainable != "lora":
         raise UsageError(f"{run_dir} was not trained with --train lora (it trained {train_cfg.trainable}): "
                          "nothing to merge")
-    return load_run(run_dir, checkpoint, "cpu", check_memory=not force)
+    return load_run(run_dir, checkpoint, "cpu", check_memory=not force, merge_lora=False)
 
 
 def cmd_lora_merge(args) -> int:

@@ -230,14 +230,16 @@ class LoadedRun:
 
 
 def load_run(run_dir: str | Path, checkpoint: str | int = "last", device: str | torch.device = "cpu", *,
-             check_memory: bool = True, check_finite: bool = True) -> LoadedRun:
+             check_memory: bool = True, check_finite: bool = True, merge_lora: bool = True) -> LoadedRun:
     """Load a run folder's model from checkpoint ``last``, ``best`` or a step number.
 
     The model must fit in the memory available (``check_memory``; see ``moekit.memory``). The
     checkpoint's files are verified against their checksums, its tensors' names and shapes
     against the model's and (``check_finite``) their values for NaN/inf, before anything is
     loaded; a bad one raises ``CheckpointError`` (a ``UsageError``) naming it. A LoRA run's
-    model comes with its adapters unmerged (``moekit lora merge`` folds them in).
+    adapters are folded into the weights (``merge_lora``): a plain model, which every consumer
+    (eval, generate, quantize, export, a further fine-tune) takes as is; ``merge_lora=False``
+    keeps the LoRA modules.
     """
     from moekit.memory import check_fits
 
@@ -253,6 +255,10 @@ def load_run(run_dir: str | Path, checkpoint: str | int = "last", device: str | 
 
         apply_lora(model, train_cfg.lora_config())
     path, _, meta = load_from_run(run_dir, checkpoint, model, map_location="cpu", check_finite=check_finite)
+    if train_cfg.trainable == "lora" and merge_lora:
+        from moekit.adapt.lora import merge_lora as merge
+
+        merge(model)
     model.to(device).eval()
     return LoadedRun(run_dir, model, model_cfg, train_cfg, tokenizer, path, int(meta["step"]), meta.get("val_loss"))
 
