@@ -118,3 +118,19 @@ def test_cli_lora_export_bad_input_is_one_line(lora_run, tmp_path, capsys):
     assert main(["lora", "export", str(ft), "--out", str(tmp_path / "p"), "--architecture", "MixtralForCausalLM"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot export" in err
+
+
+def test_expert_dropout_runs_are_reproducible_and_differ_from_none(corpus, cache, tmp_path):
+    from test_training import tiny_model, train_losses
+
+    from moekit.training import train
+
+    def run(name, p, seed=0):
+        cfg = tiny_train(corpus, cache, max_steps=3, eval_every=3, ckpt_every=3, expert_dropout=p, seed=seed)
+        train(cfg, tiny_model(router="softmax", router_jitter=0.0), tmp_path / name, console=quiet())  # seeded init
+        return train_losses(tmp_path / name), read_metrics(tmp_path / name, "eval")[-1]["val_loss"]
+
+    a, b, none = run("a", 0.4), run("b", 0.4), run("none", 0.0)
+    assert a == b  # same seed, same dropout masks
+    assert a[0][0] != none[0][0]  # dropout changed the first training loss
+    assert a[0][0] > none[0][0] - 1.0  # and not absurdly

@@ -47,3 +47,6 @@ def test_training_with_a_llama_tokenizer_separates_documents_by_eos(corpus, cach
     data = run.data()
     assert (data.train == eos).sum() > 1  # one separator per training document
     assert resume_run(run_dir, console=quiet()).step == 2
+    from moekit.inference.tokenization import load_tokenizer as inference_tokenizer
+
+    assert inference_tokenizer(run_dir).eos_ids == [eos]  # generation stops where documents ended

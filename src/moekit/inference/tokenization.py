@@ -304,7 +304,11 @@ def _load_run(folder: Path) -> TextTokenizer:
         raise UsageError(f"no {TOKENIZER_FILE} in the run folder {folder} (moekit train writes it; was it deleted?)")
     run_tok = load_run_tokenizer(path)
     backend = ByteBackend() if run_tok.kind == "bytes" else Tokenizer.from_str(run_tok.to_json())
-    return TextTokenizer(backend, {"eos_token": EOS}, read_chat_templates(folder, {}), str(folder))
+    # The token that ended the training documents: <|endoftext|>, or the eos of the
+    # tokenizer_config.json a Hugging Face start model brought (Llama's </s>), with its templates.
+    eos = EOS if run_tok.kind == "bytes" else backend.id_to_token(run_tok.eos_id)
+    config = run_tok.hf_config or {}
+    return TextTokenizer(backend, {"eos_token": eos}, read_chat_templates(folder, config), str(folder))
 
 
 def load_tokenizer(folder: str | Path) -> TextTokenizer:
