@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import os
 import platform
@@ -48,6 +49,7 @@ def add_parser(sub) -> None:
     s.add_argument("--json", dest="json_path", default=None, help="also write the results to this JSON file")
     s.set_defaults(func=cmd_bench_quant)
     _add_generate_parser(bsub)
+    _add_offload_parser(bsub)
 
 
 def _add_generate_parser(bsub) -> None:
@@ -66,6 +68,54 @@ def _add_generate_parser(bsub) -> None:
     s.add_argument("--quick", action="store_true",
                    help="a fast smoke run: a ~50M model, prompts of 32, 8 new tokens, fp32, 3 repeats")
     s.set_defaults(func=_cmd_bench_generate)
+
+
+def _add_offload_parser(bsub) -> None:
+    from moekit.argtypes import FloatArg
+
+    s = bsub.add_parser("offload", help="decode with experts offloaded behind a cache vs all in memory: "
+                                        "tokens/s, peak RSS, hit rate (a random MoE written to a temporary folder)")
+    s.add_argument("--size-gb", type=FloatArg(0.0, strict=True), default=2.0,
+                   help="fp32 experts of the random MoE, GB (default: 2.0; 4 MoE layers of 1024-wide experts)")
+    s.add_argument("--budget-gb", type=FloatArg(0.0, strict=True), default=0.5, help="the expert cache, GB (default: 0.5)")
+    s.add_argument("--policy", choices=("lru", "lfu"), default="lru", help="eviction policy (default: lru)")
+    s.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
+                   help="prefetch the next layer's guessed experts (default: on)")
+    s.add_argument("--prompt-len", type=positive_int, default=16, help="prompt tokens (default: 16)")
+    s.add_argument("--new-tokens", type=IntArg(2), default=32, help="generated tokens per run (default: 32)")
+    s.add_argument("--repeats", type=positive_int, default=3, help="interleaved runs of each mode, median reported (default: 3)")
+    s.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads in the runs (default: torch's choice)")
+    s.add_argument("--json", dest="json_path", metavar="OUT", default=None, help="also write the report as JSON here")
+    s.add_argument("--quick", action="store_true",
+                   help="a smoke run: a ~3 MB model, a 0.8 MB budget, 8 new tokens, one repeat")
+    s.set_defaults(func=_cmd_bench_offload)
+
+
+def _cmd_bench_offload(args) -> int:
+    import tempfile
+
+    from moekit.bench import offload as b
+
+    if args.quick:
+        args.size_gb, args.budget_gb, args.new_tokens, args.repeats, args.prompt_len = 0.003, 0.0008, 8, 1, 8
+    cfg = b.bench_config(args.size_gb, args.quick)
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="moekit-bench-offload-") as tmp:
+        print(f"writing a random MoE ({cfg.moe.num_experts} experts x {cfg.n_layers} layers) to {tmp}", flush=True)
+        sizes = b.write_random_moe(cfg, Path(tmp))
+        if sizes["expert_bytes_total"] <= args.budget_gb * 1e9:
+            raise UsageError(f"--budget-gb {args.budget_gb:g} holds every expert ({sizes['expert_bytes_total'] / 1e9:.3g} GB); "
+                             "nothing would be offloaded")
+        rep = b.run(Path(tmp), sizes, args.budget_gb, args.policy, args.prefetch, args.prompt_len, args.new_tokens,
+                    args.repeats, args.threads)
+    rep["meta"] = {"load_avg_start": load_start, "load_avg_end": os.getloadavg(), "cpus": os.cpu_count(),
+                   "machine": _cpu_name(), "args": {k: v for k, v in vars(args).items() if k != "func"}}
+    print(b.format_report(rep))
+    print(f"load average {load_start[0]:.1f} at the start, {rep['meta']['load_avg_end'][0]:.1f} at the end")
+    if args.json_path:
+        atomic_write_json(args.json_path, rep)
+        print(f"wrote {args.json_path}")
+    return 0
 
 
 def _cmd_bench_generate(args) -> int:

@@ -12,6 +12,7 @@ import time
 
 from moekit.argtypes import FloatArg, nonneg_float, nonneg_int, positive_float, positive_int
 from moekit.errors import UsageError
+from moekit.offload.cli import apply_offload, offload_args, offload_config
 from moekit.quant.cli import add_load_args, quant_config
 
 
@@ -41,6 +42,7 @@ def _sampling_args(s, default_max: str) -> None:
                    help="CPU threads for torch (default: torch's, one per core); on a busy machine use fewer, often 1")
     loading_args(s)
     add_load_args(s)
+    offload_args(s)
 
 
 def loading_args(s) -> None:
@@ -93,8 +95,12 @@ def _load(args):
     qcfg = quant_config(args)  # likewise a bad scope or group size
     if qcfg is not None:
         qcfg.check_supported()
-    return load_for_inference(args.model, dtype=args.dtype, device=args.device, check_memory=not args.force,
-                              check_finite=not args.no_check_finite, quantize=qcfg, reference=args.reference)
+    offload = offload_config(args)  # and bad offload flags
+    model, tok, defaults = load_for_inference(args.model, dtype=args.dtype, device=args.device,
+                                              check_memory=not args.force, check_finite=not args.no_check_finite,
+                                              quantize=qcfg, reference=args.reference)
+    apply_offload(model, offload)  # after quantizing at load: the store holds the int8/int4 experts
+    return model, tok, defaults
 
 
 def _sampling_params(args, defaults, eos_ids: list[int], default_max: int = 256):
@@ -168,19 +174,22 @@ def cmd_generate(args) -> int:
         print(seq.take_text(), flush=True)
     total = time.perf_counter() - t0
     if args.json:
-        print(json.dumps(_record(seq, tok, engine, total, first - t0, args.show_routing), ensure_ascii=False))
+        print(json.dumps(_record(seq, tok, engine, total, first - t0, args.show_routing, model), ensure_ascii=False))
     elif args.show_routing:
         print(format_routing(seq, tok, model))
     return 0
 
 
-def _record(seq, tok, engine, total: float, ttft: float, routing: bool) -> dict:
+def _record(seq, tok, engine, total: float, ttft: float, routing: bool, model=None) -> dict:
     st = engine.stats
     rec = dict(prompt_ids=seq.prompt_ids, output_ids=seq.output_ids, text=seq.text, finish_reason=seq.finish_reason,
                prompt_tokens=len(seq.prompt_ids), generated_tokens=len(seq.output_ids),
                seconds=dict(total=total, time_to_first_token=ttft, prefill=st.prefill_seconds, decode=st.decode_seconds),
                prefill_tokens_per_s=st.to_dict()["prefill_tokens_per_s"],
                decode_tokens_per_s=st.to_dict()["decode_tokens_per_s"])
+    if (rt := getattr(model, "offload", None)) is not None:  # cache counters; bytes per token over all tokens run
+        rt.drain()
+        rec["offload"] = rt.summary(tokens=len(seq.prompt_ids) + len(seq.output_ids))
     if routing:
         rec["routing"] = [dict(token_id=t, token=tok.token_text(t), experts=r)
                           for t, r in zip(seq.output_ids, seq.routing)]

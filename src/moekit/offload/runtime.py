@@ -32,7 +32,7 @@ from moekit.offload.cache import ON_MISS, CacheStats, LayerCache
 from moekit.offload.experts import OffloadedExperts, view_builder
 from moekit.offload.policies import POLICIES
 from moekit.offload.prefetch import Prefetcher
-from moekit.offload.store import DiskStore, ExpertStore, RamStore, write_store
+from moekit.offload.store import DiskStore, ExpertStore, RamStore, check_matches, write_store
 
 STORES = ("disk", "ram")
 
@@ -45,6 +45,7 @@ class OffloadConfig:
     on_miss: str = "load"  # load: bring the expert into the cache; compute: run it where it lives (Fiddler)
     store: str = "disk"  # where experts live: disk (safetensors, read on demand) or ram
     store_dir: str | None = None  # the disk store's folder; None: a temporary one, removed on close
+    reuse_store: bool = False  # store_dir already holds this model's experts: read them, write nothing
 
     def __post_init__(self):
         if not isinstance(self.cache_gb, (int, float)) or not self.cache_gb > 0:
@@ -52,6 +53,8 @@ class OffloadConfig:
         check_choice("cache policy", self.policy, tuple(POLICIES))
         check_choice("on_miss", self.on_miss, ON_MISS)
         check_choice("store", self.store, STORES)
+        if self.reuse_store and (self.store != "disk" or self.store_dir is None):
+            raise ConfigError("reuse_store needs store='disk' and a store_dir")
 
     @property
     def budget_bytes(self) -> int:
@@ -154,6 +157,10 @@ def offload_model(model: nn.Module, cfg: OffloadConfig) -> OffloadRuntime:
 
 
 def _make_store(cfg: OffloadConfig, states: dict) -> tuple[ExpertStore, tempfile.TemporaryDirectory | None]:
+    if cfg.reuse_store:  # the model's own expert tensors are never read (they may be uninitialized)
+        store = DiskStore(cfg.store_dir)
+        check_matches(store, states)
+        return store, None
     if cfg.store == "ram":
         return RamStore(states), None
     tmp = None

@@ -173,21 +173,44 @@ def layer_file(layer: int) -> str:
 def write_store(states: dict[int, dict[str, torch.Tensor]], folder: str | Path) -> Path:
     """Write each MoE layer's expert tensors (name -> [E, ...]) as one safetensors file of
     per-expert tensors, then the manifest (last: a folder without it is not a store)."""
+    folder = Path(folder)
+    for layer, state in states.items():
+        write_layer(folder, layer, state)
+    write_manifest(folder, {l: ExpertLayout.of(s) for l, s in states.items()},
+                   {l: next(iter(s.values())).shape[0] for l, s in states.items()})
+    return folder
+
+
+def write_layer(folder: str | Path, layer: int, state: dict[str, torch.Tensor]) -> None:
+    """One layer's file: ``"<expert>.<part>"`` -> [1, ...] (a store may be written a layer at a time)."""
     from moekit.interop.checkpoint import write_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for layer, state in states.items():
-        per_expert = {f"{e}.{n}": t[e: e + 1].detach().cpu().contiguous()
-                      for n, t in state.items() for e in range(t.shape[0])}
-        write_safetensors(folder / layer_file(layer), per_expert)
-    atomic_write_json(folder / MANIFEST, {
+    per_expert = {f"{e}.{n}": t[e: e + 1].detach().cpu().contiguous()
+                  for n, t in state.items() for e in range(t.shape[0])}
+    write_safetensors(folder / layer_file(layer), per_expert)
+
+
+def write_manifest(folder: str | Path, layouts: dict[int, ExpertLayout], num_experts: dict[int, int]) -> None:
+    atomic_write_json(Path(folder) / MANIFEST, {
         "format": FORMAT,
         "torch": torch.__version__,  # int4 kernel packing is torch's private layout
-        "layouts": {str(l): ExpertLayout.of(s).to_dict() for l, s in states.items()},
-        "num_experts": {str(l): next(iter(s.values())).shape[0] for l, s in states.items()},
+        "layouts": {str(l): layout.to_dict() for l, layout in layouts.items()},
+        "num_experts": {str(l): n for l, n in num_experts.items()},
     })
-    return folder
+
+
+def check_matches(store: ExpertStore, states: dict[int, dict[str, torch.Tensor]]) -> None:
+    """ModelFolderError unless the store holds experts of these layers, kinds and shapes
+    (a store reused for another model, or another quantization, is refused)."""
+    if set(store.layouts) != set(states):
+        raise ModelFolderError(f"the expert store holds MoE layers {sorted(store.layouts)}; the model has {sorted(states)}")
+    for layer, state in states.items():
+        n = next(iter(state.values())).shape[0]
+        if store.layouts[layer] != ExpertLayout.of(state) or store.num_experts[layer] != n:
+            raise ModelFolderError(f"the expert store's layer {layer} does not match the model's experts "
+                                   f"(tensors, shapes, dtypes or expert count differ)")
 
 
 def _safetensors_offsets(fd: int, path: Path) -> dict[str, tuple[int, int]]:
@@ -222,4 +245,5 @@ def _pread_exact(fd: int, buf, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-__all__ = ["ExpertLayout", "ExpertStore", "RamStore", "DiskStore", "write_store", "layer_file", "Part"]
+__all__ = ["ExpertLayout", "ExpertStore", "RamStore", "DiskStore", "write_store", "write_layer", "write_manifest",
+           "check_matches", "layer_file", "Part"]

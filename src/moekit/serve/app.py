@@ -62,6 +62,17 @@ class ApiError(Exception):
         self.status, self.body = status, error_body(message, type_, code, param)
 
 
+def _offload_stats(state: ServeState) -> dict:
+    """The expert cache's counters when the experts are offloaded (bytes per token over every
+    token the engine ran, prompts included); nothing otherwise."""
+    engine = state.scheduler.engine
+    rt = getattr(engine.model, "offload", None)
+    if rt is None:
+        return {}
+    st = engine.stats
+    return {"offload": rt.summary(tokens=st.prefill_tokens + st.decode_tokens)}
+
+
 def build_app(state: ServeState) -> FastAPI:
     app = FastAPI(title="moekit", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
@@ -83,7 +94,7 @@ def build_app(state: ServeState) -> FastAPI:
     @app.get("/v1/moe/stats", dependencies=[auth])
     async def moe_stats():
         return {**state.scheduler.stats.snapshot(), "engine": state.scheduler.load(),
-                "uptime_s": round(time.time() - state.started, 3)}
+                "uptime_s": round(time.time() - state.started, 3), **_offload_stats(state)}
 
     @app.post("/v1/completions", dependencies=[auth])
     async def completions(body: CompletionRequest, request: Request):

@@ -12,6 +12,7 @@ from pathlib import Path
 from moekit.argtypes import IntArg, positive_int
 from moekit.errors import UsageError
 from moekit.inference.cli import loading_args
+from moekit.offload.cli import apply_offload, offload_args, offload_config
 
 
 # Prompt tokens prefilled per step over all newcomers: the running streams wait at most one
@@ -69,6 +70,7 @@ def cmd_serve(args) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    offload = offload_config(args)
     model, tokenizer, defaults = load_for_inference(args.model, args.dtype, args.device, check_memory=not args.force,
                                                     check_finite=not args.no_check_finite)
     if args.quantize:  # quantize at load (a folder written by `moekit quantize` loads quantized as it is)
@@ -76,6 +78,7 @@ def cmd_serve(args) -> int:
 
         cov = quantize_model(model, QuantConfig(bits=args.quantize, group_size=args.group_size))
         print(cov.format(), file=sys.stderr)
+    apply_offload(model, offload)  # after quantizing: the store holds the int8/int4 experts
     name = args.served_model_name or Path(args.model).resolve().name
     state = build_state(model, tokenizer, defaults, name, args.max_batch, args.max_waiting,
                         args.max_tokens_per_step, args.api_key)
@@ -105,6 +108,7 @@ def add_parser(sub) -> None:
     s.add_argument("--group-size", type=positive_int, choices=(32, 64, 128, 256), default=64, help="with --quantize 4: inputs per scale/zero (default: 64)")
     s.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
     loading_args(s)
+    offload_args(s)
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* requests (default: no key)")
     s.add_argument("--served-model-name", default=None,

@@ -1,0 +1,72 @@
+"""The offloading flags of ``generate``, ``chat`` and ``serve``, and applying them after loading.
+
+``--expert-cache-gb GB`` turns offloading on (``--offload-experts`` says so explicitly and
+needs it); the other offload flags without it are an error, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from moekit.argtypes import positive_float
+from moekit.errors import UsageError
+
+_DEPENDENT = ("cache_policy", "prefetch", "on_miss", "offload_store", "offload_dir")
+
+
+def offload_args(s) -> None:
+    g = s.add_argument_group("expert offloading (models bigger than memory)")
+    g.add_argument("--offload-experts", action="store_true",
+                   help="keep the routed experts on disk (or in RAM) behind a per-layer cache; needs --expert-cache-gb")
+    g.add_argument("--expert-cache-gb", type=positive_float, default=None, metavar="GB",
+                   help="memory for cached experts, all MoE layers together (1 GB = 1e9 bytes); turns offloading on. "
+                        "Attention, norms, routers, shared experts and the KV cache stay resident besides")
+    g.add_argument("--cache-policy", choices=("lru", "lfu"), default=None,
+                   help="which cached expert to evict: lru (least recently used, default) or lfu (least frequently)")
+    g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
+                   help="guess the next layer's experts with its router and load them in the background (default: on)")
+    g.add_argument("--on-miss", choices=("load", "compute"), default=None,
+                   help="an expert not in the cache: load it, evicting another (default), or compute it where it is "
+                        "stored without caching it (Fiddler)")
+    g.add_argument("--offload-store", choices=("disk", "ram"), default=None,
+                   help="where the experts live: disk (safetensors files read on demand; default) or ram")
+    g.add_argument("--offload-dir", default=None, metavar="OUT",
+                   help="folder for the disk store (default: a temporary folder, removed at exit)")
+
+
+def offload_config(args):
+    """The OffloadConfig the flags ask for, or None for no offloading (UsageError on a flag
+    that makes no sense alone)."""
+    from moekit.offload.runtime import OffloadConfig
+
+    if args.expert_cache_gb is None:
+        if args.offload_experts:
+            raise UsageError("--offload-experts needs --expert-cache-gb GB (the memory for cached experts)")
+        given = [f"--{n.replace('_', '-')}" for n in _DEPENDENT if getattr(args, n) is not None]
+        if given:
+            raise UsageError(f"{given[0]} applies to offloaded experts; add --expert-cache-gb GB")
+        return None
+    return OffloadConfig(cache_gb=args.expert_cache_gb, policy=args.cache_policy or "lru",
+                         prefetch=True if args.prefetch is None else args.prefetch, on_miss=args.on_miss or "load",
+                         store=args.offload_store or "disk", store_dir=args.offload_dir)
+
+
+def apply_offload(model, cfg, quiet: bool = False):
+    """Offload the loaded model's experts per ``cfg`` (None: nothing) -> runtime or None."""
+    if cfg is None:
+        return None
+    import sys
+
+    from moekit.offload.runtime import offload_model
+
+    rt = offload_model(model, cfg)
+    if not quiet:
+        s = rt.summary()
+        print(f"moekit: experts offloaded to {cfg.store}: {s['slots_per_layer']} of "
+              f"{rt.store.num_experts[next(iter(rt.caches))]} experts cached per MoE layer "
+              f"({s['expert_bytes'] / 1e6:.3g} MB each, {s['layers']} layers), policy {cfg.policy}, "
+              f"prefetch {'on' if cfg.prefetch else 'off'}, on miss {cfg.on_miss}", file=sys.stderr)
+    return rt
+
+
+__all__ = ["offload_args", "offload_config", "apply_offload"]
