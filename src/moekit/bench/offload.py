@@ -8,7 +8,8 @@ Plan:
   2. Alternate fresh child processes (so each peak RSS is one run's own): ``memory`` reads
      every expert into RAM; ``offload`` attaches the store behind an expert cache of
      ``--budget-gb`` (``moekit.offload``). Each prefills the same random prompt, decodes
-     ``--new-tokens`` greedily, and reports decode tokens/s, its RSS before loading and its
+     ``--new-tokens`` by sampling at temperature 1 with a fixed seed (greedy decoding of a
+     random model repeats one token, which one cache slot would serve), and reports decode tokens/s, its RSS before loading and its
      peak RSS, the cache counters over the decode steps, and the routing of every forward.
   3. Medians over ``--repeats``; the offloaded peak RSS (over the RSS before loading) against
      budget + non-expert weights + KV cache (+10 %); the measured decode hit rate against the
@@ -131,7 +132,7 @@ def child(a: ChildArgs) -> dict:
     gen = torch.Generator().manual_seed(a.seed)
     prompt = torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=gen).tolist()
     engine = Engine(model, max_batch=1, max_len=a.prompt_len + a.new_tokens)
-    seq = engine.add(prompt, SamplingParams(max_new_tokens=a.new_tokens, temperature=0))
+    seq = engine.add(prompt, SamplingParams(max_new_tokens=a.new_tokens, temperature=1.0, seed=a.seed))
     engine.step()  # the prefill
     prefill_forwards = len(trace[0])
     if rt is not None:
@@ -278,7 +279,7 @@ def format_report(rep: dict) -> str:
         f"{rep['hit_rate_no_prefetch']:.3f} without; the replay of the same routing through {rep['policy']} at "
         f"the same capacity predicts {rep['hit_rate_replay']:.3f} without prefetch; prefetch accuracy "
         f"{rep['prefetch_accuracy']:.3f}; {rep['bytes_per_token'] / 1e6:.1f} MB moved per decode token",
-        f"greedy tokens identical across runs: {rep['same_tokens']}",
+        f"sampled tokens (same seed) identical across runs: {rep['same_tokens']}",
     ]
     return "\n".join(lines)
 
