@@ -190,6 +190,8 @@ def test_results_aggregate_seeds_and_report_the_gain_kept():
     md = render_markdown(result)
     assert "| student | 0.00M | 0.00M | 0.0000 | 6.0000 ± 1.4142 |" in md
     assert "12.5 ± 53.0 %" in md and "teacher (stage)" in md and "seeds 0, 1" in md
+    # Paired by seed: the student against the same seed's baseline, -1.0 and +0.5.
+    assert "| -0.2500 ± 1.0607 (1 of 2 seeds > 0) |" in md and "final - baseline's, paired by seed" in md
 
 
 def test_experiment_cli_refuses_zero_seeds(tmp_path, capsys):

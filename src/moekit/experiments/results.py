@@ -113,6 +113,8 @@ def summarize(variants: list[dict]) -> list[dict]:
             tokens_to_baseline_loss=reach,
             tokens_to_baseline_ratio=(reach / base_tokens) if reach is not None and base_tokens else None,
             gain_kept=_gain_kept(base_final, last.get("val_loss"), teacher) if teacher and not v.get("stage") else None,
+            # per seed, against the baseline of the same seed (same batches): the paired difference
+            vs_baseline=last["val_loss"] - base_final if None not in (last.get("val_loss"), base_final) else None,
         ))
     return rows
 
@@ -126,7 +128,7 @@ def _gain_kept(base: float | None, loss: float | None, teacher: dict) -> float |
     return gain_kept(base, loss, t)
 
 
-SPREAD_FIELDS = ("initial_val_loss", "final_val_loss", "best_val_loss", "gain_kept")
+SPREAD_FIELDS = ("initial_val_loss", "final_val_loss", "best_val_loss", "gain_kept", "vs_baseline")
 
 
 def aggregate(rows_by_seed: list[list[dict]]) -> list[dict]:
@@ -199,8 +201,10 @@ def _columns(result: dict) -> list[tuple[str, Callable[[dict], str]]]:
     if any(r.get("start") for r in rows):
         cols += [("training TFLOPs (all stages)", lambda r: _fmt(r["flops"] / 1e12 if r["flops"] else None, ".1f")),
                  ("val loss at its start", lambda r: _loss(r, "initial_val_loss"))]
-    cols += [("final val loss", lambda r: _loss(r, "final_val_loss")),
-             ("best val loss", lambda r: _loss(r, "best_val_loss")),
+    cols.append(("final val loss", lambda r: _loss(r, "final_val_loss")))
+    if len(result.get("seeds") or []) > 1:  # seed by seed the variants share batches: compare in pairs
+        cols.append((f"final - {base}'s, paired by seed", lambda r: "" if r["variant"] == base else _signed(r)))
+    cols += [("best val loss", lambda r: _loss(r, "best_val_loss")),
              ("train s", lambda r: _fmt(r["train_seconds"], ".0f")), ("tokens/s", lambda r: _fmt(r["tokens_per_s"], ".0f")),
              ("max_violation", lambda r: _fmt(r["max_violation"], ".3f")),
              ("dead", lambda r: _fmt(r["dead_experts"], ".3g")), ("dropped", lambda r: _fmt(r["dropped_fraction"], ".4f"))]
@@ -211,6 +215,15 @@ def _columns(result: dict) -> list[tuple[str, Callable[[dict], str]]]:
     cols.append((f"tokens to reach {base}'s final loss", lambda r: "not reached" if r["tokens_to_baseline_loss"] is None
                  else f"{r['tokens_to_baseline_loss']:,.0f} ({r['tokens_to_baseline_ratio']:.2f}x)"))
     return cols
+
+
+def _signed(row: dict) -> str:
+    """'+0.0123 ± 0.0040 (3 of 3 seeds > 0)': the mean and sd of the per-seed differences."""
+    spread = row["spread"].get("vs_baseline")
+    if spread is None:
+        return "-"
+    above = sum(v > 0 for v in spread["values"])
+    return f"{row['vs_baseline']:+.4f} ± {spread['sd']:.4f} ({above} of {len(spread['values'])} seeds > 0)"
 
 
 def _gain(row: dict) -> str:
