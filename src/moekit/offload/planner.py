@@ -46,7 +46,7 @@ class CacheResult:
     hits: int  # demand accesses served from the cache
     misses: int  # demand accesses that had to load the expert (stall the decode)
     prefetch_loads: int = 0  # experts loaded ahead on a guess
-    prefetch_useful: int = 0  # of those, used by the token they were loaded for
+    prefetch_useful: int = 0  # of those, asked for by a later demand before their eviction
     tokens: int = 0
 
     @property
@@ -108,33 +108,40 @@ def online_hits(keys: np.ndarray, capacity: int, policy: str) -> int:
 
 
 def prefetch_replay(ids_TK: np.ndarray, guess_TK: np.ndarray, capacity: int, policy: str) -> tuple[int, int, int]:
-    """One layer with prefetch -> (hits, prefetch loads, useful prefetch loads); see the module
-    docstring for the rules. Guesses of NO_GUESS (the first MoE layer) load nothing."""
+    """One layer with prefetch -> (hits, prefetch loads, useful prefetch loads: those a later
+    demand found before they were evicted); see the module docstring for the rules. Guesses of
+    NO_GUESS (the first MoE layer) load nothing."""
     p = make_policy(policy)
     hits = loads = useful = 0
+    unused: set[int] = set()  # prefetched, not yet asked for
     for ids, guess in zip(ids_TK.tolist(), guess_TK.tolist()):
-        fetched, pinned = set(), set(guess)
+        guess = [g for g in guess if g != NO_GUESS]
         for g in guess:
-            if g == NO_GUESS or g in p or capacity == 0:
+            if g in p or capacity == 0:
                 continue
             if len(p) >= capacity:
-                victim = p.victim(pinned=pinned)
+                victim = p.victim(pinned=guess)
                 if victim is None:  # the cache is full of this token's guesses
                     continue
                 p.remove(victim)
+                unused.discard(victim)
             p.insert(g)
-            fetched.add(g)
-        loads += len(fetched)
-        useful += len(fetched & set(ids))
+            unused.add(g)
+            loads += 1
         for e in ids:
             p.access(e)
             if e in p:
                 hits += 1
+                if e in unused:
+                    useful += 1
+                    unused.discard(e)
                 continue
             if capacity == 0:
                 continue
             if len(p) >= capacity:
-                p.remove(p.victim())
+                victim = p.victim()
+                p.remove(victim)
+                unused.discard(victim)
             p.insert(e)
     return hits, loads, useful
 
