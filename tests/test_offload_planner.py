@@ -206,3 +206,14 @@ def test_a_damaged_trace_file_is_one_line(tmp_path, capsys):
     (tmp_path / "x.trace").write_text("not a trace")
     assert main(["plan-offload", str(tmp_path / "x.trace"), "--cache-sizes", "2", "--bandwidth", "1"]) == 2
     assert "not a routing trace" in capsys.readouterr().err
+
+
+def test_plan_rows_reports_progress_after_each_replay():
+    from moekit.offload.plan_report import plan_rows
+
+    seen = []
+    trace = _trace(_random_routing(np.random.default_rng(7), T=30))
+    rows = plan_rows(trace, parse_cache_sizes("2,3"), ["lru", "belady"], True, 1.0,
+                     progress=lambda done, total, label: seen.append((done, total, label)))
+    assert [r["policy"] for r in rows] == ["lru", "belady", "lru+prefetch"] * 2
+    assert seen[0] == (1, 6, "lru with 2 experts per layer") and seen[-1][:2] == (6, 6)

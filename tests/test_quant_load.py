@@ -134,3 +134,29 @@ def test_int4_without_the_kernel_is_one_line_and_the_reference_only_when_asked(r
     assert _generate([str(q4), "--reference"], capsys) == at_load
     model, _, _ = load_for_inference(q4, reference=True)
     assert model.moe_layers()[0].experts.w_in.kernel is False
+
+
+def test_chat_quantizes_at_load_as_the_quantized_folder_chats(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from hf_tokenizers import qwen_like
+
+    import moekit
+    from moekit.inference.tokenization import load_tokenizer
+
+    folder = tmp_path / "hf"
+    qwen_like(folder, chat_template=(Path(__file__).parent / "fixtures" / "chat_templates" / "qwen2.jinja").read_text())
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=load_tokenizer(folder).vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                      d_ff=40, max_seq_len=128, init_std=0.3, moe=MoEConfig(d_model=32, d_expert=16, num_experts=4, top_k=2))
+    moekit.MoETransformer(cfg).save_pretrained(folder, architecture="MixtralForCausalLM")
+    assert main(["quantize", str(folder), "--bits", "8", "--out", str(tmp_path / "q")]) == 0
+
+    def chat(argv) -> str:
+        monkeypatch.setattr("sys.stdin", io.StringIO("which expert?\n/exit\n"))
+        capsys.readouterr()
+        assert main(["chat", *argv, "--max-new-tokens", "10", "--temperature", "0"]) == 0
+        return capsys.readouterr().out
+
+    reply = chat([str(folder), "--quantize", "8"])
+    assert reply.strip() and reply == chat([str(tmp_path / "q")])

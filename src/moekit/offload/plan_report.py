@@ -10,6 +10,7 @@ import io
 import re
 from pathlib import Path
 from dataclasses import dataclass
+from typing import Callable
 
 from moekit.errors import UsageError
 from moekit.offload.planner import ONLINE, predict_speed, prefetch_accuracy, simulate
@@ -53,15 +54,18 @@ def parse_cache_sizes(text: str) -> list[CacheSize]:
 
 
 def plan_rows(trace: Trace, sizes: list[CacheSize], policies: list[str], prefetch: bool,
-              bandwidth_gbs: float) -> list[dict]:
-    """One record per (cache size, policy[+prefetch]): hit rate, bytes per token, tokens/s."""
+              bandwidth_gbs: float, progress: Callable[[int, int, str], None] | None = None) -> list[dict]:
+    """One record per (cache size, policy[+prefetch]): hit rate, bytes per token, tokens/s.
+    ``progress(done, total, label)`` after each replay."""
     h = trace.header
+    runs = [(p, False) for p in policies] + ([(p, True) for p in policies if p in ONLINE] if prefetch else [])
+    per_layer_sizes = [size.per_layer(trace) for size in sizes]  # a size too small fails before any replay
     rows = []
-    for size in sizes:
-        per_layer = size.per_layer(trace)
-        runs = [(p, False) for p in policies] + ([(p, True) for p in policies if p in ONLINE] if prefetch else [])
+    for size, per_layer in zip(sizes, per_layer_sizes):
         for policy, pf in runs:
             r = simulate(trace, per_layer, policy, pf)
+            if progress is not None:
+                progress(len(rows) + 1, len(sizes) * len(runs), f"{r.policy} with {per_layer} experts per layer")
             speed = predict_speed(r, h.expert_bytes, bandwidth_gbs, h.decode_tokens_per_s)
             rows.append(dict(cache=size.text, experts_per_layer=per_layer,
                              cache_gb=per_layer * h.expert_bytes * trace.num_layers / 1e9, policy=r.policy,

@@ -50,6 +50,10 @@ def _progress(done: int, total: int) -> None:
         print(f"traced {done:,}/{total:,} tokens", file=sys.stderr, flush=True)
 
 
+def _replay_progress(done: int, total: int, label: str) -> None:
+    print(f"replayed {done}/{total}: {label}", file=sys.stderr, flush=True)
+
+
 def cmd_trace(args) -> int:
     import torch
 
@@ -87,7 +91,9 @@ def cmd_plan(args) -> int:
         bandwidth, source = measure_read_bandwidth(Path(args.trace).resolve().parent), "measured here, cold read"
     else:
         bandwidth, source = args.bandwidth, "given"
-    rows = plan_rows(trace, args.cache_sizes, args.policies, args.prefetch, bandwidth)
+    long = trace.experts.size > 2_000_000  # about a second per replay and more: say where it is
+    rows = plan_rows(trace, args.cache_sizes, args.policies, args.prefetch, bandwidth,
+                     progress=_replay_progress if long else None)
     info = summary(trace, bandwidth, source)
     if args.json:
         print(json.dumps({**info, "rows": rows}, indent=2))
