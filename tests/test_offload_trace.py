@@ -143,3 +143,14 @@ def test_a_trace_of_generated_tokens_routes_as_the_cached_decode_did(folder):
     for i, routing in enumerate(seq.routing):  # token i was predicted at position len(prompt) - 1 + i
         pos = len(prompt) - 1 + i
         assert [sorted(ids) for ids in routing] == [sorted(trace.experts[layer, pos].tolist()) for layer in range(3)]
+
+
+def test_expert_choice_routing_is_refused_in_one_line():
+    from moekit.errors import UsageError
+    from moekit.offload.trace import record_routing
+
+    cfg = moekit.ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=16,
+                             moe=moekit.MoEConfig(d_model=16, d_expert=16, num_experts=4, top_k=1,
+                                                  router="expert_choice"))
+    with pytest.raises(UsageError, match="trace needs token-choice routing"):
+        record_routing(moekit.MoETransformer(cfg), np.arange(20) % 64, window=16)

@@ -13,6 +13,7 @@ from moekit.argtypes import IntArg, positive_int
 from moekit.errors import UsageError
 from moekit.inference.cli import loading_args
 from moekit.offload.cli import apply_offload, offload_args, offload_config
+from moekit.quant.cli import add_load_args, quant_config
 
 
 # Prompt tokens prefilled per step over all newcomers: the running streams wait at most one
@@ -71,13 +72,17 @@ def cmd_serve(args) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     offload = offload_config(args)
+    qcfg = quant_config(args)
+    if qcfg is not None:
+        qcfg.check_supported()  # before minutes of loading
     model, tokenizer, defaults = load_for_inference(args.model, args.dtype, args.device, check_memory=not args.force,
-                                                    check_finite=not args.no_check_finite)
-    if args.quantize:  # quantize at load (a folder written by `moekit quantize` loads quantized as it is)
-        from moekit.quant import QuantConfig, quantize_model
+                                                    check_finite=not args.no_check_finite, reference=args.reference)
+    if qcfg is not None:  # quantize at load (a folder written by `moekit quantize` loads quantized as it is)
+        from moekit.quant.convert import quantize_at_load
 
-        cov = quantize_model(model, QuantConfig(bits=args.quantize, group_size=args.group_size))
-        print(cov.format(), file=sys.stderr)
+        cov = quantize_at_load(model, qcfg)
+        if cov is not None:
+            print(cov.format(), file=sys.stderr)
     apply_offload(model, offload)  # after quantizing: the store holds the int8/int4 experts
     name = args.served_model_name or Path(args.model).resolve().name
     state = build_state(model, tokenizer, defaults, name, args.max_batch, args.max_waiting,
@@ -103,9 +108,7 @@ def add_parser(sub) -> None:
                         f"(chunked prefill; default: {SERVE_PREFILL_CHUNK})")
     s.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's)")
     s.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
-    s.add_argument("--quantize", type=positive_int, choices=(8, 4), default=None,
-                   help="quantize the routed experts at load: 8 (int8 per row) or 4 (int4 groups)")
-    s.add_argument("--group-size", type=positive_int, choices=(32, 64, 128, 256), default=64, help="with --quantize 4: inputs per scale/zero (default: 64)")
+    add_load_args(s)  # --quantize, --group-size, --quantize-scope, --reference
     s.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
     loading_args(s)
     offload_args(s)
