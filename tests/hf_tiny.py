@@ -72,6 +72,19 @@ def deepseek_v3(q_lora_rank: int | None = 16, rope_interleave: bool = True):
     return DeepseekV3ForCausalLM(cfg)
 
 
+def gpt_oss():
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    # A swiglu_limit small enough that the clamp binds on these random activations.
+    yarn = dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, original_max_position_embeddings=16,
+                beta_fast=32.0, beta_slow=1.0, truncate=False)
+    cfg = GptOssConfig(**_common(intermediate_size=16, num_hidden_layers=3, num_key_value_heads=2, head_dim=12,
+                                 num_local_experts=6, num_experts_per_tok=2, sliding_window=6, swiglu_limit=1.5,
+                                 layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                 rope_parameters=yarn))
+    return GptOssForCausalLM(cfg)
+
+
 def llama(tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -103,6 +116,7 @@ BUILDERS = {
     "deepseek_v3": deepseek_v3,
     # full-rank q projection, rope dims stored half-split (no row permutation on load)
     "deepseek_v3_plain": lambda: deepseek_v3(q_lora_rank=None, rope_interleave=False),
+    "gpt_oss": gpt_oss,
     "llama": llama, "mistral": mistral, "qwen2": qwen2,
 }
 
@@ -116,7 +130,7 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
             continue
         if "norm" in name:
             t.copy_(1 + 0.3 * torch.randn_like(t))
-        elif name.endswith(("bias", "e_score_correction_bias")):
+        elif name.endswith(("bias", "e_score_correction_bias", "sinks")):
             t.copy_(0.3 * torch.randn_like(t))
     return model.eval()
 

@@ -12,9 +12,26 @@ import torch
 from moekit.layers.mlp import activate
 
 
+def clamped_swiglu(h, limit, alpha):
+    """gpt-oss's activation as its model card writes it (gate and up as moekit's halves)."""
+    gate, up = h.chunk(2, dim=-1)
+    gate = torch.where(gate > limit, torch.full_like(gate, limit), gate)
+    up = torch.maximum(torch.minimum(up, torch.full_like(up, limit)), torch.full_like(up, -limit))
+    return gate * (1 / (1 + torch.exp(-alpha * gate))) * (up + 1)
+
+
 def expert_ffn(layer, e, x):
-    w_in, w_out = layer.experts.w_in[e].to(x.dtype), layer.experts.w_out[e].to(x.dtype)  # [out, in]
-    return activate(x @ w_in.t(), layer.cfg.activation) @ w_out.t()
+    cfg, ex = layer.cfg, layer.experts
+    w_in, w_out = ex.w_in[e].to(x.dtype), ex.w_out[e].to(x.dtype)  # [out, in]
+    h = x @ w_in.t()
+    if cfg.expert_proj_bias:
+        h = h + ex.b_in[e].to(x.dtype)
+    if cfg.activation == "clamped_swiglu":
+        a = clamped_swiglu(h, cfg.swiglu_limit, cfg.swiglu_alpha)
+    else:
+        a = activate(h, cfg.activation)
+    y = a @ w_out.t()
+    return y + ex.b_out[e].to(x.dtype) if cfg.expert_proj_bias else y
 
 
 def reference_moe(layer, x, padding_mask=None):

@@ -46,7 +46,8 @@ def test_fast_path_matches_reference_fp32(impl, case, capacity, monkeypatch):
         assert_close_scaled(a, b)
 
 
-@pytest.mark.parametrize("case", ["softmax-top2", "sigmoid-groups", "expert-choice", "fine-shared-gated", "gelu"])
+@pytest.mark.parametrize("case", ["softmax-top2", "sigmoid-groups", "expert-choice", "fine-shared-gated", "gelu",
+                                  "gpt-oss"])
 @pytest.mark.parametrize("impl", FAST)
 def test_fast_path_matches_reference_bf16(impl, case, monkeypatch):
     layer = make_layer(case, 1.0 if case == "softmax-top2" else None)

@@ -48,6 +48,17 @@ def test_unsupported_values_are_refused_by_name():
                                                                                   "rope_theta": 1e4, "factor": 2.0}})
 
 
+def test_gpt_oss_layer_types_it_cannot_run_are_refused():
+    cfg = default_config("GptOssForCausalLM")
+    read = config_from_hf(cfg)
+    n = cfg["num_hidden_layers"]
+    assert read.global_layers == tuple(range(1, n, 2)) and read.sliding_window == 128
+    bad = {**cfg, "layer_types": ["chunked_attention"] * n}
+    with pytest.raises(ValueError, match=f"layer_types must be {n} entries of sliding_attention, full_attention"):
+        config_from_hf(bad)
+    assert config_from_hf({**cfg, "layer_types": ["full_attention"] * n}).sliding_window is None
+
+
 @pytest.mark.parametrize("key, value, needle", [
     ("hidden_size", "64", "hidden_size must be a number, got '64'"),
     ("rope_theta", "x", "rope_theta must be a number, got 'x'"),

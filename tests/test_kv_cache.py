@@ -27,6 +27,11 @@ CONFIGS = {
                                                 mscale=1.0, mscale_all_dim=1.0),
         moe=_moe(num_experts=8, top_k=3, router="sigmoid", num_groups=4, topk_groups=2, num_shared_experts=1,
                  routed_scaling_factor=2.5)),
+    # GPT-OSS: sinks, biases on q/k/v/o, windowed layers 0 and 2 around a full layer 1
+    "gpt_oss_sinks_alternating": dict(n_kv_heads=2, qkv_bias=True, out_bias=True, attention_sinks=True,
+                                      sliding_window=5, global_layers=(1,),
+                                      moe=_moe(router_bias=True, expert_proj_bias=True, activation="clamped_swiglu",
+                                               swiglu_limit=1.0)),
     "mla_full_rank_q_window": dict(attention="mla", kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
                                    v_head_dim=6, sliding_window=7, moe=_moe()),
 }
@@ -40,7 +45,7 @@ def build(name: str) -> moekit.MoETransformer:
         for pname, p in model.named_parameters():
             if "norm" in pname:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif pname.endswith("bias"):
+            elif pname.endswith(("bias", "sinks", "b_in", "b_out")):
                 p.copy_(0.3 * torch.randn_like(p))
     return model
 
@@ -72,7 +77,8 @@ def test_cached_decoding_equals_full_recompute(name):
     assert cache.lengths == [0, 0, 30]
 
 
-@pytest.mark.parametrize("name", ["gqa_moe", "sliding_window_mixed", "mla_group_routing_shared"])
+@pytest.mark.parametrize("name", ["gqa_moe", "sliding_window_mixed", "mla_group_routing_shared",
+                                  "gpt_oss_sinks_alternating"])
 @torch.no_grad()
 def test_rows_at_different_positions_and_chunked_prefill(name):
     """A batch whose rows hold different lengths (right-padded prefill, then chunks and single

@@ -141,3 +141,40 @@ def test_autocast_bf16_keeps_router_fp32():
         r = model.moe_layers()[0].router(torch.randn(4, 32))
     assert r.logits.dtype == torch.float32
     lm_loss(out, torch.randint(0, 97, (2, 8))).total.backward()
+
+
+def test_attention_sinks_match_the_explicit_softmax_with_a_sink_column():
+    """attend_with_sinks against the definition (gpt-oss's reference): softmax over [scores | s_h]
+    per row, the sink's column dropped; GQA heads read their kv head; a causal window applies."""
+    from moekit.layers.attention import attend
+
+    B, H, Hk, S, hd, W = 2, 4, 2, 9, 8, 4
+    q, k, v = torch.randn(B, H, S, hd), torch.randn(B, Hk, S, hd), torch.randn(B, Hk, S, hd)
+    sinks = torch.randn(H)
+    got = attend(q, k, v, window=W, sinks=sinks)
+    want = torch.empty_like(got)
+    for b in range(B):
+        for h in range(H):
+            for i in range(S):
+                js = [j for j in range(S) if j <= i and i - j < W]
+                s = torch.stack([q[b, h, i] @ k[b, h // 2, j] for j in js]) / hd**0.5
+                p = torch.softmax(torch.cat([s, sinks[h:h + 1]]), dim=0)[:-1]
+                want[b, h, i] = sum(pj * v[b, h // 2, j] for pj, j in zip(p, js))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - attend(q, k, v, window=W)).abs().max() > 1e-2  # the sink changes the output
+
+
+def test_global_layers_attend_beyond_the_window():
+    """GPT-OSS alternates windowed and full layers: layer 1 sees the whole context, so changing
+    a token far outside the window changes the last logits only through it."""
+    kw = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=32, sliding_window=3)
+    windowed = MoETransformer(ModelConfig(**kw)).eval()
+    mixed = MoETransformer(ModelConfig(**kw, global_layers=(1,))).eval()
+    mixed.load_state_dict(windowed.state_dict())
+    assert [b.attn.sliding_window for b in mixed.blocks] == [3, None]
+    a = torch.randint(0, 64, (1, 12))
+    b = a.clone()
+    b[0, 0] = (a[0, 0] + 1) % 64
+    with torch.no_grad():
+        assert torch.equal(windowed(a).logits[0, -1], windowed(b).logits[0, -1])
+        assert not torch.equal(mixed(a).logits[0, -1], mixed(b).logits[0, -1])

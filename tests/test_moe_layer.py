@@ -22,6 +22,9 @@ CASES = {
                               shared_expert_gate=True, norm_topk_prob=False),
     "gelu": dict(router="softmax", num_experts=4, top_k=2, activation="gelu"),
     "relu-jitter": dict(router="softmax", num_experts=4, top_k=1, activation="relu", router_jitter=0.1),
+    # GPT-OSS: router bias, expert biases, clamped SwiGLU with a limit the random activations cross
+    "gpt-oss": dict(router="softmax", num_experts=8, top_k=2, norm_topk_prob=True, router_bias=True,
+                    expert_proj_bias=True, activation="clamped_swiglu", swiglu_limit=1.0),
 }
 CAPACITIES = {"dropless": None, "cf1.0": 1.0, "cf0.5": 0.5}
 
@@ -34,6 +37,10 @@ def make_layer(case: str, capacity, **extra) -> MoELayer:
     layer.reset_parameters(std=0.5, out_std=0.5)  # a spread-out router, so choices differ per token
     if CASES[case]["router"] == "sigmoid":
         layer.router.expert_bias.copy_(torch.randn(layer.cfg.num_experts) * 0.1)
+    with torch.no_grad():  # learned biases start at zero: random ones, so a dropped bias shows
+        for name, p in layer.named_parameters():
+            if name in ("router.bias", "experts.b_in", "experts.b_out"):
+                p.copy_(torch.randn_like(p) * 0.5)
     return layer
 
 
@@ -83,7 +90,7 @@ def test_layer_matches_reference_fp32(case, capacity, training):
         assert_close_scaled(a, b)
 
 
-@pytest.mark.parametrize("case", ["softmax-top2", "sigmoid-groups", "expert-choice", "fine-shared-gated"])
+@pytest.mark.parametrize("case", ["softmax-top2", "sigmoid-groups", "expert-choice", "fine-shared-gated", "gpt-oss"])
 def test_layer_matches_reference_bf16(case):
     layer = make_layer(case, 1.0 if case == "softmax-top2" else None)
     x = torch.randn(2, 16, D).bfloat16()

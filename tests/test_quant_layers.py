@@ -183,3 +183,13 @@ def test_quantized_provider_rows_and_get_at_the_seam(bits, impl):
         _close(q.experts.rows(x_MD, counts, w_M, impl), expert_rows(fp.experts, x_MD, counts, w_M, "loop"), torch.float32)
     for (a, b), (c, d) in zip(q.experts.get([2, 5], torch.float32), fp.experts.get([2, 5], torch.float32)):
         assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_experts_with_biases_or_clamped_swiglu_are_refused_before_any_swap():
+    """GPT-OSS experts carry biases the quantized twin has no place for: refused, nothing swapped."""
+    moe = MoEConfig(d_model=32, d_expert=16, num_experts=4, top_k=2, router_bias=True, expert_proj_bias=True,
+                    activation="clamped_swiglu")
+    model = MoETransformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, moe=moe))
+    with pytest.raises(ValueError, match="experts with biases or activation='clamped_swiglu'"):
+        quantize_model(model, QuantConfig(bits=8, group_size=16, scope=("attention", "experts")))
+    assert not any(isinstance(m, (QuantizedExperts, QuantizedLinear)) for m in model.modules())

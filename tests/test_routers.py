@@ -28,6 +28,22 @@ def test_softmax_topk_renormalized_like_mixtral():
     torch.testing.assert_close(out.weights.sum(-1), torch.ones(20))
 
 
+def test_router_bias_and_softmax_over_topk_logits_like_gpt_oss():
+    """GPT-OSS: logits = x W^T + b, top-k of the logits, softmax over those k values. That is
+    the renormalized softmax router; the bias moves both the choice and the weights."""
+    r = router(top_k=4, norm_topk_prob=True, router_bias=True)
+    with torch.no_grad():
+        r.bias.copy_(torch.randn(E))
+    x = torch.randn(20, D)
+    logits = x @ r.weight.t() + r.bias
+    top, ids = logits.topk(4, dim=-1)
+    out = r(x)
+    assert torch.equal(out.ids, ids)
+    torch.testing.assert_close(out.weights, torch.softmax(top, dim=-1))
+    without = torch.softmax(x @ r.weight.t(), dim=-1).topk(4, dim=-1).indices
+    assert not torch.equal(without, ids)  # the bias changed some choices
+
+
 def test_softmax_without_renormalization_keeps_probabilities():
     r = router(top_k=4, norm_topk_prob=False)
     x = torch.randn(20, D)

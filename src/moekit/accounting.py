@@ -50,6 +50,10 @@ def attention_params(cfg: ModelConfig) -> int:
     n = cfg.d_model * (q_dim + 2 * kv_dim) + q_dim * cfg.d_model
     if cfg.qkv_bias:
         n += q_dim + 2 * kv_dim
+    if cfg.out_bias:
+        n += cfg.d_model
+    if cfg.attention_sinks:
+        n += cfg.n_heads
     if cfg.qk_norm == "head":
         n += 2 * hd
     elif cfg.qk_norm == "full":
@@ -59,13 +63,16 @@ def attention_params(cfg: ModelConfig) -> int:
 
 def _moe_layer_params(cfg: ModelConfig) -> dict[str, int]:
     m = cfg.moe
-    router = m.num_experts * m.d_model * (2 if m.router == "noisy" else 1)
+    router = m.num_experts * m.d_model * (2 if m.router == "noisy" else 1) + (m.num_experts if m.router_bias else 0)
+    expert = ffn_params(m.d_model, m.d_expert, m.activation)
+    if m.expert_proj_bias:
+        expert += first_proj_width(m.d_expert, m.activation) + m.d_model
     shared = ffn_params(m.d_model, m.shared_width, m.activation) if m.num_shared_experts else 0
     if m.shared_expert_gate:
         shared += m.d_model
     return {
         "router": router,
-        "routed_experts": m.num_experts * ffn_params(m.d_model, m.d_expert, m.activation),
+        "routed_experts": m.num_experts * expert,
         "shared_experts": shared,
     }
 
@@ -89,8 +96,13 @@ def count_params(cfg: ModelConfig) -> ParamCount:
 
 
 def attended_context(cfg: ModelConfig, seq_len: int) -> float:
-    """Mean number of keys a query attends to over a causal sequence of ``seq_len`` tokens."""
-    w = cfg.sliding_window or seq_len
+    """Mean number of keys a query attends to over a causal sequence of ``seq_len`` tokens,
+    averaged over the layers (windowed layers and global ones differ)."""
+    return sum(_layer_context(cfg.window_of(i), seq_len) for i in range(cfg.n_layers)) / cfg.n_layers
+
+
+def _layer_context(window: int | None, seq_len: int) -> float:
+    w = window or seq_len
     if w >= seq_len:
         return (seq_len + 1) / 2
     return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len

@@ -169,6 +169,10 @@ PRESET_CLAIMS: dict[str, tuple[float, float, str, str]] = {
     "qwen3-30b-a3b": (30.5e9, 3.3e9, "Qwen team, Qwen3 model card", ""),
     "deepseek-v3": (671e9, 37e9, "DeepSeek-AI 2024, DeepSeek-V3 technical report",
                     "claims exclude the 14B multi-token-prediction module, as moekit does"),
+    "gpt-oss-20b": (20.91e9, 3.61e9, "OpenAI 2025, gpt-oss-120b & gpt-oss-20b model card, Table 1",
+                    "the card counts the unembedding but not the embedding as active; moekit counts both"),
+    "gpt-oss-120b": (116.83e9, 5.13e9, "OpenAI 2025, gpt-oss-120b & gpt-oss-20b model card, Table 1",
+                     "the card counts the unembedding but not the embedding as active; moekit counts both"),
 }
 
 

@@ -17,6 +17,8 @@ from moekit.errors import ConfigError
 
 ROUTERS = ("softmax", "noisy", "sigmoid", "expert_choice")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
+# Routed experts may also use GPT-OSS's clamped SwiGLU (see MoEConfig.swiglu_limit).
+EXPERT_ACTIVATIONS = ACTIVATIONS + ("clamped_swiglu",)
 QK_NORMS = ("head", "full")
 ATTENTIONS = ("gqa", "mla")
 # RoPE context-extension schemes, named as in Hugging Face's rope_scaling, and their keys:
@@ -34,8 +36,8 @@ ROPE_SCALINGS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 }
 
 def first_proj_width(d_ff: int, activation: str) -> int:
-    """Output width of the first projection: gate and up fused for swiglu."""
-    return 2 * d_ff if activation == "swiglu" else d_ff
+    """Output width of the first projection: gate and up fused for the SwiGLU kinds."""
+    return 2 * d_ff if activation in ("swiglu", "clamped_swiglu") else d_ff
 
 
 # Field checks: every config (here, training, data, inference, distributed) validates with these,
@@ -92,7 +94,14 @@ class MoEConfig:
     num_experts: int
     top_k: int = 2  # experts per token; for expert_choice, the average experts per token
     router: str = "softmax"  # softmax | noisy (Shazeer 2017) | sigmoid (DeepSeek-V3) | expert_choice
-    activation: str = "swiglu"  # swiglu | gelu | relu
+    activation: str = "swiglu"  # swiglu | gelu | relu | clamped_swiglu (GPT-OSS; routed experts only)
+    # clamped_swiglu (OpenAI 2025, gpt-oss model card): gate = min(gate, limit), up = clamp(up,
+    # -limit, limit), out = gate * sigmoid(alpha * gate) * (up + 1). The clamp keeps rare huge
+    # activations from overflowing low-precision experts; gpt-oss uses limit 7, alpha 1.702.
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+    router_bias: bool = False  # a learned bias on the router logits (GPT-OSS)
+    expert_proj_bias: bool = False  # biases on both projections of every routed expert (GPT-OSS)
     # Renormalize the k chosen weights to sum to 1. None picks the published convention:
     # yes for top_k > 1 (Mixtral); no for top_k == 1, where Switch scales the output by the
     # chosen probability (renormalizing would make it a constant 1 and cut the router's gradient).
@@ -120,7 +129,10 @@ class MoEConfig:
             check_int(name, getattr(self, name))
         check_int("num_shared_experts", self.num_shared_experts, minimum=0)
         check_choice("router", self.router, ROUTERS)
-        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("activation", self.activation, EXPERT_ACTIVATIONS)
+        check_bool("router_bias", self.router_bias)
+        check_bool("expert_proj_bias", self.expert_proj_bias)
+        self._validate_clamp()
         if self.top_k > self.num_experts:
             raise ConfigError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
         if self.norm_topk_prob is not None:
@@ -157,6 +169,15 @@ class MoEConfig:
                 f"top_k ({self.top_k}) must be <= topk_groups * experts per group "
                 f"({self.topk_groups} * {self.group_size})"
             )
+
+    def _validate_clamp(self) -> None:
+        check_float("swiglu_limit", self.swiglu_limit, 0.0, strict=True)
+        check_float("swiglu_alpha", self.swiglu_alpha, 0.0, strict=True)
+        if self.activation != "clamped_swiglu" and (self.swiglu_limit, self.swiglu_alpha) != (7.0, 1.702):
+            # Refused rather than ignored: a config that sets them expects them to act.
+            raise ConfigError("swiglu_limit / swiglu_alpha apply only to activation='clamped_swiglu'")
+        if self.activation == "clamped_swiglu" and self.num_shared_experts:
+            raise ConfigError("activation='clamped_swiglu' is for routed experts; shared experts are not supported with it")
 
     def _validate_shared(self) -> None:
         if self.d_shared is not None:
@@ -217,6 +238,13 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2 family
     qk_norm: str | None = None  # RMSNorm on q and k: "head" (per head, Qwen3) or "full" (OLMoE)
     sliding_window: int | None = None  # Mistral/Mixtral local attention; None = full causal
+    # Layers that attend to the whole causal context even when sliding_window is set (GPT-OSS
+    # alternates sliding and full layers); () = the window applies to every layer.
+    global_layers: tuple[int, ...] = ()
+    out_bias: bool = False  # a bias on the attention output projection (GPT-OSS)
+    # A learned logit per head that joins every softmax's denominator, so a head may attend
+    # "nowhere" (attention sinks; Xiao et al. 2023, trained in as in gpt-oss).
+    attention_sinks: bool = False
     # Context extension of RoPE, e.g. {"rope_type": "yarn", "factor": 40, ...} (DeepSeek-V3),
     # keys as in Hugging Face's rope_scaling (see ROPE_SCALINGS); None = plain RoPE.
     rope_scaling: dict[str, Any] | None = None
@@ -244,6 +272,7 @@ class ModelConfig:
         if self.moe is not None and not isinstance(self.moe, MoEConfig):
             raise ConfigError(f"moe must be a mapping of MoEConfig fields or null, got {self.moe!r}")
         self.dense_layers = tuple(self.dense_layers)
+        self.global_layers = tuple(self.global_layers)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "moe_every"):
             check_int(name, getattr(self, name))
         check_int("first_dense_layers", self.first_dense_layers, minimum=0)
@@ -253,6 +282,8 @@ class ModelConfig:
         check_float("init_std", self.init_std, 0.0, strict=True)
         check_bool("tie_embeddings", self.tie_embeddings)
         check_bool("qkv_bias", self.qkv_bias)
+        check_bool("out_bias", self.out_bias)
+        check_bool("attention_sinks", self.attention_sinks)
         if self.qk_norm is not None:
             check_choice("qk_norm", self.qk_norm, QK_NORMS)
         if self.sliding_window is not None:
@@ -268,10 +299,13 @@ class ModelConfig:
             raise ConfigError(f"hf_architecture must be a string or None, got {self.hf_architecture!r}")
         if self.moe is not None and self.moe.d_model != self.d_model:
             raise ConfigError(f"moe.d_model ({self.moe.d_model}) must equal d_model ({self.d_model})")
-        for i in self.dense_layers:
-            check_int("dense_layers entry", i, minimum=0)
-            if i >= self.n_layers:
-                raise ConfigError(f"dense_layers entry {i} is out of range for n_layers={self.n_layers}")
+        for name in ("dense_layers", "global_layers"):
+            for i in getattr(self, name):
+                check_int(f"{name} entry", i, minimum=0)
+                if i >= self.n_layers:
+                    raise ConfigError(f"{name} entry {i} is out of range for n_layers={self.n_layers}")
+        if self.global_layers and self.sliding_window is None:
+            raise ConfigError("global_layers needs a sliding_window (every layer is already global)")
 
     def _validate_heads(self) -> None:
         if self.head_dim is None:
@@ -302,8 +336,9 @@ class ModelConfig:
         for name in ("head_dim", "qk_norm"):
             if getattr(self, name) is not None:
                 raise ConfigError(f"{name} does not apply to attention='mla'; leave it None")
-        if self.qkv_bias:
-            raise ConfigError("qkv_bias does not apply to attention='mla'")
+        for name in ("qkv_bias", "out_bias", "attention_sinks"):
+            if getattr(self, name):
+                raise ConfigError(f"{name} does not apply to attention='mla'")
 
     def _validate_rope_scaling(self) -> None:
         rs = self.rope_scaling
@@ -334,6 +369,10 @@ class ModelConfig:
     def kv_heads(self) -> int:
         return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
 
+    def window_of(self, i: int) -> int | None:
+        """Layer i's sliding window (None: full causal attention)."""
+        return None if i in self.global_layers else self.sliding_window
+
     def is_moe_layer(self, i: int) -> bool:
         if self.moe is None or i < self.first_dense_layers or i in self.dense_layers:
             return False
@@ -346,6 +385,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["dense_layers"] = list(self.dense_layers)
+        d["global_layers"] = list(self.global_layers)
         return d
 
     @classmethod
@@ -353,4 +393,4 @@ class ModelConfig:
         return cls(**check_fields(cls, data))
 
 
-__all__ = ["MoEConfig", "ModelConfig", "check_fields", "check_int", "check_float", "check_choice", "check_bool", "ROUTERS", "ACTIVATIONS", "first_proj_width", "QK_NORMS", "ATTENTIONS", "ROPE_SCALINGS"]
+__all__ = ["MoEConfig", "ModelConfig", "check_fields", "check_int", "check_float", "check_choice", "check_bool", "ROUTERS", "ACTIVATIONS", "EXPERT_ACTIVATIONS", "first_proj_width", "QK_NORMS", "ATTENTIONS", "ROPE_SCALINGS"]

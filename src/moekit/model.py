@@ -56,7 +56,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
+        self.attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg, layer_id)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_id)
         self.layer_id = layer_id

@@ -20,6 +20,21 @@ def _tiny_moe(**moe) -> ModelConfig:
     return ModelConfig(**_TINY, moe=MoEConfig(d_model=256, z_loss_coef=1e-3, **moe))
 
 
+def _gpt_oss(n_layers: int, num_experts: int) -> ModelConfig:
+    """gpt-oss-20b / -120b (OpenAI 2025 model card; config.json): every layer MoE, top-4, clamped
+    SwiGLU experts with biases, a router bias, sinks, sliding window 128 on every other layer."""
+    return ModelConfig(
+        vocab_size=201088, d_model=2880, n_layers=n_layers, n_heads=64, n_kv_heads=8, head_dim=64, d_ff=2880,
+        max_seq_len=131072, rope_theta=150000.0, qkv_bias=True, out_bias=True, attention_sinks=True,
+        sliding_window=128, global_layers=tuple(range(1, n_layers, 2)),
+        rope_scaling={"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                      "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False},
+        moe=MoEConfig(d_model=2880, d_expert=2880, num_experts=num_experts, top_k=4, norm_topk_prob=True,
+                      router_bias=True, expert_proj_bias=True, activation="clamped_swiglu",
+                      swiglu_limit=7.0, swiglu_alpha=1.702, load_balance_coef=0.9),
+    )
+
+
 PRESETS: dict[str, tuple[str, Callable[[], ModelConfig]]] = {
     "tiny-moe": (
         "4 layers, d_model 256, 8 experts of 512 top-2 (Mixtral-style)",
@@ -81,6 +96,14 @@ PRESETS: dict[str, tuple[str, Callable[[], ModelConfig]]] = {
             moe=MoEConfig(d_model=2048, d_expert=768, num_experts=128, top_k=8, norm_topk_prob=True,
                           load_balance_coef=0.001),
         ),
+    ),
+    "gpt-oss-20b": (
+        "gpt-oss-20b: 24 layers, 32 experts top-4 (clamped SwiGLU, biases), sinks, alternating 128-token window",
+        lambda: _gpt_oss(24, 32),
+    ),
+    "gpt-oss-120b": (
+        "gpt-oss-120b: 36 layers, 128 experts top-4 (clamped SwiGLU, biases), sinks, alternating 128-token window",
+        lambda: _gpt_oss(36, 128),
     ),
     "deepseek-v3": (
         "DeepSeek-V3: MLA, 256 experts top-8 (sigmoid, 8 groups, best 4) plus 1 shared, first 3 layers dense; "

@@ -72,6 +72,9 @@ def shard_experts(layer: MoELayer, ctx: DistContext, counter: CommCounter | None
     if layer.cfg.router == "expert_choice":
         raise ConfigError("expert parallelism does not support router='expert_choice' (each expert chooses "
                           "among all tokens of the global batch); use token-choice routing or --ep 1")
+    if layer.experts.has_bias or layer.experts.act_args:
+        raise ConfigError("expert parallelism does not support experts with biases or a clamped SwiGLU (GPT-OSS); "
+                          "use --ep 1")
     L, p = layer.cfg.num_experts // ctx.ep, ctx.ep_rank
     w_in, w_out = layer.experts.stacked()
     w_in = w_in.detach()[p * L:(p + 1) * L].clone()  # [L, H, D]

@@ -33,6 +33,7 @@ class Naming:
     moe: str = "mlp"  # MoE module in the published per-expert layout (Mixtral: block_sparse_moe)
     expert_proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert gate, up, down
     shared: str = "shared_expert"  # shared-expert module (DeepSeek: shared_experts)
+    router: str = "gate"  # router module under the MoE module (GPT-OSS: router)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class Family:
     # Checkpoint names to skip with a note (DeepSeek-V3's multi-token-prediction layers).
     skipped: Callable[[str, ModelConfig], bool] | None = None
     fp32_router: bool = False  # transformers keeps the router weight/bias in fp32 (DeepSeek-V3)
+    # Optional own expert layout: (which of w_in/w_out/b_in/b_out, moekit shape, "...experts." prefix)
+    # -> pieces (GPT-OSS's transposed, interleaved fused tensors with biases); None = names.py's.
+    expert_pieces: Callable | None = None
 
 
 class Fields:
@@ -192,21 +196,28 @@ class Representable:
         if not ok:
             self.problems.append(what)
 
-    def attention(self, qkv_bias: bool = False, qk_norm: str | None = None, sliding: bool = True) -> None:
+    def attention(self, qkv_bias: bool = False, qk_norm: str | None = None, sliding: bool = True,
+                  out_bias: bool = False, sinks: bool = False, per_layer_window: bool = False) -> None:
         c = self.cfg
         self.need(c.attention == "gqa", f"attention={c.attention!r}")
         self.need(c.qkv_bias == qkv_bias, f"qkv_bias={c.qkv_bias}")
+        self.need(c.out_bias == out_bias, f"out_bias={c.out_bias}")
+        self.need(c.attention_sinks == sinks, f"attention_sinks={c.attention_sinks}")
         self.need(c.qk_norm == qk_norm, f"qk_norm={c.qk_norm!r}")
         self.need(sliding or c.sliding_window is None, f"sliding_window={c.sliding_window}")
+        self.need(per_layer_window or not c.global_layers, f"global_layers={list(c.global_layers)}")
         self.need(c.ffn_activation == "swiglu", f"ffn_activation={c.ffn_activation!r}")
 
-    def moe(self, router: str, shared: bool = False, gated_shared: bool = False) -> None:
+    def moe(self, router: str, shared: bool = False, gated_shared: bool = False, activation: str = "swiglu",
+            biases: bool = False) -> None:
         m = self.cfg.moe
         if m is None:
             self.problems.append("a dense model (moe=None)")
             return
         self.need(m.router == router, f"router={m.router!r}")
-        self.need(m.activation == "swiglu", f"moe.activation={m.activation!r}")
+        self.need(m.activation == activation, f"moe.activation={m.activation!r}")
+        self.need(m.router_bias == biases, f"router_bias={m.router_bias}")
+        self.need(m.expert_proj_bias == biases, f"expert_proj_bias={m.expert_proj_bias}")
         self.need(m.capacity_factor is None, f"capacity_factor={m.capacity_factor} (the target is dropless)")
         self.need(
             router == "sigmoid" or not m.has_selection_bias,

@@ -59,7 +59,29 @@ class RowPermutation:
         return shape
 
 
-Transform = Union[Identity, RowPermutation]
+@dataclass(frozen=True, eq=False)
+class Permuted:
+    """moekit = hf with its last two dims swapped when ``transpose``, then indexed by ``perm``
+    (None: kept in order) along ``dim``. GPT-OSS stores experts as [E, in, out] with gate and
+    up interleaved column by column; moekit's are [E, out, in] with gate rows, then up rows."""
+
+    perm: torch.Tensor | None
+    dim: int = -2
+    transpose: bool = False
+
+    def to_moekit(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.transpose(-1, -2) if self.transpose else t
+        return t if self.perm is None else t.index_select(self.dim, self.perm)
+
+    def to_hf(self, t: torch.Tensor) -> torch.Tensor:
+        t = t if self.perm is None else t.index_select(self.dim, torch.argsort(self.perm))
+        return t.transpose(-1, -2) if self.transpose else t
+
+    def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (*shape[:-2], shape[-1], shape[-2]) if self.transpose else shape
+
+
+Transform = Union[Identity, RowPermutation, Permuted]
 IDENTITY = Identity()
 WHOLE: tuple = ()  # the index of a piece that is the whole moekit tensor
 
@@ -93,8 +115,9 @@ GQA = {
     "attn.wq.weight": "self_attn.q_proj.weight", "attn.wq.bias": "self_attn.q_proj.bias",
     "attn.wk.weight": "self_attn.k_proj.weight", "attn.wk.bias": "self_attn.k_proj.bias",
     "attn.wv.weight": "self_attn.v_proj.weight", "attn.wv.bias": "self_attn.v_proj.bias",
-    "attn.wo.weight": "self_attn.o_proj.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight", "attn.wo.bias": "self_attn.o_proj.bias",
     "attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight",
+    "attn.sinks": "self_attn.sinks",
 }
 MLA = {
     "attn.wq.weight": "self_attn.q_proj.weight",
@@ -111,10 +134,13 @@ BLOCK = {
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "ffn.w_in.weight": GateUp("mlp.gate_proj.weight", "mlp.up_proj.weight"),
     "ffn.w_out.weight": "mlp.down_proj.weight",
-    "ffn.router.weight": "{moe}.gate.weight",
-    "ffn.router.expert_bias": "{moe}.gate.e_score_correction_bias",
+    "ffn.router.weight": "{moe}.{router}.weight",
+    "ffn.router.bias": "{moe}.{router}.bias",
+    "ffn.router.expert_bias": "{moe}.{router}.e_score_correction_bias",
     "ffn.experts.w_in": Experts("w_in"),
     "ffn.experts.w_out": Experts("w_out"),
+    "ffn.experts.b_in": Experts("b_in"),
+    "ffn.experts.b_out": Experts("b_out"),
     "ffn.shared.w_in.weight": GateUp("{moe}.{shared}.gate_proj.weight", "{moe}.{shared}.up_proj.weight"),
     "ffn.shared.w_out.weight": "{moe}.{shared}.down_proj.weight",
     "ffn.shared_gate.weight": "{moe}.shared_expert_gate.weight",
@@ -142,7 +168,7 @@ def pieces(
         raise Unmapped(name)
     prefix = f"model.layers.{layer}."
     naming = family.naming
-    fill = dict(moe=module, shared=naming.shared)
+    fill = dict(moe=module, shared=naming.shared, router=naming.router)
     if isinstance(rule, str):
         perm = family.row_permutation(suffix, cfg, hf) if family.row_permutation else None
         return [Piece(prefix + rule.format(**fill), WHOLE, IDENTITY if perm is None else RowPermutation(perm))]
@@ -152,6 +178,10 @@ def pieces(
             Piece(prefix + rule.gate.format(**fill), (slice(0, half),)),
             Piece(prefix + rule.up.format(**fill), (slice(half, 2 * half),)),
         ]
+    if family.expert_pieces is not None:  # a family with its own expert layout (GPT-OSS)
+        return family.expert_pieces(rule.which, shape, prefix + module + ".experts.")
+    if rule.which not in ("w_in", "w_out"):
+        raise Unmapped(name)  # expert biases: only families with their own layout have them
     return _expert_pieces(rule.which, shape, prefix + module + ".experts.", naming.expert_proj, layout)
 
 
@@ -197,6 +227,6 @@ def hf_piece_shape(piece: Piece, moekit_shape: tuple[int, ...]) -> tuple[int, ..
 
 
 __all__ = [
-    "Piece", "Identity", "RowPermutation", "Unmapped", "EXPERT_LAYOUTS", "PER_EXPERT", "FUSED",
+    "Piece", "Identity", "RowPermutation", "Permuted", "Unmapped", "EXPERT_LAYOUTS", "PER_EXPERT", "FUSED",
     "pieces", "load_alternatives", "export_pieces", "hf_piece_shape",
 ]

@@ -1,7 +1,8 @@
 """Causal self-attention with grouped-query heads (Ainslie et al. 2023) and rotary positions.
 
 Options cover the published MoE families: QKV bias (Qwen2), RMSNorm on q/k per head (Qwen3)
-or over the whole projection (OLMoE), and Mistral's sliding window.
+or over the whole projection (OLMoE), Mistral's sliding window (per layer: GPT-OSS alternates
+windowed and full layers), and GPT-OSS's output bias and attention sinks.
 
 With a ``LayerCache`` (see kv_cache.py) the layer writes its new keys/values into the cache and
 attends over everything cached for each row; the tables ``cos``/``sin`` then carry each row's
@@ -28,16 +29,22 @@ def sliding_window_mask(seq_len: int, window: int, device=None) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
-           causal: bool = True, window: int | None = None, scale: float | None = None) -> torch.Tensor:
+           causal: bool = True, window: int | None = None, scale: float | None = None,
+           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention for both attention kinds (GQA and MLA) -> [B, H, S, Dv].
 
     q [B, H, S, Dk]; k [B, Hk, T, Dk] and v [B, Hk, T, Dv] with H a multiple of Hk (query head h
     reads kv head h // (H / Hk)). ``causal``: the keys are the queries' own tokens (T = S),
     limited to ``window`` keys back when given. Otherwise (cached keys) ``mask`` [B, 1, S, T]
     bool (True = may attend) from a ``CacheView``, or None when every query sees every key.
+    ``sinks`` [H]: one extra logit per head in each softmax's denominator (see ``attend_with_sinks``).
     """
     B, H, S, _ = q.shape
     Hk = k.shape[1]
+    if sinks is not None:
+        if causal:
+            mask = sliding_window_mask(S, window or S, q.device)
+        return attend_with_sinks(q, k, v, mask, sinks, scale)
     if not causal:
         # Fold each kv head's query heads into its rows ([B, Hk, rep*S, Dk]) so the cached keys
         # and values are read once rather than copied per query head (decode is bound by reading them).
@@ -52,16 +59,36 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
+def attend_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      sinks: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Attention where each head h also has a "sink" logit s_h that no value stands behind:
+    softmax over [scores | s_h], the sink's share dropped (gpt-oss; Xiao et al. 2023). The
+    weights then sum to less than 1, so a head can attend to nothing. q, k, v as ``attend``;
+    ``mask`` [S, T] or [B, 1, S, T] bool (True = may attend) or None. Written out in full:
+    scaled_dot_product_attention has no denominator term."""
+    H, Hk = q.shape[1], k.shape[1]
+    if Hk != H:
+        k, v = k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, H, S, T] fp32
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.float().view(1, H, 1, 1).expand(*scores.shape[:-1], 1)  # [B, H, S, 1]
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    return (probs.to(v.dtype) @ v).to(q.dtype)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.resolved_head_dim
-        self.sliding_window = cfg.sliding_window
+        self.sliding_window = cfg.window_of(layer_id)
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.wq = nn.Linear(cfg.d_model, q_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(q_dim, cfg.d_model, bias=False)
+        self.wo = nn.Linear(q_dim, cfg.d_model, bias=cfg.out_bias)
+        self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attention_sinks else None  # [H] logits
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "head":
             self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
@@ -85,7 +112,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)  # [B, Hkv, T, hd] each (T = S on a fresh cache)
         if cache is None or cache.view.fresh:
-            y = attend(q, k, v, window=self.sliding_window)
+            y = attend(q, k, v, window=self.sliding_window, sinks=self.sinks)
         else:
-            y = attend(q, k, v, mask=cache.view.mask, causal=False)
+            y = attend(q, k, v, mask=cache.view.mask_for(self.sliding_window), causal=False, sinks=self.sinks)
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))

@@ -51,6 +51,8 @@ def expert_rows(weights: ExpertWeights, x_MD: torch.Tensor, counts: torch.Tensor
     row m = weights_M[m] * its expert's output. Every expert's weight gradient is a tensor
     (zeros when it got no rows), never missing: data-parallel gradient reductions would
     otherwise wait for it forever."""
+    if impl == "grouped" and not weights.grouped_ok:
+        impl = "loop"  # biases or the clamped SwiGLU: the grouped node has neither (see ExpertWeights.grouped_ok)
     if impl == "grouped":
         w_in, w_out = weights.stacked()
         rows = torch.arange(x_MD.shape[0], device=x_MD.device)  # gather and scatter are identities
@@ -72,19 +74,27 @@ def _decode_rows(weights: ExpertWeights, x_MD: torch.Tensor, counts: torch.Tenso
     if not active:
         return x_MD.new_zeros(x_MD.shape, dtype=torch.float32)
     sizes = [n for _, n in active]
-    pairs = weights.get([e for e, _ in active], dtype)
-    h = torch.cat([F.linear(x_e, w_in) for (w_in, _), x_e in zip(pairs, x_MD.split_with_sizes(sizes))])  # [M, H]
-    a = activate(h, weights.activation) * weights_M.to(dtype)[:, None]  # [M, F]
+    ids = [e for e, _ in active]
+    pairs = weights.get(ids, dtype)
+    b = weights.biases(ids, dtype) if weights.has_bias else [(None, None)] * len(ids)
+    h = torch.cat([F.linear(x_e, w_in, b_in) for (w_in, _), (b_in, _), x_e
+                   in zip(pairs, b, x_MD.split_with_sizes(sizes))])  # [M, H]
+    w_M1 = weights_M.to(dtype)[:, None]
+    a = activate(h, weights.activation, *weights.act_args) * w_M1  # [M, F]
     y = torch.cat([F.linear(a_e, w_out) for (_, w_out), a_e in zip(pairs, a.split_with_sizes(sizes))])  # [M, D]
+    if weights.has_bias:  # the output bias is part of the expert, so it is weighted too
+        y = y + torch.cat([b_out.expand(n, -1) for (_, b_out), n in zip(b, sizes)]) * w_M1
     return y.float()
 
 
 def _loop_rows(weights: ExpertWeights, x_MD: torch.Tensor, counts: torch.Tensor,
                weights_M: torch.Tensor) -> torch.Tensor:
     """The reference: each expert on its slice, then the routing weight in fp32."""
-    pairs = weights.get(range(weights.num_experts), x_MD.dtype)
-    outs = [F.linear(activate(F.linear(x_e, w_in), weights.activation), w_out)  # [M_e, D]
-            for (w_in, w_out), x_e in zip(pairs, torch.split(x_MD, counts.tolist()))]
+    E = weights.num_experts
+    pairs = weights.get(range(E), x_MD.dtype)
+    b = weights.biases(range(E), x_MD.dtype) if weights.has_bias else [(None, None)] * E
+    outs = [F.linear(activate(F.linear(x_e, w_in, b_in), weights.activation, *weights.act_args), w_out, b_out)  # [M_e, D]
+            for (w_in, w_out), (b_in, b_out), x_e in zip(pairs, b, torch.split(x_MD, counts.tolist()))]
     y_MD = torch.cat(outs) if outs else x_MD.new_zeros(0, weights.d_model)
     return y_MD.float() * weights_M[:, None]
 
@@ -99,10 +109,17 @@ def single_token(weights: ExpertWeights, x_1D: torch.Tensor, ids_1K: torch.Tenso
     K routed experts' weights are fetched."""
     dtype, x = x_1D.dtype, x_1D[0]
     gemv = _gemv_for(weights, x)
-    pairs = weights.get(ids_1K[0].tolist(), dtype)
+    ids = ids_1K[0].tolist()
+    pairs = weights.get(ids, dtype)
     h = torch.stack([gemv(w_in, x) for w_in, _ in pairs])  # [K, H]
-    a = activate(h, weights.activation) * weights_1K[0].to(dtype)[:, None]  # [K, F]
+    w_K1 = weights_1K[0].to(dtype)[:, None]
+    if weights.has_bias:
+        b_in, b_out = (torch.stack(b) for b in zip(*weights.biases(ids, dtype)))  # [K, H], [K, D]
+        h = h + b_in
+    a = activate(h, weights.activation, *weights.act_args) * w_K1  # [K, F]
     y = torch.stack([gemv(w_out, a_k) for (_, w_out), a_k in zip(pairs, a)])  # [K, D]
+    if weights.has_bias:
+        y = y + b_out * w_K1
     return y.sum(0, keepdim=True, dtype=torch.float32)
 
 
@@ -130,10 +147,15 @@ class Experts(ExpertWeights):
 
     plain = True
 
-    def __init__(self, num_experts: int, d_model: int, d_expert: int, activation: str = "swiglu"):
+    def __init__(self, num_experts: int, d_model: int, d_expert: int, activation: str = "swiglu",
+                 bias: bool = False, act_args: tuple = ()):
         super().__init__(num_experts, d_model, d_expert, activation)
         self.w_in = nn.Parameter(torch.empty(num_experts, first_proj_width(d_expert, activation), d_model))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_model, d_expert))
+        self.has_bias, self.act_args = bias, tuple(act_args)
+        if bias:  # b_in [E, H], b_out [E, D]
+            self.b_in = nn.Parameter(torch.empty(num_experts, self.w_in.shape[1]))
+            self.b_out = nn.Parameter(torch.empty(num_experts, d_model))
         self._gemv_scratch: torch.Tensor | None = None  # single_token's product buffer (one expert matrix)
 
     def get(self, ids: Sequence[int], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -146,6 +168,9 @@ class Experts(ExpertWeights):
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.w_in, self.w_out
+
+    def biases(self, ids: Sequence[int], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.b_in[e].to(dtype), self.b_out[e].to(dtype)) for e in ids]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -167,11 +192,15 @@ class Experts(ExpertWeights):
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on any [.., D] input: the plain definition, used by references and tools."""
         (w_in, w_out), = self.get([e], x.dtype)
-        return F.linear(activate(F.linear(x, w_in), self.activation), w_out)
+        (b_in, b_out), = self.biases([e], x.dtype) if self.has_bias else [(None, None)]
+        return F.linear(activate(F.linear(x, w_in, b_in), self.activation, *self.act_args), w_out, b_out)
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w_in, std=std)
         nn.init.normal_(self.w_out, std=out_std)
+        if self.has_bias:
+            nn.init.zeros_(self.b_in)
+            nn.init.zeros_(self.b_out)
 
 
 _LOCAL = LocalDispatcher()
@@ -180,6 +209,8 @@ _LOCAL = LocalDispatcher()
 def local_experts(weights: ExpertWeights, x_TD: torch.Tensor, plan: DispatchPlan, impl: str) -> torch.Tensor:
     """Local dispatch, experts, combine: x_TD [T, D] -> [T, D] fp32. With plain weights the
     grouped impl is the fused node (``grouped_mm.py``), which never materializes the rows."""
+    if impl == "grouped" and not weights.grouped_ok:
+        impl = "loop"  # biases or the clamped SwiGLU: see ExpertWeights.grouped_ok
     if impl == "grouped" and weights.plain:
         w_in, w_out = weights.stacked()
         return grouped_moe(x_TD, plan.token_ids, plan.weights, w_in, w_out, plan.counts, weights.activation)

@@ -149,20 +149,24 @@ class CacheView:
 
     @property
     def mask(self) -> torch.Tensor | None:
-        """[B, 1, S, T] bool, True where a new token may attend a cached key (causal, windowed);
+        """``mask_for`` the model's sliding window (what every layer uses unless told otherwise)."""
+        return self.mask_for(self.cache.window)
+
+    def mask_for(self, window: int | None) -> torch.Tensor | None:
+        """[B, 1, S, T] bool, True where a new token may attend a cached key (causal, and within
+        ``window`` keys back when given: a layer's own window, as GPT-OSS's differ by layer);
         None when every row may attend all T keys (one new token per row, all rows at the same
         position, inside the window: the common batch-1 decode step needs no mask)."""
         def make():
             keys = torch.arange(self.num_keys, device=self.cache.device)  # [T]
             q = self.positions[:, None, :, None]  # [B, 1, S, 1]
             ok = keys <= q
-            if self.cache.window is not None:
-                ok = ok & (q - keys < self.cache.window)
+            if window is not None:
+                ok = ok & (q - keys < window)
             return ok
-        window = self.cache.window
         if self.seq_len == 1 and len(set(self.start)) == 1 and (window is None or self.num_keys <= window):
             return None
-        return self._memo("mask", make)
+        return self._memo(("mask", window), make)
 
     def _rows(self):
         """Index of the B rows' slots: a slice when they are consecutive (a view, no copy)."""

@@ -7,14 +7,20 @@ from torch import nn
 from moekit.config import first_proj_width
 
 
-def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+def activate(h: torch.Tensor, activation: str, limit: float = 7.0, alpha: float = 1.702) -> torch.Tensor:
     """Apply the FFN nonlinearity to the first projection's output.
 
     For swiglu, h holds [gate | up] along the last dim and the result is silu(gate) * up, half as wide.
+    clamped_swiglu (gpt-oss; ``limit`` and ``alpha`` from ``MoEConfig``) clamps both halves first:
+    min(gate, limit) * sigmoid(alpha * min(gate, limit)) * (clamp(up, -limit, limit) + 1).
     """
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up
+    if activation == "clamped_swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        return gate * torch.sigmoid(alpha * gate) * (up + 1)
     if activation == "gelu":
         return F.gelu(h)
     if activation == "relu":

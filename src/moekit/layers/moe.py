@@ -95,7 +95,9 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = Router(cfg)
-        self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_expert, cfg.activation)  # the weights provider
+        act_args = (cfg.swiglu_limit, cfg.swiglu_alpha) if cfg.activation == "clamped_swiglu" else ()
+        self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_expert, cfg.activation,  # the weights provider
+                               bias=cfg.expert_proj_bias, act_args=act_args)
         self.dispatcher: Dispatcher = LocalDispatcher()
         if cfg.num_shared_experts:
             self.shared = MLP(cfg.d_model, cfg.shared_width, cfg.activation)

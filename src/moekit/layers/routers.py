@@ -51,6 +51,8 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model))  # [E, D]
+        if cfg.router_bias:  # GPT-OSS: logits = x W^T + b; unlike expert_bias it is learned and weights too
+            self.bias = nn.Parameter(torch.zeros(cfg.num_experts))  # [E]
         if cfg.router == "noisy":
             # Shazeer et al. 2017 start the noise weights at zero: noise std softplus(0)=0.69.
             self.w_noise = nn.Parameter(torch.zeros(cfg.num_experts, cfg.d_model))
@@ -73,7 +75,8 @@ class Router(nn.Module):
             # Switch's multiplicative jitter, on the router's copy of the input only (never in place).
             eps = self.cfg.router_jitter
             x32 = x32 * torch.empty_like(x32).uniform_(1.0 - eps, 1.0 + eps)
-        logits = F.linear(x32, self.weight.float())  # [T, E]
+        bias = self.bias.float() if self.cfg.router_bias else None
+        logits = F.linear(x32, self.weight.float(), bias)  # [T, E]
         if self.cfg.router == "expert_choice":
             return self._expert_choice(logits, valid_T)
         if self.cfg.router == "sigmoid":
@@ -150,5 +153,7 @@ class Router(nn.Module):
 
     def reset_parameters(self, std: float) -> None:
         nn.init.normal_(self.weight, std=std)
+        if self.cfg.router_bias:
+            nn.init.zeros_(self.bias)
         if hasattr(self, "w_noise"):
             nn.init.zeros_(self.w_noise)

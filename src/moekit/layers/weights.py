@@ -40,6 +40,8 @@ class ExpertWeights(nn.Module):
 
     plain = False  # True: stacked() returns the parameters themselves (the fused path may take them)
     first_expert = 0  # global id of local expert 0 (expert parallelism shards the experts)
+    has_bias = False  # True: ``biases`` gives each expert's projection biases (GPT-OSS)
+    act_args: tuple = ()  # extra arguments of ``mlp.activate`` (clamped_swiglu's limit and alpha)
 
     def __init__(self, num_experts: int, d_model: int, d_expert: int, activation: str):
         super().__init__()
@@ -49,6 +51,16 @@ class ExpertWeights(nn.Module):
     def get(self, ids: Sequence[int], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(w_in [H, D], w_out [D, F]) in ``dtype`` for each local expert id, in order."""
         raise NotImplementedError
+
+    def biases(self, ids: Sequence[int], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(b_in [H], b_out [D]) in ``dtype`` for each local expert id; only when ``has_bias``."""
+        raise NotImplementedError
+
+    @property
+    def grouped_ok(self) -> bool:
+        """Whether the grouped node (``grouped_mm.py``) computes these experts: it knows the plain
+        activations and no biases; other experts take the per-expert loop for "grouped"."""
+        return self.activation in ("swiglu", "gelu", "relu") and not self.has_bias
 
     def rows(self, x_MD: torch.Tensor, counts: torch.Tensor, weights_M: torch.Tensor,
              impl: str = "grouped") -> torch.Tensor:

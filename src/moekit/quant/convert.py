@@ -114,6 +114,11 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, progress=None) -> "Covera
     cfg.check_supported()
     before = tally(model)
     todo = targets(model, cfg.scope)
+    for name, kind in todo:  # checked before any swap: nothing is half converted
+        m = model.get_submodule(name)
+        if kind == "experts" and (m.has_bias or m.act_args):
+            raise ConfigError(f"{name}: quantizing experts with biases or activation={m.activation!r} (GPT-OSS) "
+                              "is not supported; leave experts out of the scope")
     for i, (name, kind) in enumerate(todo):
         parent, attr = _parent(model, name)
         old = getattr(parent, attr)

@@ -1,0 +1,24 @@
+"""The presets of published models are what moekit reads from their published config.json
+(tests/fixtures/hf_configs): the same ModelConfig, field for field, so the audit table and
+``moekit inspect <preset>`` count the released architecture."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moekit.interop import config_from_hf
+from moekit.presets import get_preset
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hf_configs"
+PUBLISHED = {"gpt-oss-20b": "gpt-oss-20b", "gpt-oss-120b": "gpt-oss-120b"}
+
+
+@pytest.mark.parametrize("preset", PUBLISHED)
+def test_preset_equals_the_published_config(preset):
+    hf = json.loads((FIXTURES / PUBLISHED[preset] / "config.json").read_text())
+    loaded = config_from_hf(hf).to_dict()
+    loaded.pop("hf_architecture")
+    ours = get_preset(preset).to_dict()
+    ours.pop("hf_architecture")
+    assert ours == loaded
