@@ -72,6 +72,24 @@ def deepseek_v3(q_lora_rank: int | None = 16, rope_interleave: bool = True):
     return DeepseekV3ForCausalLM(cfg)
 
 
+def deepseek_v2(lite: bool = False):
+    """V2: group-limited greedy (groups ranked by their best expert), routed scaling 16, q latent;
+    V2-Lite: greedy top-k, full-rank q, scaling 1."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    yarn = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
+                beta_fast=32.0, beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707)
+    routing = (dict(topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0, q_lora_rank=None)
+               if lite else dict(topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                 routed_scaling_factor=16.0, q_lora_rank=16))
+    cfg = DeepseekV2Config(**_common(intermediate_size=40, moe_intermediate_size=12, num_hidden_layers=3,
+                                     num_key_value_heads=4, n_shared_experts=2, n_routed_experts=8,
+                                     kv_lora_rank=16, qk_rope_head_dim=4, v_head_dim=8, qk_nope_head_dim=8,
+                                     num_experts_per_tok=3, first_k_dense_replace=1, norm_topk_prob=False,
+                                     rope_parameters=yarn, **routing))
+    return DeepseekV2ForCausalLM(cfg)
+
+
 def gpt_oss():
     from transformers import GptOssConfig, GptOssForCausalLM
 
@@ -117,6 +135,8 @@ BUILDERS = {
     # full-rank q projection, rope dims stored half-split (no row permutation on load)
     "deepseek_v3_plain": lambda: deepseek_v3(q_lora_rank=None, rope_interleave=False),
     "gpt_oss": gpt_oss,
+    "deepseek_v2": deepseek_v2,
+    "deepseek_v2_lite": lambda: deepseek_v2(lite=True),
     "llama": llama, "mistral": mistral, "qwen2": qwen2,
 }
 

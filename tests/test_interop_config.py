@@ -16,13 +16,16 @@ SIZES = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_siz
 def default_config(arch: str) -> dict:
     """transformers' default config of ``arch``, every key written out."""
     cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
-    return {**cls().to_dict(), "architectures": [arch]}
+    cfg = {**cls().to_dict(), "architectures": [arch]}
+    if cfg.get("num_experts_per_tok", 0) is None:  # DeepseekV2Config's default; its router needs a number
+        cfg["num_experts_per_tok"] = 6
+    return cfg
 
 
 @pytest.mark.parametrize("arch", supported_architectures())
 def test_omitted_keys_take_transformers_defaults(arch):
     full = default_config(arch)
-    minimal = {k: v for k, v in full.items() if k in SIZES or k in ("architectures", "model_type")}
+    minimal = {k: v for k, v in full.items() if k in SIZES or k in ("architectures", "model_type", "num_experts_per_tok")}
     assert config_from_hf(minimal) == config_from_hf(full)
 
 
@@ -46,6 +49,16 @@ def test_unsupported_values_are_refused_by_name():
     with pytest.raises(ValueError, match="rope scaling type 'longrope' is not supported"):
         config_from_hf({**default_config("Qwen2ForCausalLM"), "rope_parameters": {"rope_type": "longrope",
                                                                                   "rope_theta": 1e4, "factor": 2.0}})
+
+
+def test_deepseek_v2_routing_it_does_not_run_is_refused_by_name():
+    cfg = default_config("DeepseekV2ForCausalLM")
+    with pytest.raises(ValueError, match="topk_method='noaux_tc' is not supported; supported: greedy, group_limited"):
+        config_from_hf({**cfg, "topk_method": "noaux_tc"})
+    with pytest.raises(ValueError, match="norm_topk_prob=True is not supported"):
+        config_from_hf({**cfg, "norm_topk_prob": True})
+    grouped = config_from_hf({**cfg, "topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3}).moe
+    assert (grouped.num_groups, grouped.topk_groups, grouped.group_score) == (8, 3, "max")
 
 
 def test_gpt_oss_layer_types_it_cannot_run_are_refused():

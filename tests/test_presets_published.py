@@ -11,7 +11,8 @@ from moekit.interop import config_from_hf
 from moekit.presets import get_preset
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_configs"
-PUBLISHED = {"gpt-oss-20b": "gpt-oss-20b", "gpt-oss-120b": "gpt-oss-120b"}
+PUBLISHED = {"gpt-oss-20b": "gpt-oss-20b", "gpt-oss-120b": "gpt-oss-120b", "deepseek-v2": "DeepSeek-V2",
+             "deepseek-v2-lite": "DeepSeek-V2-Lite", "deepseek-r1": "DeepSeek-V3"}
 
 
 @pytest.mark.parametrize("preset", PUBLISHED)

@@ -116,6 +116,27 @@ def test_group_limited_routing_matches_brute_force():
         assert len({e // 2 for e in out.ids[t].tolist()}) <= 2
 
 
+def test_deepseek_v2_group_limited_greedy_matches_brute_force():
+    """DeepSeek-V2: softmax scores, groups ranked by their best expert, top-k inside the kept
+    groups, weights the (unrenormalized) probabilities times routed_scaling_factor."""
+    r = router(top_k=3, num_groups=4, topk_groups=2, group_score="max", norm_topk_prob=False,
+               routed_scaling_factor=16.0)
+    x = torch.randn(40, D)
+    out = r(x)
+    probs = torch.softmax(x @ r.weight.t(), dim=-1)
+    differs = 0
+    for t in range(40):
+        groups = probs[t].view(4, 2)
+        kept = set(groups.max(-1).values.topk(2).indices.tolist())
+        allowed = [e for e in range(E) if e // 2 in kept]
+        best = sorted(allowed, key=lambda e: -probs[t, e].item())[:3]
+        assert sorted(out.ids[t].tolist()) == sorted(best)
+        torch.testing.assert_close(out.weights[t].sort().values, 16.0 * probs[t, best].sort().values)
+        by_top2 = set(groups.topk(2, -1).values.sum(-1).topk(2).indices.tolist())
+        differs += by_top2 != kept
+    assert differs > 0  # "max" and "top2" rank groups differently on some of these tokens
+
+
 def test_expert_choice_takes_top_c_tokens_per_expert():
     r = router(router="expert_choice", top_k=2, capacity_factor=1.5)
     x = torch.randn(32, D)

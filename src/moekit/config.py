@@ -19,6 +19,7 @@ ROUTERS = ("softmax", "noisy", "sigmoid", "expert_choice")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 # Routed experts may also use GPT-OSS's clamped SwiGLU (see MoEConfig.swiglu_limit).
 EXPERT_ACTIVATIONS = ACTIVATIONS + ("clamped_swiglu",)
+GROUP_SCORES = ("top2", "max")  # how group-limited routing ranks a group (MoEConfig.group_score)
 QK_NORMS = ("head", "full")
 ATTENTIONS = ("gqa", "mla")
 # RoPE context-extension schemes, named as in Hugging Face's rope_scaling, and their keys:
@@ -109,6 +110,9 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0  # DeepSeek-V3 multiplies the routed output by 2.5
     num_groups: int = 1  # group-limited routing (DeepSeek-V3 n_group): experts in equal groups
     topk_groups: int = 1  # ...of which each token may use the best topk_groups
+    # ...ranked by "top2": the sum of a group's two best scores (DeepSeek-V3 noaux_tc), or "max": its
+    # best score (DeepSeek-V2's group_limited_greedy, sec. 2.2.2 "device-limited routing").
+    group_score: str = "top2"
     num_shared_experts: int = 0  # always-on experts (DeepSeekMoE); computed as one dense FFN
     d_shared: int | None = None  # that FFN's width; default num_shared_experts * d_expert
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x . w) scales the shared output
@@ -152,6 +156,7 @@ class MoEConfig:
             raise ConfigError("bias_update_rate must be 0 for router='expert_choice' (balanced by construction)")
 
     def _validate_groups(self) -> None:
+        check_choice("group_score", self.group_score, GROUP_SCORES)
         if self.num_groups == 1:
             if self.topk_groups != 1:
                 raise ConfigError(f"topk_groups ({self.topk_groups}) needs num_groups > 1")
@@ -160,7 +165,7 @@ class MoEConfig:
             raise ConfigError("num_groups > 1 (group-limited routing) does not apply to router='expert_choice'")
         if self.num_experts % self.num_groups:
             raise ConfigError(f"num_groups ({self.num_groups}) must divide num_experts ({self.num_experts})")
-        if self.num_experts // self.num_groups < 2:
+        if self.group_score == "top2" and self.num_experts // self.num_groups < 2:
             raise ConfigError("num_groups must leave at least 2 experts per group (a group scores by its top 2)")
         if self.topk_groups > self.num_groups:
             raise ConfigError(f"topk_groups ({self.topk_groups}) must be <= num_groups ({self.num_groups})")
@@ -393,4 +398,4 @@ class ModelConfig:
         return cls(**check_fields(cls, data))
 
 
-__all__ = ["MoEConfig", "ModelConfig", "check_fields", "check_int", "check_float", "check_choice", "check_bool", "ROUTERS", "ACTIVATIONS", "EXPERT_ACTIVATIONS", "first_proj_width", "QK_NORMS", "ATTENTIONS", "ROPE_SCALINGS"]
+__all__ = ["MoEConfig", "ModelConfig", "check_fields", "check_int", "check_float", "check_choice", "check_bool", "ROUTERS", "ACTIVATIONS", "EXPERT_ACTIVATIONS", "GROUP_SCORES", "first_proj_width", "QK_NORMS", "ATTENTIONS", "ROPE_SCALINGS"]

@@ -35,6 +35,24 @@ def _gpt_oss(n_layers: int, num_experts: int) -> ModelConfig:
     )
 
 
+def _deepseek_v2(lite: bool) -> ModelConfig:
+    """DeepSeek-V2 / V2-Lite (DeepSeek-AI 2024, arXiv:2405.04434; config.json): MLA, softmax
+    routing without renormalization, 2 shared experts, first layer dense, YaRN x40."""
+    d = 2048 if lite else 5120
+    routing = dict(num_experts=64, d_expert=1408, routed_scaling_factor=1.0, load_balance_coef=0.001) if lite else \
+        dict(num_experts=160, d_expert=1536, routed_scaling_factor=16.0, num_groups=8, topk_groups=3,
+             group_score="max", load_balance_coef=0.003)
+    return ModelConfig(
+        vocab_size=102400, d_model=d, n_layers=27 if lite else 60, n_heads=16 if lite else 128,
+        d_ff=10944 if lite else 12288, max_seq_len=163840, norm_eps=1e-6, attention="mla",
+        q_lora_rank=None if lite else 1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, first_dense_layers=1,
+        rope_scaling={"rope_type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+        moe=MoEConfig(d_model=d, top_k=6, norm_topk_prob=False, num_shared_experts=2, **routing),
+    )
+
+
 PRESETS: dict[str, tuple[str, Callable[[], ModelConfig]]] = {
     "tiny-moe": (
         "4 layers, d_model 256, 8 experts of 512 top-2 (Mixtral-style)",
@@ -97,6 +115,20 @@ PRESETS: dict[str, tuple[str, Callable[[], ModelConfig]]] = {
                           load_balance_coef=0.001),
         ),
     ),
+    "deepseek-r1": (
+        "DeepSeek-R1: the DeepSeek-V3 architecture (its config.json), post-trained for reasoning; the "
+        "selection bias is frozen (bias_update_rate 0)",
+        lambda: _deepseek_r1(),
+    ),
+    "deepseek-v2": (
+        "DeepSeek-V2: MLA, 160 experts top-6 (softmax, 8 groups ranked by their best, best 3; x16) plus "
+        "2 shared, first layer dense; 236B total, 21B active",
+        lambda: _deepseek_v2(lite=False),
+    ),
+    "deepseek-v2-lite": (
+        "DeepSeek-V2-Lite: MLA with full-rank q, 64 experts top-6 (softmax, greedy) plus 2 shared; 15.7B total, 2.4B active",
+        lambda: _deepseek_v2(lite=True),
+    ),
     "gpt-oss-20b": (
         "gpt-oss-20b: 24 layers, 32 experts top-4 (clamped SwiGLU, biases), sinks, alternating 128-token window",
         lambda: _gpt_oss(24, 32),
@@ -123,6 +155,13 @@ PRESETS: dict[str, tuple[str, Callable[[], ModelConfig]]] = {
         ),
     ),
 }
+
+
+def _deepseek_r1() -> ModelConfig:
+    cfg = PRESETS["deepseek-v3"][1]()
+    cfg.moe.bias_update_rate = 0.0
+    cfg.__post_init__()
+    return cfg
 
 
 def preset_names() -> list[str]:

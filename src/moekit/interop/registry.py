@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from moekit.config import ModelConfig
 from moekit.errors import ConfigError
+from moekit.interop.deepseek_v2 import DEEPSEEK_V2
 from moekit.interop.deepseek_v3 import DEEPSEEK_V3
 from moekit.interop.dense import LLAMA, MISTRAL, QWEN2
 from moekit.interop.family import Family, HFConfig, architecture_of
@@ -13,7 +14,7 @@ from moekit.interop.olmoe import OLMOE
 from moekit.interop.qwen_moe import QWEN2_MOE_FAMILY, QWEN3_MOE_FAMILY
 
 FAMILIES: tuple[Family, ...] = (
-    MIXTRAL, QWEN2_MOE_FAMILY, QWEN3_MOE_FAMILY, OLMOE, DEEPSEEK_V3, GPT_OSS, LLAMA, MISTRAL, QWEN2,
+    MIXTRAL, QWEN2_MOE_FAMILY, QWEN3_MOE_FAMILY, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3, GPT_OSS, LLAMA, MISTRAL, QWEN2,
 )
 BY_ARCHITECTURE: dict[str, Family] = {arch: fam for fam in FAMILIES for arch in fam.architectures}
 BY_MODEL_TYPE: dict[str, Family] = {fam.model_type: fam for fam in FAMILIES}

@@ -107,12 +107,16 @@ class Router(nn.Module):
         return RouterOutput(logits, probs, ids, weights, top_scores)
 
     def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
-        """DeepSeek-V3 group-limited routing: keep the topk_groups groups whose best two
-        experts score highest; the others cannot be chosen."""
+        """Group-limited routing: keep the topk_groups groups that score highest, by the sum of
+        their best two experts (DeepSeek-V3) or their best one (DeepSeek-V2, ``group_score="max"``);
+        the others cannot be chosen."""
         cfg = self.cfg
         T = choice.shape[0]
         grouped = choice.view(T, cfg.num_groups, cfg.group_size)  # [T, G, E/G]
-        group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
+        if cfg.group_score == "max":
+            group_scores = grouped.max(dim=-1).values  # [T, G]
+        else:
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
         keep = torch.zeros_like(group_scores, dtype=torch.bool)
         keep.scatter_(1, group_scores.topk(cfg.topk_groups, dim=-1).indices, True)
         mask = keep.unsqueeze(-1).expand_as(grouped).reshape(T, cfg.num_experts)  # [T, E]
