@@ -15,7 +15,7 @@ from moekit.layers.dispatch import DispatchPlan
 from moekit.layers.experts import Experts
 
 from reference import reference_moe
-from test_moe_layer import CASES, D, assert_close_scaled, make_layer, run_both
+from test_moe_layer import BF16_LIMIT, CASES, D, assert_close_scaled, make_layer, run_both
 
 FAST = ["grouped", "blocked", "decode"]
 
@@ -50,7 +50,7 @@ def test_fast_path_matches_reference_fp32(impl, case, capacity, monkeypatch):
                                   "gpt-oss"])
 @pytest.mark.parametrize("impl", FAST)
 def test_fast_path_matches_reference_bf16(impl, case, monkeypatch):
-    layer = make_layer(case, 1.0 if case == "softmax-top2" else None)
+    layer = make_layer(case, 1.0 if case == "softmax-top2" else None, **BF16_LIMIT.get(case, {}))
     use(layer, impl, monkeypatch)
     y1, y2, g1, g2 = run_both(layer, torch.randn(2, 12, D).bfloat16())
     assert y1.dtype == torch.bfloat16
@@ -136,7 +136,7 @@ SINGLE_CASES = [(case, cf) for case in CASES for cf in (None, 0.5)]
 def test_single_token_decode_matches_reference(case, capacity, dtype):
     """One token (decode at batch 1) skips dispatch for token choice; outputs, gradients,
     balancing losses and statistics are the reference's, and training still counts its load."""
-    layer = make_layer(case, capacity)
+    layer = make_layer(case, capacity, **(BF16_LIMIT.get(case, {}) if dtype == torch.bfloat16 else {}))
     x = torch.randn(1, 1, D, dtype=dtype)
     y1, y2, g1, g2 = run_both(layer, x)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
