@@ -228,3 +228,15 @@ def test_lora_config_validation():
     for bad in (dict(rank=0), dict(alpha=0), dict(dropout=1.0), dict(targets=[]), dict(targets="experts")):
         with pytest.raises(ConfigError):
             LoRAConfig(**bad)
+
+
+def test_lora_and_expert_dropout_refuse_experts_with_biases():
+    """GPT-OSS experts carry biases LoRAExperts has no place for: refused before any swap."""
+    moe = MoEConfig(d_model=32, d_expert=16, num_experts=4, top_k=2, router_bias=True, expert_proj_bias=True,
+                    activation="clamped_swiglu")
+    model = MoETransformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, moe=moe))
+    with pytest.raises(ValueError, match="LoRA does not support experts with biases"):
+        apply_lora(model, LoRAConfig(rank=4, targets=["all"]))
+    with pytest.raises(ValueError, match="expert dropout does not support experts with biases"):
+        apply_expert_dropout(model, 0.1)
+    assert not any(isinstance(m, (LoRAExperts, LoRALinear)) for m in model.modules())

@@ -152,3 +152,15 @@ def test_budget_smaller_than_one_expert_per_layer_is_one_clear_error(folders):
     need = 2 * _slot_bytes(model) / 1e9
     with pytest.raises(UsageError, match=r"--expert-cache-gb .* holds no expert per MoE layer.*give at least"):
         offload_model(model, OffloadConfig(cache_gb=need / 4))
+
+
+def test_experts_with_biases_are_refused_before_anything_moves():
+    """GPT-OSS experts: the offloaded twin holds w_in and w_out only, so it is refused."""
+    import moekit
+
+    moe = moekit.MoEConfig(d_model=32, d_expert=16, num_experts=4, top_k=2, router_bias=True, expert_proj_bias=True,
+                           activation="clamped_swiglu")
+    model = moekit.MoETransformer(moekit.ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, moe=moe))
+    with pytest.raises(ValueError, match="expert offload does not support experts with biases"):
+        offload_model(model, OffloadConfig(cache_gb=1.0))
+    assert getattr(model, "offload", None) is None and type(model.moe_layers()[0].experts).__name__ == "Experts"

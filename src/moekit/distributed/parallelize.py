@@ -33,6 +33,7 @@ from moekit.distributed.dispatcher import AllToAllDispatcher, CommCounter, Exper
 from moekit.distributed.mesh import DistContext, ParallelConfig
 from moekit.errors import ConfigError
 from moekit.layers.moe import MoELayer, RoutingStats
+from moekit.layers.weights import require_plain_ffn
 from moekit.routing_metrics import max_violation
 from moekit.model import MoETransformer
 
@@ -72,9 +73,7 @@ def shard_experts(layer: MoELayer, ctx: DistContext, counter: CommCounter | None
     if layer.cfg.router == "expert_choice":
         raise ConfigError("expert parallelism does not support router='expert_choice' (each expert chooses "
                           "among all tokens of the global batch); use token-choice routing or --ep 1")
-    if layer.experts.has_bias or layer.experts.act_args:
-        raise ConfigError("expert parallelism does not support experts with biases or a clamped SwiGLU (GPT-OSS); "
-                          "use --ep 1")
+    require_plain_ffn(layer.experts, "expert parallelism")
     L, p = layer.cfg.num_experts // ctx.ep, ctx.ep_rank
     w_in, w_out = layer.experts.stacked()
     w_in = w_in.detach()[p * L:(p + 1) * L].clone()  # [L, H, D]

@@ -33,6 +33,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from moekit.errors import ConfigError
+
 
 
 class ExpertWeights(nn.Module):
@@ -82,4 +84,13 @@ class ExpertWeights(nn.Module):
         return torch.float32
 
 
-__all__ = ["ExpertWeights"]
+def require_plain_ffn(weights: ExpertWeights, what: str) -> None:
+    """Refuse a tool that rewrites expert weights (quantization, LoRA, offload, expert
+    parallelism) on experts with biases or a parametrized activation (GPT-OSS): their twins hold
+    w_in and w_out only, and dropping the rest would change the model without a word."""
+    if weights.has_bias or weights.act_args:
+        raise ConfigError(f"{what} does not support experts with biases or activation={weights.activation!r} "
+                          "(GPT-OSS)")
+
+
+__all__ = ["ExpertWeights", "require_plain_ffn"]

@@ -28,6 +28,7 @@ from torch import nn
 
 from moekit.config import check_choice
 from moekit.errors import ConfigError, UsageError
+from moekit.layers.weights import require_plain_ffn
 from moekit.offload.cache import ON_MISS, CacheStats, LayerCache
 from moekit.offload.experts import OffloadedExperts, view_builder
 from moekit.offload.policies import POLICIES
@@ -135,6 +136,8 @@ def offload_model(model: nn.Module, cfg: OffloadConfig) -> OffloadRuntime:
     if getattr(model, "offload", None) is not None:
         raise ValueError("this model's experts are already offloaded")
     templates = {i: b.ffn.experts for i, b in blocks.items()}
+    for t in templates.values():
+        require_plain_ffn(t, "expert offload")
     builders_check = {i: view_builder(t, None) for i, t in templates.items()}  # refuse unknown kinds early
     del builders_check
     states = {i: dict(t.state_dict()) for i, t in templates.items()}

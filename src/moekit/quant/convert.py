@@ -23,6 +23,7 @@ from torch import nn
 from moekit.errors import ConfigError
 from moekit.layers.experts import Experts
 from moekit.layers.mlp import MLP
+from moekit.layers.weights import require_plain_ffn
 from moekit.quant import kernels
 from moekit.quant.modules import QuantizedExperts, QuantizedLinear, QuantizedMLP
 from moekit.quant.weights import BITS, Int4Weight, Int8Weight
@@ -115,10 +116,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, progress=None) -> "Covera
     before = tally(model)
     todo = targets(model, cfg.scope)
     for name, kind in todo:  # checked before any swap: nothing is half converted
-        m = model.get_submodule(name)
-        if kind == "experts" and (m.has_bias or m.act_args):
-            raise ConfigError(f"{name}: quantizing experts with biases or activation={m.activation!r} (GPT-OSS) "
-                              "is not supported; leave experts out of the scope")
+        if kind == "experts":
+            require_plain_ffn(model.get_submodule(name), "quantizing experts")
     for i, (name, kind) in enumerate(todo):
         parent, attr = _parent(model, name)
         old = getattr(parent, attr)
