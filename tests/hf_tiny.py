@@ -103,6 +103,36 @@ def gpt_oss():
     return GptOssForCausalLM(cfg)
 
 
+def llama4_text_config(**kw):
+    """MoE on layers 1 and 3 (dense 0 and 2), layer 3 without RoPE (global, temperature-tuned),
+    chunks of 6 < SEQ on the others, L2 QK norm, Llama 3 RoPE scaling."""
+    from transformers import Llama4TextConfig
+
+    llama3 = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                  original_max_position_embeddings=16)
+    return Llama4TextConfig(**_common(intermediate_size=16, intermediate_size_mlp=40, num_hidden_layers=4,
+                                      num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=1,
+                                      interleave_moe_layer_step=2, no_rope_layer_interval=4, attention_chunk_size=6,
+                                      floor_scale=4, attn_scale=0.5, use_qk_norm=True, rope_parameters=llama3), **kw)
+
+
+def llama4():
+    from transformers import Llama4ForCausalLM
+
+    return Llama4ForCausalLM(llama4_text_config())
+
+
+def llama4_multimodal():
+    """The same language model inside Llama4ForConditionalGeneration, with a minimal vision tower."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    vision = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28,
+                  patch_size=14, vision_output_dim=16, projector_input_dim=16, projector_output_dim=32,
+                  pixel_shuffle_ratio=0.5)
+    cfg = Llama4Config(text_config=llama4_text_config().to_dict(), vision_config=vision)
+    return Llama4ForConditionalGeneration(cfg)
+
+
 def llama(tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -137,6 +167,7 @@ BUILDERS = {
     "gpt_oss": gpt_oss,
     "deepseek_v2": deepseek_v2,
     "deepseek_v2_lite": lambda: deepseek_v2(lite=True),
+    "llama4": llama4,
     "llama": llama, "mistral": mistral, "qwen2": qwen2,
 }
 

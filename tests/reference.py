@@ -58,7 +58,10 @@ def reference_moe(layer, x, padding_mask=None):
                 best = torch.argsort(score, descending=True)[:cap]
                 tok, w = tok[best], w[best]
         for t, wt in zip(tok.tolist(), w):
-            out[t] += wt * expert_ffn(layer, e, x_TD[t : t + 1])[0].float()
+            if cfg.gate_input:  # Llama 4: the weight scales what the expert sees
+                out[t] += expert_ffn(layer, e, (wt * x_TD[t : t + 1].float()).to(x.dtype))[0].float()
+            else:
+                out[t] += wt * expert_ffn(layer, e, x_TD[t : t + 1])[0].float()
     if cfg.num_shared_experts:
         sw_in, sw_out = layer.shared.w_in.weight.to(x.dtype), layer.shared.w_out.weight.to(x.dtype)
         y = activate(x_TD @ sw_in.t(), cfg.activation) @ sw_out.t()

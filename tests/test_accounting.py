@@ -43,6 +43,18 @@ CONFIGS = {
         vocab_size=300, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, qk_norm="full", tie_embeddings=True,
         first_dense_layers=1, moe=MoEConfig(d_model=64, d_expert=16, num_experts=8, top_k=3, router="noisy"),
     ),
+    "gpt-oss-like": lambda: ModelConfig(
+        vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, qkv_bias=True, out_bias=True,
+        attention_sinks=True, sliding_window=8, global_layers=(1,),
+        moe=MoEConfig(d_model=32, d_expert=16, num_experts=4, top_k=2, router_bias=True, expert_proj_bias=True,
+                      activation="clamped_swiglu"),
+    ),
+    "llama4-like": lambda: ModelConfig(
+        vocab_size=100, d_model=32, n_layers=4, n_heads=4, qk_norm="l2", attention_chunk=8, global_layers=(3,),
+        nope_layers=(3,), attn_temperature_floor=8, moe_every=2,
+        moe=MoEConfig(d_model=32, d_expert=16, num_experts=4, top_k=1, router="sigmoid", selection_bias=False,
+                      gate_input=True, num_shared_experts=1),
+    ),
     "head-norm": lambda: ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=2, head_dim=24, qk_norm="head",
                                      ffn_activation="relu"),
 }
@@ -105,6 +117,14 @@ def test_sliding_window_context():
     cfg = ModelConfig(sliding_window=4, max_seq_len=8, d_model=32, n_heads=4)
     # keys attended per position: 1,2,3,4,4,4,4,4
     assert attended_context(cfg, 8) == pytest.approx(26 / 8)
+
+
+def test_per_layer_window_and_chunk_context():
+    """GPT-OSS: windowed and global layers averaged; Llama 4: query i sees (i mod C) + 1 keys."""
+    alt = ModelConfig(sliding_window=4, global_layers=(1,), n_layers=2, max_seq_len=8, d_model=32, n_heads=4)
+    assert attended_context(alt, 8) == pytest.approx((26 / 8 + 36 / 8) / 2)
+    chunked = ModelConfig(attention_chunk=3, max_seq_len=8, d_model=32, n_heads=4, n_layers=1)
+    assert attended_context(chunked, 8) == pytest.approx((1 + 2 + 3 + 1 + 2 + 3 + 1 + 2) / 8)
 
 
 def test_memory_and_gpu_count():

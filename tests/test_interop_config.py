@@ -13,10 +13,13 @@ SIZES = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_siz
          "num_attention_heads")
 
 
+CONFIG_CLASSES = {"Llama4ForCausalLM": "Llama4TextConfig", "Llama4ForConditionalGeneration": "Llama4Config"}
+
+
 def default_config(arch: str) -> dict:
     """transformers' default config of ``arch``, every key written out."""
-    cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
-    cfg = {**cls().to_dict(), "architectures": [arch]}
+    name = CONFIG_CLASSES.get(arch, arch.replace("ForCausalLM", "Config"))
+    cfg = {**getattr(transformers, name)().to_dict(), "architectures": [arch]}
     if cfg.get("num_experts_per_tok", 0) is None:  # DeepseekV2Config's default; its router needs a number
         cfg["num_experts_per_tok"] = 6
     return cfg
@@ -25,7 +28,11 @@ def default_config(arch: str) -> dict:
 @pytest.mark.parametrize("arch", supported_architectures())
 def test_omitted_keys_take_transformers_defaults(arch):
     full = default_config(arch)
-    minimal = {k: v for k, v in full.items() if k in SIZES or k in ("architectures", "model_type", "num_experts_per_tok")}
+    keep = lambda d: {k: v for k, v in d.items()  # noqa: E731
+                      if k in SIZES or k in ("architectures", "model_type", "num_experts_per_tok")}
+    minimal = keep(full)
+    if "text_config" in full:  # Llama 4's multimodal config: the sizes live in its text_config
+        minimal["text_config"] = keep(full["text_config"])
     assert config_from_hf(minimal) == config_from_hf(full)
 
 
@@ -59,6 +66,20 @@ def test_deepseek_v2_routing_it_does_not_run_is_refused_by_name():
         config_from_hf({**cfg, "norm_topk_prob": True})
     grouped = config_from_hf({**cfg, "topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3}).moe
     assert (grouped.num_groups, grouped.topk_groups, grouped.group_score) == (8, 3, "max")
+
+
+def test_llama4_reads_its_layer_pattern_and_refuses_what_it_cannot_run():
+    cfg = default_config("Llama4ForCausalLM")
+    read = config_from_hf({**cfg, "interleave_moe_layer_step": 2, "moe_layers": None})
+    assert read.nope_layers == read.global_layers == tuple(range(3, 48, 4)) and read.attention_chunk == 8192
+    assert read.moe_layer_ids == list(range(1, 48, 2)) and read.qk_norm == "l2"
+    odd = config_from_hf({**cfg, "moe_layers": [0, 5]})
+    assert odd.moe_layer_ids == [0, 5]
+    with pytest.raises(ValueError, match="num_experts_per_tok=2 is not supported"):
+        config_from_hf({**cfg, "num_experts_per_tok": 2})
+    with pytest.raises(ValueError, match="layer_types must be 48 entries of chunked_attention, full_attention"):
+        config_from_hf({**cfg, "layer_types": ["sliding_attention"] * 48})
+    assert config_from_hf({**cfg, "attention_chunk_size": None}).attention_chunk is None
 
 
 def test_gpt_oss_layer_types_it_cannot_run_are_refused():

@@ -48,7 +48,7 @@ def test_unsupported_architecture_lists_the_supported_ones(copy_of):
         moekit.from_pretrained(folder)
     for arch in supported_architectures():
         assert arch in str(e.value)
-    assert len(supported_architectures()) == 10
+    assert len(supported_architectures()) == 12
 
 
 def test_missing_shard_is_named(tmp_path, no_reads):

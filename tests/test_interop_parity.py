@@ -17,7 +17,7 @@ ATOL = 1e-4
 # Which layers each tiny config makes MoE: the layer pattern fields are read, not assumed.
 MOE_LAYERS = {
     "mixtral": [0, 1], "qwen2_moe": [0, 2], "qwen3_moe": [1, 3], "olmoe": [0, 1],
-    "deepseek_v3": [1, 2], "deepseek_v3_plain": [1, 2], "gpt_oss": [0, 1, 2], "deepseek_v2": [1, 2], "deepseek_v2_lite": [1, 2], "llama": [], "mistral": [], "qwen2": [],
+    "deepseek_v3": [1, 2], "deepseek_v3_plain": [1, 2], "gpt_oss": [0, 1, 2], "deepseek_v2": [1, 2], "deepseek_v2_lite": [1, 2], "llama4": [1, 3], "llama": [], "mistral": [], "qwen2": [],
 }
 
 
@@ -92,3 +92,27 @@ def test_native_model_exports_to_a_transformers_architecture(arch, moe, tmp_path
     ids = torch.randint(0, VOCAB, (2, SEQ))
     with torch.no_grad():
         assert max_diff(back(input_ids=ids).logits, model(ids).logits) <= ATOL
+
+
+def test_llama4_multimodal_checkpoint_loads_its_language_model(tmp_path):
+    """Llama4ForConditionalGeneration: the language model loads (vision tensors skipped with a
+    note) with the multimodal model's text logits; it exports as Llama4ForCausalLM, which
+    transformers loads with the same logits; exporting as the multimodal class is refused."""
+    from hf_tiny import llama4_multimodal, randomize
+
+    ref = randomize(llama4_multimodal())
+    ref.save_pretrained(tmp_path / "hf")
+    with pytest.warns(UserWarning, match=r"vision tensor\(s\).*language model only"):
+        model = moekit.from_pretrained(tmp_path / "hf")
+    assert model.cfg.hf_architecture == "Llama4ForConditionalGeneration" and model.cfg.moe_layer_ids == [1, 3]
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    with torch.no_grad():  # the multimodal class's own text-only forward fails in transformers 5.24
+        want, got = ref.language_model(input_ids=ids).logits, model(ids).logits
+    assert want.abs().max() > 1.0 and max_diff(got, want) <= ATOL
+    with pytest.raises(ValueError, match="save it with architecture='Llama4ForCausalLM'"):
+        model.save_pretrained(tmp_path / "refused")
+    model.save_pretrained(tmp_path / "out", architecture="Llama4ForCausalLM")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back).__name__ == "Llama4ForCausalLM"
+    with torch.no_grad():
+        assert max_diff(back(input_ids=ids).logits, want) <= ATOL

@@ -32,6 +32,11 @@ CONFIGS = {
                                       sliding_window=5, global_layers=(1,),
                                       moe=_moe(router_bias=True, expert_proj_bias=True, activation="clamped_swiglu",
                                                swiglu_limit=1.0)),
+    # Llama 4: chunks of 4, layer 2 without RoPE (global, temperature-tuned), L2 QK norm, top-1 input gating
+    "llama4_chunked_nope": dict(n_kv_heads=2, qk_norm="l2", attention_chunk=4, global_layers=(2,), nope_layers=(2,),
+                                attn_temperature_floor=3, attn_temperature_scale=0.5, moe_every=2,
+                                moe=_moe(router="sigmoid", top_k=1, selection_bias=False, gate_input=True,
+                                         num_shared_experts=1)),
     "mla_full_rank_q_window": dict(attention="mla", kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
                                    v_head_dim=6, sliding_window=7, moe=_moe()),
 }
@@ -78,7 +83,7 @@ def test_cached_decoding_equals_full_recompute(name):
 
 
 @pytest.mark.parametrize("name", ["gqa_moe", "sliding_window_mixed", "mla_group_routing_shared",
-                                  "gpt_oss_sinks_alternating"])
+                                  "gpt_oss_sinks_alternating", "llama4_chunked_nope"])
 @torch.no_grad()
 def test_rows_at_different_positions_and_chunked_prefill(name):
     """A batch whose rows hold different lengths (right-padded prefill, then chunks and single

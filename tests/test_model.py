@@ -178,3 +178,57 @@ def test_global_layers_attend_beyond_the_window():
     with torch.no_grad():
         assert torch.equal(windowed(a).logits[0, -1], windowed(b).logits[0, -1])
         assert not torch.equal(mixed(a).logits[0, -1], mixed(b).logits[0, -1])
+
+
+def test_chunked_attention_matches_the_explicit_chunk_rule():
+    """Llama 4: query i sees keys j <= i of its own chunk (i // C == j // C), GQA heads included."""
+    from moekit.layers.attention import attend
+
+    B, H, Hk, S, hd, C = 2, 4, 2, 11, 8, 4
+    q, k, v = torch.randn(B, H, S, hd), torch.randn(B, Hk, S, hd), torch.randn(B, Hk, S, hd)
+    got = attend(q, k, v, chunk=C)
+    want = torch.empty_like(got)
+    for b in range(B):
+        for h in range(H):
+            for i in range(S):
+                js = [j for j in range(S) if j <= i and i // C == j // C]
+                p = torch.softmax(torch.stack([q[b, h, i] @ k[b, h // 2, j] for j in js]) / hd**0.5, dim=0)
+                want[b, h, i] = sum(pj * v[b, h // 2, j] for pj, j in zip(p, js))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_llama4_nope_layer_temperature_and_rope_layer_l2_norm():
+    """Layer 1 has no RoPE: q scaled by 1 + s * log1p(floor((p + 1) / f)), full causal attention.
+    Layer 0 uses RoPE, then RMS-normalizes q and k without a weight, inside chunks."""
+    from moekit.layers.rope import apply_rope, rope_cache
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=48, max_seq_len=32,
+                      qk_norm="l2", attention_chunk=4, global_layers=(1,), nope_layers=(1,),
+                      attn_temperature_floor=2, attn_temperature_scale=0.5)
+    model = MoETransformer(cfg).eval()
+    S, hd = 9, 8
+    x = torch.randn(1, S, 32)
+    cos, sin = rope_cache(32, hd, cfg.rope_theta)
+    cos, sin = cos[:S], sin[:S]
+    pos = torch.arange(S)
+
+    def heads(t):
+        return t.view(1, S, 4, hd).transpose(1, 2)
+
+    def explicit(attn, use_rope, allowed):
+        q, k, v = heads(attn.wq(x)), heads(attn.wk(x)), heads(attn.wv(x))
+        if use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = (t / t.pow(2).mean(-1, keepdim=True).add(cfg.norm_eps).sqrt() for t in (q, k))
+        else:
+            q = q * (1 + 0.5 * torch.log1p(torch.floor((pos.float() + 1) / 2)))[:, None]
+        scores = (q @ k.transpose(-1, -2)) / hd**0.5
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        return attn.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(1, S, 32))
+
+    causal = pos[None, :] <= pos[:, None]
+    chunked = causal & (pos[None, :] // 4 == pos[:, None] // 4)
+    with torch.no_grad():
+        for i, (use_rope, allowed) in enumerate([(True, chunked), (False, causal)]):
+            attn = model.blocks[i].attn
+            torch.testing.assert_close(attn(x, cos, sin), explicit(attn, use_rope, allowed), atol=1e-5, rtol=1e-5)

@@ -44,6 +44,17 @@ def test_router_bias_and_softmax_over_topk_logits_like_gpt_oss():
     assert not torch.equal(without, ids)  # the bias changed some choices
 
 
+def test_llama4_top1_sigmoid_without_selection_bias():
+    """Llama 4: the expert with the largest logit, weighted by sigmoid(that logit); no bias buffer."""
+    r = router(router="sigmoid", top_k=1, selection_bias=False)
+    assert not hasattr(r, "expert_bias")
+    x = torch.randn(20, D)
+    logits = x @ r.weight.t()
+    out = r(x)
+    assert torch.equal(out.ids[:, 0], logits.argmax(-1))
+    torch.testing.assert_close(out.weights[:, 0], torch.sigmoid(logits.max(-1).values))
+
+
 def test_softmax_without_renormalization_keeps_probabilities():
     r = router(top_k=4, norm_topk_prob=False)
     x = torch.randn(20, D)

@@ -98,10 +98,13 @@ def count_params(cfg: ModelConfig) -> ParamCount:
 def attended_context(cfg: ModelConfig, seq_len: int) -> float:
     """Mean number of keys a query attends to over a causal sequence of ``seq_len`` tokens,
     averaged over the layers (windowed layers and global ones differ)."""
-    return sum(_layer_context(cfg.window_of(i), seq_len) for i in range(cfg.n_layers)) / cfg.n_layers
+    return sum(_layer_context(cfg.window_of(i), seq_len, cfg.chunk_of(i)) for i in range(cfg.n_layers)) / cfg.n_layers
 
 
-def _layer_context(window: int | None, seq_len: int) -> float:
+def _layer_context(window: int | None, seq_len: int, chunk: int | None = None) -> float:
+    if chunk is not None and chunk < seq_len:  # query i sees (i mod C) + 1 keys (Llama 4)
+        full, rest = divmod(seq_len, chunk)
+        return (full * chunk * (chunk + 1) / 2 + rest * (rest + 1) / 2) / seq_len
     w = window or seq_len
     if w >= seq_len:
         return (seq_len + 1) / 2

@@ -20,7 +20,7 @@ ACTIVATIONS = ("swiglu", "gelu", "relu")
 # Routed experts may also use GPT-OSS's clamped SwiGLU (see MoEConfig.swiglu_limit).
 EXPERT_ACTIVATIONS = ACTIVATIONS + ("clamped_swiglu",)
 GROUP_SCORES = ("top2", "max")  # how group-limited routing ranks a group (MoEConfig.group_score)
-QK_NORMS = ("head", "full")
+QK_NORMS = ("head", "full", "l2")
 ATTENTIONS = ("gqa", "mla")
 # RoPE context-extension schemes, named as in Hugging Face's rope_scaling, and their keys:
 # (required, optional). "factor" stretches the positions; see moekit.layers.rope for the math.
@@ -127,6 +127,13 @@ class MoEConfig:
     # The bias exists for the sigmoid router always (DeepSeek-V3's e_score_correction_bias)
     # and for softmax/noisy when rate > 0; the rate DeepSeek-V3 used is 0.001.
     bias_update_rate: float = 0.0
+    # Whether the router keeps an expert_bias buffer for selection. None: the convention above
+    # (always for sigmoid, else when bias_update_rate > 0). False: a sigmoid router without one
+    # (Llama 4 ranks experts by their plain logits).
+    selection_bias: bool | None = None
+    # The routing weight scales the expert's input instead of its output (Llama 4:
+    # expert(sigmoid(s) * x)); with SwiGLU the two differ.
+    gate_input: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_expert", "num_experts", "top_k", "num_groups", "topk_groups"):
@@ -135,6 +142,13 @@ class MoEConfig:
         check_choice("router", self.router, ROUTERS)
         check_choice("activation", self.activation, EXPERT_ACTIVATIONS)
         check_bool("router_bias", self.router_bias)
+        check_bool("gate_input", self.gate_input)
+        if self.selection_bias is not None:
+            check_bool("selection_bias", self.selection_bias)
+            if not self.selection_bias and self.bias_update_rate > 0:
+                raise ConfigError("bias_update_rate > 0 needs the selection bias (selection_bias=False)")
+        if self.gate_input and (self.router == "expert_choice" or self.top_k != 1):
+            raise ConfigError("gate_input needs token-choice top_k=1 (as Llama 4 routes): one slot per token")
         check_bool("expert_proj_bias", self.expert_proj_bias)
         self._validate_clamp()
         if self.top_k > self.num_experts:
@@ -208,6 +222,8 @@ class MoEConfig:
 
     @property
     def has_selection_bias(self) -> bool:
+        if self.selection_bias is not None:
+            return self.selection_bias
         return self.router == "sigmoid" or self.bias_update_rate > 0
 
     @property
@@ -241,11 +257,24 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 family
-    qk_norm: str | None = None  # RMSNorm on q and k: "head" (per head, Qwen3) or "full" (OLMoE)
+    # RMSNorm on q and k: "head" (per head, Qwen3), "full" (OLMoE), or "l2": per head without a
+    # weight, after RoPE, in the layers that use RoPE only (Llama 4's use_qk_norm)
+    qk_norm: str | None = None
     sliding_window: int | None = None  # Mistral/Mixtral local attention; None = full causal
-    # Layers that attend to the whole causal context even when sliding_window is set (GPT-OSS
-    # alternates sliding and full layers); () = the window applies to every layer.
+    # Chunked attention (Llama 4): a token attends to the earlier tokens of its own chunk of
+    # attention_chunk positions (0..C-1, C..2C-1, ...); None = off.
+    attention_chunk: int | None = None
+    # Layers that attend to the whole causal context even when sliding_window or attention_chunk is
+    # set (GPT-OSS alternates sliding and full layers; Llama 4's NoPE layers are global);
+    # () = the window or chunk applies to every layer.
     global_layers: tuple[int, ...] = ()
+    # Layers without rotary positions (Llama 4 "NoPE" layers, every 4th; Yang et al. 2025, RNoPE).
+    nope_layers: tuple[int, ...] = ()
+    # Attention temperature tuning in the NoPE layers (Llama 4): q is scaled by
+    # 1 + attn_temperature_scale * log(1 + floor((p + 1) / attn_temperature_floor)) at position p,
+    # so attention stays sharp at long context; None = off.
+    attn_temperature_floor: int | None = None
+    attn_temperature_scale: float = 0.1
     out_bias: bool = False  # a bias on the attention output projection (GPT-OSS)
     # A learned logit per head that joins every softmax's denominator, so a head may attend
     # "nowhere" (attention sinks; Xiao et al. 2023, trained in as in gpt-oss).
@@ -278,6 +307,7 @@ class ModelConfig:
             raise ConfigError(f"moe must be a mapping of MoEConfig fields or null, got {self.moe!r}")
         self.dense_layers = tuple(self.dense_layers)
         self.global_layers = tuple(self.global_layers)
+        self.nope_layers = tuple(self.nope_layers)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "moe_every"):
             check_int(name, getattr(self, name))
         check_int("first_dense_layers", self.first_dense_layers, minimum=0)
@@ -304,13 +334,31 @@ class ModelConfig:
             raise ConfigError(f"hf_architecture must be a string or None, got {self.hf_architecture!r}")
         if self.moe is not None and self.moe.d_model != self.d_model:
             raise ConfigError(f"moe.d_model ({self.moe.d_model}) must equal d_model ({self.d_model})")
-        for name in ("dense_layers", "global_layers"):
+        self._validate_llama4_attention()
+        for name in ("dense_layers", "global_layers", "nope_layers"):
             for i in getattr(self, name):
                 check_int(f"{name} entry", i, minimum=0)
                 if i >= self.n_layers:
                     raise ConfigError(f"{name} entry {i} is out of range for n_layers={self.n_layers}")
-        if self.global_layers and self.sliding_window is None:
-            raise ConfigError("global_layers needs a sliding_window (every layer is already global)")
+        if self.global_layers and self.sliding_window is None and self.attention_chunk is None:
+            raise ConfigError("global_layers needs a sliding_window or attention_chunk (every layer is already global)")
+
+    def _validate_llama4_attention(self) -> None:
+        if self.attention_chunk is not None:
+            check_int("attention_chunk", self.attention_chunk)
+            if self.sliding_window is not None:
+                raise ConfigError("attention_chunk and sliding_window cannot both be set")
+        if self.attn_temperature_floor is not None:
+            check_int("attn_temperature_floor", self.attn_temperature_floor)
+            if not self.nope_layers:
+                raise ConfigError("attn_temperature_floor applies to nope_layers, and there are none")
+        check_float("attn_temperature_scale", self.attn_temperature_scale)
+        if self.attention == "mla":
+            for name in ("attention_chunk", "attn_temperature_floor"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name} does not apply to attention='mla'")
+            if self.nope_layers:
+                raise ConfigError("nope_layers does not apply to attention='mla' (its rope part carries position)")
 
     def _validate_heads(self) -> None:
         if self.head_dim is None:
@@ -378,6 +426,13 @@ class ModelConfig:
         """Layer i's sliding window (None: full causal attention)."""
         return None if i in self.global_layers else self.sliding_window
 
+    def chunk_of(self, i: int) -> int | None:
+        """Layer i's attention chunk (None: not chunked)."""
+        return None if i in self.global_layers else self.attention_chunk
+
+    def uses_rope(self, i: int) -> bool:
+        return i not in self.nope_layers
+
     def is_moe_layer(self, i: int) -> bool:
         if self.moe is None or i < self.first_dense_layers or i in self.dense_layers:
             return False
@@ -391,6 +446,7 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["dense_layers"] = list(self.dense_layers)
         d["global_layers"] = list(self.global_layers)
+        d["nope_layers"] = list(self.nope_layers)
         return d
 
     @classmethod

@@ -53,6 +53,25 @@ def _deepseek_v2(lite: bool) -> ModelConfig:
     )
 
 
+def _llama4(scout: bool) -> ModelConfig:
+    """Llama 4 Scout / Maverick text models (Meta 2025; config.json text_config): top-1 sigmoid
+    input gating over 16 / 128 experts plus a shared expert (Maverick: MoE every other layer),
+    NoPE every 4th layer (global, temperature-tuned), chunked attention (8192) elsewhere."""
+    n = 48
+    return ModelConfig(
+        vocab_size=202048, d_model=5120, n_layers=n, n_heads=40, n_kv_heads=8, d_ff=16384,
+        max_seq_len=262144 if scout else 1048576, rope_theta=500000.0, qk_norm="l2" if scout else None,
+        attention_chunk=8192, global_layers=tuple(range(3, n, 4)), nope_layers=tuple(range(3, n, 4)),
+        attn_temperature_floor=8192, attn_temperature_scale=0.1,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                      "original_max_position_embeddings": 8192} if scout else None,
+        moe_every=1 if scout else 2,
+        moe=MoEConfig(d_model=5120, d_expert=8192, num_experts=16 if scout else 128, top_k=1, router="sigmoid",
+                      selection_bias=False, gate_input=True, norm_topk_prob=False, num_shared_experts=1,
+                      load_balance_coef=0.001),
+    )
+
+
 PRESETS: dict[str, tuple[str, Callable[[], ModelConfig]]] = {
     "tiny-moe": (
         "4 layers, d_model 256, 8 experts of 512 top-2 (Mixtral-style)",
@@ -128,6 +147,15 @@ PRESETS: dict[str, tuple[str, Callable[[], ModelConfig]]] = {
     "deepseek-v2-lite": (
         "DeepSeek-V2-Lite: MLA with full-rank q, 64 experts top-6 (softmax, greedy) plus 2 shared; 15.7B total, 2.4B active",
         lambda: _deepseek_v2(lite=True),
+    ),
+    "llama4-scout": (
+        "Llama 4 Scout (text): 48 layers, 16 experts top-1 (sigmoid-gated input) plus a shared expert, NoPE "
+        "every 4th layer, chunked attention; 108B total, 17B active",
+        lambda: _llama4(scout=True),
+    ),
+    "llama4-maverick": (
+        "Llama 4 Maverick (text): 128 experts top-1 plus a shared expert on every other layer; 401B total, 17B active",
+        lambda: _llama4(scout=False),
     ),
     "gpt-oss-20b": (
         "gpt-oss-20b: 24 layers, 32 experts top-4 (clamped SwiGLU, biases), sinks, alternating 128-token window",

@@ -34,6 +34,7 @@ class Naming:
     expert_proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert gate, up, down
     shared: str = "shared_expert"  # shared-expert module (DeepSeek: shared_experts)
     router: str = "gate"  # router module under the MoE module (GPT-OSS: router)
+    dense: str = "mlp"  # dense FFN module (Llama 4: feed_forward)
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,10 @@ class Family:
     naming: Naming = field(default_factory=Naming)
     # Optional per-tensor row permutation: (moekit suffix, cfg, hf config) -> permutation or None.
     row_permutation: Callable | None = None
-    # Checkpoint names to skip with a note (DeepSeek-V3's multi-token-prediction layers).
+    # Checkpoint names to skip with a note (DeepSeek-V3's multi-token-prediction layers), and the note.
     skipped: Callable[[str, ModelConfig], bool] | None = None
+    skip_note: str = "multi-token-prediction tensor(s) (model.layers.{n_layers}.*): they are not part of the language model"
+    prefix: str = ""  # before every checkpoint name (Llama 4's multimodal checkpoints: "language_model.")
     fp32_router: bool = False  # transformers keeps the router weight/bias in fp32 (DeepSeek-V3)
     # Optional own expert layout: (which of w_in/w_out/b_in/b_out, moekit shape, "...experts." prefix)
     # -> pieces (GPT-OSS's transposed, interleaved fused tensors with biases); None = names.py's.

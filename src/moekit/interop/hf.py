@@ -79,7 +79,7 @@ def _load(folder: Path, dtype, device, check_memory: bool, check_finite: bool, r
         meta = MoETransformer(cfg)
     with Checkpoint(folder) as ckpt:
         plan = _plan_load(_shapes(meta), cfg, family, hf, ckpt)
-        dtype = dtype or DTYPES[ckpt.entries["model.embed_tokens.weight"].dtype]
+        dtype = dtype or DTYPES[ckpt.entries[family.prefix + "model.embed_tokens.weight"].dtype]
         check_fits(cfg, str(device or "cpu"), dtype=str(dtype), force=not check_memory, what=str(folder))
         model = _materialize(meta, dtype, torch.device(device or "cpu"))
         _copy(model, plan, ckpt, check_finite)
@@ -135,11 +135,7 @@ def _check_all_used(unused: set[str], cfg: ModelConfig, family: Family) -> None:
         shown = ", ".join(repr(n) for n in unmapped[:8]) + (f", ... ({len(unmapped)} in all)" if len(unmapped) > 8 else "")
         raise ModelFolderError(f"checkpoint tensor(s) that map to nothing in moekit (nothing was loaded): {shown}")
     if skipped:
-        warnings.warn(
-            f"skipped {len(skipped)} multi-token-prediction tensor(s) (model.layers.{cfg.n_layers}.*): "
-            "they are not part of the language model",
-            stacklevel=4,
-        )
+        warnings.warn(f"skipped {len(skipped)} {family.skip_note.format(n_layers=cfg.n_layers)}", stacklevel=4)
 
 
 def _materialize(meta: MoETransformer, dtype: torch.dtype, device: torch.device) -> MoETransformer:

@@ -132,8 +132,8 @@ MLA = {
 BLOCK = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn.w_in.weight": GateUp("mlp.gate_proj.weight", "mlp.up_proj.weight"),
-    "ffn.w_out.weight": "mlp.down_proj.weight",
+    "ffn.w_in.weight": GateUp("{dense}.gate_proj.weight", "{dense}.up_proj.weight"),
+    "ffn.w_out.weight": "{dense}.down_proj.weight",
     "ffn.router.weight": "{moe}.{router}.weight",
     "ffn.router.bias": "{moe}.{router}.bias",
     "ffn.router.expert_bias": "{moe}.{router}.e_score_correction_bias",
@@ -157,7 +157,7 @@ def pieces(
 ) -> list[Piece]:
     """The pieces of moekit tensor ``name`` with the MoE module named ``module`` and experts in ``layout``."""
     if name in GLOBAL:
-        return [Piece(GLOBAL[name])]
+        return [Piece(family.prefix + GLOBAL[name])]
     match = _BLOCK_NAME.fullmatch(name)
     if match is None:
         raise Unmapped(name)
@@ -166,9 +166,9 @@ def pieces(
     rule = attn_table.get(suffix) if suffix.startswith("attn.") else BLOCK.get(suffix)
     if rule is None:
         raise Unmapped(name)
-    prefix = f"model.layers.{layer}."
+    prefix = f"{family.prefix}model.layers.{layer}."
     naming = family.naming
-    fill = dict(moe=module, shared=naming.shared, router=naming.router)
+    fill = dict(moe=module, shared=naming.shared, router=naming.router, dense=naming.dense)
     if isinstance(rule, str):
         perm = family.row_permutation(suffix, cfg, hf) if family.row_permutation else None
         return [Piece(prefix + rule.format(**fill), WHOLE, IDENTITY if perm is None else RowPermutation(perm))]

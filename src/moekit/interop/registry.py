@@ -9,12 +9,13 @@ from moekit.interop.deepseek_v3 import DEEPSEEK_V3
 from moekit.interop.dense import LLAMA, MISTRAL, QWEN2
 from moekit.interop.family import Family, HFConfig, architecture_of
 from moekit.interop.gpt_oss import GPT_OSS
+from moekit.interop.llama4 import LLAMA4, LLAMA4_MULTIMODAL
 from moekit.interop.mixtral import MIXTRAL
 from moekit.interop.olmoe import OLMOE
 from moekit.interop.qwen_moe import QWEN2_MOE_FAMILY, QWEN3_MOE_FAMILY
 
 FAMILIES: tuple[Family, ...] = (
-    MIXTRAL, QWEN2_MOE_FAMILY, QWEN3_MOE_FAMILY, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3, GPT_OSS, LLAMA, MISTRAL, QWEN2,
+    MIXTRAL, QWEN2_MOE_FAMILY, QWEN3_MOE_FAMILY, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3, GPT_OSS, LLAMA4, LLAMA4_MULTIMODAL, LLAMA, MISTRAL, QWEN2,
 )
 BY_ARCHITECTURE: dict[str, Family] = {arch: fam for fam in FAMILIES for arch in fam.architectures}
 BY_MODEL_TYPE: dict[str, Family] = {fam.model_type: fam for fam in FAMILIES}

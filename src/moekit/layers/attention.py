@@ -2,7 +2,8 @@
 
 Options cover the published MoE families: QKV bias (Qwen2), RMSNorm on q/k per head (Qwen3)
 or over the whole projection (OLMoE), Mistral's sliding window (per layer: GPT-OSS alternates
-windowed and full layers), and GPT-OSS's output bias and attention sinks.
+windowed and full layers), GPT-OSS's output bias and attention sinks, and Llama 4's chunked
+attention, layers without RoPE (with attention temperature tuning) and weightless QK norm.
 
 With a ``LayerCache`` (see kv_cache.py) the layer writes its new keys/values into the cache and
 attends over everything cached for each row; the tables ``cos``/``sin`` then carry each row's
@@ -28,9 +29,34 @@ def sliding_window_mask(seq_len: int, window: int, device=None) -> torch.Tensor:
     return (j <= i) & (i - j < window)
 
 
+def local_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None,
+               chunk: int | None = None) -> torch.Tensor:
+    """Causal mask, True where a query at position q_pos may attend a key at k_pos (broadcast):
+    k <= q, within ``window`` keys back, and in the same ``chunk`` of positions (Llama 4's
+    chunked attention: chunks 0..C-1, C..2C-1, ... by absolute position)."""
+    ok = k_pos <= q_pos
+    if window is not None:
+        ok = ok & (q_pos - k_pos < window)
+    if chunk is not None:
+        ok = ok & (q_pos // chunk == k_pos // chunk)
+    return ok
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dim in fp32, no weight (Llama 4's QK norm)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def temperature_scale(positions: torch.Tensor, floor: int, scale: float) -> torch.Tensor:
+    """Llama 4's attention temperature for NoPE layers at ``positions``:
+    1 + scale * log(1 + floor((p + 1) / floor)) (fp32, the shape of positions)."""
+    return torch.log1p(torch.floor((positions.float() + 1.0) / floor)) * scale + 1.0
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
            causal: bool = True, window: int | None = None, scale: float | None = None,
-           sinks: torch.Tensor | None = None) -> torch.Tensor:
+           sinks: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
     """Softmax attention for both attention kinds (GQA and MLA) -> [B, H, S, Dv].
 
     q [B, H, S, Dk]; k [B, Hk, T, Dk] and v [B, Hk, T, Dv] with H a multiple of Hk (query head h
@@ -38,14 +64,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Ten
     limited to ``window`` keys back when given. Otherwise (cached keys) ``mask`` [B, 1, S, T]
     bool (True = may attend) from a ``CacheView``, or None when every query sees every key.
     ``sinks`` [H]: one extra logit per head in each softmax's denominator (see ``attend_with_sinks``).
+    ``chunk``: causal attention within chunks of that many positions (see ``local_mask``).
     """
     B, H, S, _ = q.shape
     Hk = k.shape[1]
+    if causal and (sinks is not None or (chunk is not None and chunk < S)):
+        pos = torch.arange(S, device=q.device)
+        mask, causal = local_mask(pos[:, None], pos[None, :], window, chunk), False
     if sinks is not None:
-        if causal:
-            mask = sliding_window_mask(S, window or S, q.device)
         return attend_with_sinks(q, k, v, mask, sinks, scale)
     if not causal:
+        if mask is not None and mask.dim() == 2:
+            mask = mask[None, None]  # [1, 1, S, T]
         # Fold each kv head's query heads into its rows ([B, Hk, rep*S, Dk]) so the cached keys
         # and values are read once rather than copied per query head (decode is bound by reading them).
         if mask is not None and H != Hk:
@@ -82,7 +112,13 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.resolved_head_dim
-        self.sliding_window = cfg.window_of(layer_id)
+        self.sliding_window, self.chunk = cfg.window_of(layer_id), cfg.chunk_of(layer_id)
+        self.use_rope = cfg.uses_rope(layer_id)
+        self.norm_eps = cfg.norm_eps
+        # Llama 4: temperature tuning in the NoPE layers only
+        self.temperature = None
+        if not self.use_rope and cfg.attn_temperature_floor is not None:
+            self.temperature = (cfg.attn_temperature_floor, cfg.attn_temperature_scale)
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.wq = nn.Linear(cfg.d_model, q_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
@@ -108,11 +144,18 @@ class Attention(nn.Module):
         v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if self.qk_norm == "l2":
+                q, k = l2_norm(q, self.norm_eps), l2_norm(k, self.norm_eps)
+        if self.temperature is not None:
+            pos = torch.arange(S, device=x.device) if cache is None else cache.view.positions[:, None]  # [S] or [B, 1, S]
+            q = (q * temperature_scale(pos, *self.temperature)[..., None]).to(q.dtype)
         if cache is not None:
             k, v = cache.append(k, v)  # [B, Hkv, T, hd] each (T = S on a fresh cache)
         if cache is None or cache.view.fresh:
-            y = attend(q, k, v, window=self.sliding_window, sinks=self.sinks)
+            y = attend(q, k, v, window=self.sliding_window, sinks=self.sinks, chunk=self.chunk)
         else:
-            y = attend(q, k, v, mask=cache.view.mask_for(self.sliding_window), causal=False, sinks=self.sinks)
+            mask = cache.view.mask_for(self.sliding_window, self.chunk)
+            y = attend(q, k, v, mask=mask, causal=False, sinks=self.sinks)
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))

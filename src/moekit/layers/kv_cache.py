@@ -152,21 +152,21 @@ class CacheView:
         """``mask_for`` the model's sliding window (what every layer uses unless told otherwise)."""
         return self.mask_for(self.cache.window)
 
-    def mask_for(self, window: int | None) -> torch.Tensor | None:
+    def mask_for(self, window: int | None, chunk: int | None = None) -> torch.Tensor | None:
         """[B, 1, S, T] bool, True where a new token may attend a cached key (causal, and within
-        ``window`` keys back when given: a layer's own window, as GPT-OSS's differ by layer);
+        ``window`` keys back or the same ``chunk`` when given: a layer's own, as GPT-OSS's and
+        Llama 4's differ by layer);
         None when every row may attend all T keys (one new token per row, all rows at the same
         position, inside the window: the common batch-1 decode step needs no mask)."""
         def make():
+            from moekit.layers.attention import local_mask  # attention.py imports this module
+
             keys = torch.arange(self.num_keys, device=self.cache.device)  # [T]
-            q = self.positions[:, None, :, None]  # [B, 1, S, 1]
-            ok = keys <= q
-            if window is not None:
-                ok = ok & (q - keys < window)
-            return ok
-        if self.seq_len == 1 and len(set(self.start)) == 1 and (window is None or self.num_keys <= window):
+            return local_mask(self.positions[:, None, :, None], keys, window, chunk)  # [B, 1, S, T]
+        limit = min(window or self.num_keys, chunk or self.num_keys)
+        if self.seq_len == 1 and len(set(self.start)) == 1 and self.num_keys <= limit:
             return None
-        return self._memo(("mask", window), make)
+        return self._memo(("mask", window, chunk), make)
 
     def _rows(self):
         """Index of the B rows' slots: a slice when they are consecutive (a view, no copy)."""

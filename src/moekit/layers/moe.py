@@ -24,6 +24,7 @@ before ``update_expert_bias`` moves the bias (``docs/design.md``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -124,18 +125,27 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(B * S, D)
         valid_T = None if padding_mask is None else padding_mask.reshape(B * S).bool()
         r = self.router(x_TD, valid_T)
+        routed_x, routed_r = self._gate_input(x_TD, r) if self.cfg.gate_input else (x_TD, r)
         impl, plan, local = self.expert_impl(B * S), None, self.dispatcher.local
         if local and impl == "decode" and B * S == 1 and valid_T is None and not r.expert_choice:
-            out_TD = self.experts.single_token(x_TD, r.ids, r.weights)  # [1, D] fp32
+            out_TD = self.experts.single_token(routed_x, routed_r.ids, routed_r.weights)  # [1, D] fp32
         else:
-            plan = self.dispatcher.plan(r, self.cfg.num_experts, self.cfg.effective_capacity_factor, valid_T)
-            out_TD = self._routed(x_TD, plan, impl)  # [T, D] fp32
+            plan = self.dispatcher.plan(routed_r, self.cfg.num_experts, self.cfg.effective_capacity_factor, valid_T)
+            out_TD = self._routed(routed_x, plan, impl)  # [T, D] fp32
         if self.cfg.num_shared_experts:
             out_TD = out_TD + self._shared_forward(x_TD)
         self._last = _LastForward(r, plan, self.cfg, valid_T, B, S)
         if self.training:
             self.router.record_load(self._last.plan.routed_counts)
         return out_TD.to(x.dtype).view(B, S, D)
+
+    @staticmethod
+    def _gate_input(x_TD: torch.Tensor, r: RouterOutput) -> tuple[torch.Tensor, RouterOutput]:
+        """Llama 4: the expert sees weight * x and its output is added unweighted. With one
+        slot per token (top-1, checked by MoEConfig) that is x_TD scaled per token and weights
+        of 1, so every expert path runs unchanged."""
+        x = (x_TD * r.weights.to(x_TD.dtype)).to(x_TD.dtype)  # [T, D] * [T, 1]
+        return x, dataclasses.replace(r, weights=torch.ones_like(r.weights))
 
     def _routed(self, x_TD: torch.Tensor, plan: DispatchPlan, impl: str) -> torch.Tensor:
         """Steps 3-5: dispatch, experts on the rows, combine -> [T, D] fp32."""
