@@ -22,7 +22,7 @@ def folders(tmp_path_factory):
     return tmp_path_factory.mktemp("hf")
 
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "llama4"]
 
 
 def _olmoe_int4_sized():
