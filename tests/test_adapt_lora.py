@@ -240,3 +240,14 @@ def test_lora_and_expert_dropout_refuse_experts_with_biases():
     with pytest.raises(ValueError, match="expert dropout does not support experts with biases"):
         apply_expert_dropout(model, 0.1)
     assert not any(isinstance(m, (LoRAExperts, LoRALinear)) for m in model.modules())
+
+
+def test_freezing_half_of_an_expert_layers_adapters_is_an_error():
+    from moekit.training.freeze import select_trainable
+
+    model = MoETransformer(model_cfg())
+    apply_lora(model, LoRAConfig(rank=2, targets=["experts"]))
+    assert len(select_trainable(model, "lora")) == 8  # 2 MoE layers x 2 matrices x (A, B)
+    assert len(select_trainable(model, "lora", ["blocks.1.*"])) == 4  # a whole layer frozen: fine
+    with pytest.raises(UsageError, match=r"only part of blocks\.1's LoRA adapters"):
+        select_trainable(model, "lora", [r"experts\.w_in_lora"])

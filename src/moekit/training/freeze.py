@@ -90,15 +90,16 @@ def select_trainable(model: nn.Module, preset: str = "all", freeze: Sequence[str
 def _check_whole_experts(names: list[str], chosen: set[str]) -> None:
     """Expert weights train whole per layer (gate/up and down together): a half-trained expert is
     the silent partial coverage PEFT users report for fused experts."""
-    layers: dict[str, list[str]] = {}
+    groups: dict[tuple[str, bool], list[str]] = {}  # (layer, adapters?) -> parameter names
     for n in names:
-        if ".ffn.experts." in n and "lora_" not in n:  # adapters are checked whole when applied
-            layers.setdefault(n.split(".ffn.experts.")[0], []).append(n)
-    for layer, params in layers.items():
+        if ".ffn.experts." in n:  # base matrices and LoRA adapters are separate groups, each whole
+            groups.setdefault((n.split(".ffn.experts.")[0], "lora_" in n.rpartition(".")[2]), []).append(n)
+    for (layer, adapters), params in groups.items():
         on = [p for p in params if p in chosen]
         if on and len(on) != len(params):
             off = sorted(set(params) - set(on))
-            raise UsageError(f"only part of {layer}'s expert weights would train ({', '.join(on)}; frozen: "
+            what = "LoRA adapters of its expert weights" if adapters else "expert weights"
+            raise UsageError(f"only part of {layer}'s {what} would train ({', '.join(on)}; frozen: "
                              f"{', '.join(off)}): train or freeze an expert layer whole")
 
 
