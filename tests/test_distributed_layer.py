@@ -14,7 +14,7 @@ import torch.distributed as dist
 from dist_harness import run_ranks
 from moekit.config import MoEConfig
 from moekit.distributed.mesh import ParallelConfig, init_mesh
-from moekit.distributed.parallelize import shard_experts
+from moekit.distributed.parallelize import global_routing_stats, shard_experts
 from moekit.layers.moe import MoELayer
 
 pytestmark = pytest.mark.distributed
@@ -100,6 +100,10 @@ def _compare_all(rank: int, world: int) -> dict:
             "d_w_in": _rel(layer.experts.w_in.grad, ref.experts.w_in.grad[p * L:(p + 1) * L]),
             "d_w_out": _rel(layer.experts.w_out.grad, ref.experts.w_out.grad[p * L:(p + 1) * L]),
         }
+        if case in CAPACITY:  # the drops happen on the experts' ranks: the global stats count them
+            (stats,) = global_routing_stats([layer.last_stats], ctx, [layer])
+            assert dropped > 0, case  # the case drops something, so the comparison is not of zeros
+            err["dropped"] = abs(stats.dropped_fraction - dropped)
         if "shared" in case:
             shared = layer.shared.w_in.weight.grad.clone()
             dist.all_reduce(shared)

@@ -119,6 +119,9 @@ class AllToAllDispatcher(Dispatcher):
         self.ep, self.ep_rank = dist.get_world_size(group), dist.get_rank(group)
         self.num_local = num_local
         self.counter = counter or CommCounter()
+        # Rows this rank's experts dropped by capacity in the last forward: the plan of the
+        # sending rank is dropless, so the routing statistics add these (summed over ranks).
+        self.last_dropped = 0
 
     def plan(self, r: RouterOutput, num_experts: int, capacity_factor: float | None,
              valid_T: torch.Tensor | None = None) -> DispatchPlan:
@@ -139,6 +142,7 @@ class AllToAllDispatcher(Dispatcher):
     def dispatch(self, x_TD: torch.Tensor, plan: DispatchPlan) -> ExchangedRows:
         P, L = self.ep, self.num_local
         assert plan.counts.numel() == P * L, "the plan ranges over all E = P * L experts"
+        self.last_dropped = 0
         recv_counts_PL = self._exchange_counts(plan.counts)  # 1.
         send_splits = plan.counts.view(P, L).sum(1).tolist()  # [P] rows to each rank
         recv_splits = recv_counts_PL.sum(1).tolist()  # [P] rows from each rank
@@ -165,6 +169,7 @@ class AllToAllDispatcher(Dispatcher):
         dist.all_reduce(n_valid, group=self.group)
         capacity = expert_capacity(plan.capacity_factor, int(n_valid), plan.top_k, self.ep * self.num_local)
         keep = keep_within_capacity(local_expert_R, score_R, counts_L, capacity, self.num_local)
+        self.last_dropped = int(counts_L.sum()) - keep.numel()
         return keep, counts_L.clamp(max=capacity)
 
     def combine(self, y_rows: torch.Tensor, d: ExchangedRows) -> torch.Tensor:

@@ -171,22 +171,27 @@ def sync_balancing_state(model: MoETransformer, ctx: DistContext) -> None:
 
 
 @torch.no_grad()
-def global_routing_stats(stats: list[RoutingStats | None], ctx: DistContext) -> list[RoutingStats | None]:
+def global_routing_stats(stats: list[RoutingStats | None], ctx: DistContext,
+                         layers: list[MoELayer] | None = None) -> list[RoutingStats | None]:
     """Each MoE layer's routing statistics over every rank's tokens: what one process sees on
     the whole global batch. Expert loads are summed (all-reduce of the counts over all W ranks,
     i.e. the ``ep`` and ``dp`` groups together), the imbalance and dead experts recomputed from
     the sums; entropy weighted by tokens, drops by routed slots; the balancing losses averaged
-    over ranks (with ``--balance-stats global`` they are equal on every rank already).
+    over ranks (with ``--balance-stats global`` they are equal on every rank already). Under
+    expert parallelism with a capacity factor the drops happen on the experts' ranks: ``layers``
+    (the MoE layers of ``stats``, in order) lets their dispatchers' counts in.
     One all-reduce for all layers; every rank calls it with the same layers."""
     if not ctx.distributed:
         return stats
     present = [s for s in stats if s is not None]
     if not present:
         return stats
+    dropped_here = [getattr(layer.dispatcher, "last_dropped", 0) for layer in layers] if layers else [0] * len(stats)
     rows = []
-    for s in present:  # [E counts, tokens, entropy * tokens, dropped slots, losses...]
+    for s, here in ((s, d) for s, d in zip(stats, dropped_here) if s is not None):
+        # [E counts, tokens, entropy * tokens, dropped slots, losses...]
         counts = s.tokens_per_expert.to(torch.float64)
-        extra = [s.num_tokens, s.router_entropy * s.num_tokens, s.dropped_fraction * float(counts.sum())]
+        extra = [s.num_tokens, s.router_entropy * s.num_tokens, s.dropped_fraction * float(counts.sum()) + here]
         rows.append(torch.cat([counts, torch.tensor(extra + [s.losses[k] for k in sorted(s.losses)], dtype=torch.float64)]))
     flat = torch.cat(rows).to(ctx.device)
     dist.all_reduce(flat)

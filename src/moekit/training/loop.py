@@ -170,7 +170,7 @@ def train_step(model: MoETransformer, optimizer: torch.optim.Optimizer, batches:
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = _clip_grad_norm(model, max_norm, dist)
     total, lm, aux = (_mean_over_ranks(sums, dist) / len(batches)).tolist()
-    routing = _global_routing(model.routing_stats(), dist)  # logged from rank 0: the global batch's load
+    routing = _global_routing(model, dist)  # logged from rank 0: the global batch's load
     result = StepResult(total, lm, aux, grad_norm, [s.max_violation for s in routing if s])
     if result.finite:
         set_lr(optimizer, lr)
@@ -203,12 +203,12 @@ def _mean_over_ranks(t: torch.Tensor, dist: DistContext | None) -> torch.Tensor:
     return all_reduce_mean(t, dist)
 
 
-def _global_routing(stats: list, dist: DistContext | None) -> list:
+def _global_routing(model: MoETransformer, dist: DistContext | None) -> list:
     if dist is None or not dist.distributed:
-        return stats
+        return model.routing_stats()
     from moekit.distributed.parallelize import global_routing_stats
 
-    return global_routing_stats(stats, dist)
+    return global_routing_stats(model.routing_stats(), dist, model.moe_layers())
 
 
 def _sync_balancing_state(model: nn.Module, dist: DistContext | None) -> None:
@@ -234,7 +234,7 @@ def evaluate(model: MoETransformer, batches: list[torch.Tensor], precision: str 
             out = model(batch[:, :-1])
         n = batch[:, 1:].numel()
         sums += torch.tensor([float(lm_loss(out, batch[:, 1:]).lm) * n, n], dtype=torch.float64)
-        stats.append(_global_routing(model.routing_stats(), dist))
+        stats.append(_global_routing(model, dist))
     model.train(was_training)
     nll, n = (_mean_over_ranks(sums, dist)).tolist()
     loss = nll / n
