@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from moekit.config import MoEConfig, ModelConfig
 from moekit.errors import ConfigError
-from moekit.interop.deepseek_v3 import rope_row_permutation
-from moekit.interop.family import Family, Fields, HFConfig, Naming, Representable, rope_from_hf, rope_to_hf
+from moekit.interop.deepseek_v3 import mla_model_config, rope_row_permutation
+from moekit.interop.family import Family, Fields, HFConfig, Naming, Representable, rope_to_hf
 
 ARCH = "DeepseekV2ForCausalLM"
 _DEFAULTS = dict(
@@ -46,7 +46,6 @@ def deepseek_v2_config(hf: HFConfig) -> ModelConfig:
     f.reject("moe_layer_freq", 1, "transformers places MoE layers by first_k_dense_replace only")
     f.reject("norm_topk_prob", False, "transformers' DeepSeek-V2 does not renormalize the top-k weights")
     f.reject("hidden_act", "silu", "moekit's FFNs are SwiGLU")
-    theta, scaling = rope_from_hf(f)
     d_model = f("hidden_size")
     moe = MoEConfig(
         d_model=d_model,
@@ -61,14 +60,7 @@ def deepseek_v2_config(hf: HFConfig) -> ModelConfig:
         load_balance_coef=float(f("aux_loss_alpha", 0.001)),
         **_routing(f),
     )
-    return ModelConfig(
-        vocab_size=f("vocab_size"), d_model=d_model, n_layers=f("num_hidden_layers"), n_heads=f("num_attention_heads"),
-        d_ff=f("intermediate_size"), max_seq_len=f("max_position_embeddings"), rope_theta=float(theta),
-        rope_scaling=scaling, norm_eps=float(f("rms_norm_eps")), tie_embeddings=bool(f("tie_word_embeddings", False)),
-        init_std=float(f("initializer_range", 0.02)), attention="mla", q_lora_rank=hf.get("q_lora_rank", 1536),  # null = full-rank q
-        kv_lora_rank=f("kv_lora_rank"), qk_nope_head_dim=f("qk_nope_head_dim"), qk_rope_head_dim=f("qk_rope_head_dim"),
-        v_head_dim=f("v_head_dim"), first_dense_layers=f("first_k_dense_replace"), moe=moe, hf_architecture=ARCH,
-    )
+    return mla_model_config(f, hf, moe, ARCH)
 
 
 def deepseek_v2_hf(cfg: ModelConfig) -> HFConfig:

@@ -33,7 +33,6 @@ def deepseek_v3_config(hf: HFConfig) -> ModelConfig:
     f.reject("topk_method", "noaux_tc", "DeepSeek-V3 selects with the correction bias")
     f.reject("moe_layer_freq", 1, "transformers places MoE layers by first_k_dense_replace only")
     f.reject("hidden_act", "silu", "moekit's FFNs are SwiGLU")
-    theta, scaling = rope_from_hf(f)
     d_model = f("hidden_size")
     moe = MoEConfig(
         d_model=d_model,
@@ -51,13 +50,21 @@ def deepseek_v3_config(hf: HFConfig) -> ModelConfig:
         load_balance_coef=0.0,
         seq_balance_coef=1e-4,
     )
+    return mla_model_config(f, hf, moe, ARCH)
+
+
+def mla_model_config(f: Fields, hf: HFConfig, moe: MoEConfig, arch: str) -> ModelConfig:
+    """The model around ``moe`` in DeepSeek-V2/V3's layout: MLA attention in every layer, dense
+    FFNs in the first ``first_k_dense_replace`` layers and MoE after."""
+    theta, scaling = rope_from_hf(f)
     return ModelConfig(
-        vocab_size=f("vocab_size"), d_model=d_model, n_layers=f("num_hidden_layers"), n_heads=f("num_attention_heads"),
-        d_ff=f("intermediate_size"), max_seq_len=f("max_position_embeddings"), rope_theta=float(theta),
-        rope_scaling=scaling, norm_eps=float(f("rms_norm_eps")), tie_embeddings=bool(f("tie_word_embeddings", False)),
-        init_std=float(f("initializer_range", 0.02)), attention="mla", q_lora_rank=hf.get("q_lora_rank", 1536),  # null = full-rank q
+        vocab_size=f("vocab_size"), d_model=f("hidden_size"), n_layers=f("num_hidden_layers"),
+        n_heads=f("num_attention_heads"), d_ff=f("intermediate_size"), max_seq_len=f("max_position_embeddings"),
+        rope_theta=float(theta), rope_scaling=scaling, norm_eps=float(f("rms_norm_eps")),
+        tie_embeddings=bool(f("tie_word_embeddings", False)), init_std=float(f("initializer_range", 0.02)),
+        attention="mla", q_lora_rank=hf.get("q_lora_rank", 1536),  # null = full-rank q
         kv_lora_rank=f("kv_lora_rank"), qk_nope_head_dim=f("qk_nope_head_dim"), qk_rope_head_dim=f("qk_rope_head_dim"),
-        v_head_dim=f("v_head_dim"), first_dense_layers=f("first_k_dense_replace"), moe=moe, hf_architecture=ARCH,
+        v_head_dim=f("v_head_dim"), first_dense_layers=f("first_k_dense_replace"), moe=moe, hf_architecture=arch,
     )
 
 
