@@ -160,3 +160,13 @@ def test_chat_quantizes_at_load_as_the_quantized_folder_chats(tmp_path, capsys, 
 
     reply = chat([str(folder), "--quantize", "8"])
     assert reply.strip() and reply == chat([str(tmp_path / "q")])
+
+
+@pytest.mark.parametrize("cmd", ["generate", "eval"])
+@pytest.mark.parametrize("flag", [["--quantize-scope", "experts,attention"], ["--group-size", "32"]])
+def test_quantize_options_without_quantize_are_refused_not_ignored(run, capsys, cmd, flag):
+    argv = [cmd, str(run), *flag] + (["--prompt", "x"] if cmd == "generate" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{flag[0]} needs --quantize 8 or --quantize 4 (it sets how to quantize at load)")
+    assert err.count("\n") == 0

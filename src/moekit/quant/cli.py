@@ -87,9 +87,10 @@ def add_load_args(s) -> None:
     s.add_argument("--quantize", type=positive_int, choices=(8, 4), default=None,
                    help="quantize at load: 8 (int8 per output channel) or 4 (int4 groups); a folder written by "
                         "moekit quantize loads quantized without it")
-    s.add_argument("--group-size", type=positive_int, choices=(32, 64, 128, 256), default=64,
+    # None = not given: without --quantize they would change nothing, which is an error, not a no-op
+    s.add_argument("--group-size", type=positive_int, choices=(32, 64, 128, 256), default=None,
                    help="with --quantize 4: input features per scale/zero (default: 64)")
-    s.add_argument("--quantize-scope", default="experts", metavar="KINDS",
+    s.add_argument("--quantize-scope", default=None, metavar="KINDS",
                    help="with --quantize: comma list of experts, shared, attention, dense (default: experts)")
     s.add_argument("--reference", action="store_true",
                    help="int4 without torch's kernel: dequantize-then-matmul (slow; for a torch that lacks the op)")
@@ -98,11 +99,14 @@ def add_load_args(s) -> None:
 def quant_config(args):
     """The QuantConfig that ``add_load_args``' flags ask for (None without --quantize)."""
     if args.quantize is None:
+        if given := [f for f, v in (("--group-size", args.group_size), ("--quantize-scope", args.quantize_scope))
+                     if v is not None]:
+            raise UsageError(f"{given[0]} needs --quantize 8 or --quantize 4 (it sets how to quantize at load)")
         return None
     from moekit.quant.convert import QuantConfig
 
-    return QuantConfig(bits=args.quantize, group_size=args.group_size, scope=tuple(_scope(args.quantize_scope)),
-                       reference=args.reference)
+    return QuantConfig(bits=args.quantize, group_size=args.group_size or 64,
+                       scope=tuple(_scope(args.quantize_scope or "experts")), reference=args.reference)
 
 
 def add_parser(sub) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from moekit.argtypes import FloatArg, IntArg, nonneg_float, nonneg_int, positive_float, positive_int
 from moekit.errors import UsageError
+from moekit.quant.cli import add_load_args, quant_config
 
 # flag dest -> dotted TrainConfig key
 TRAIN_FLAGS = {
@@ -215,16 +216,15 @@ def cmd_eval(args) -> int:
     from moekit.training.report import routing_table
     from moekit.training.run import load_run
 
+    qcfg = quant_config(args)  # its flag errors before the run is loaded
     threads = apply_threads(args.threads)
     run = load_run(args.run_dir, args.checkpoint, resolve_device(args.device), check_memory=not args.force,
                    check_finite=not args.no_check_finite)
     _stderr_log(f"evaluating {run.checkpoint} on {run.model.embed.weight.device} ({threads} CPU thread(s))")
-    if args.quantize:  # quantize at load: the perplexity cost of int8/int4 (docs/results.md)
-        from moekit.quant import QuantConfig, quantize_model
+    if qcfg:  # quantize at load: the perplexity cost of int8/int4 (docs/results.md)
+        from moekit.quant import quantize_model
 
-        scope = tuple(s.strip() for s in args.quantize_scope.split(",") if s.strip())
-        cov = quantize_model(run.model, QuantConfig(bits=args.quantize, group_size=args.group_size, scope=scope))
-        _stderr_log(cov.format())
+        _stderr_log(quantize_model(run.model, qcfg).format())
     batches = run.validation_batches(batch_size=args.batch_size, max_batches=args.batches,
                                      sources=args.data or None, log=_stderr_log)
     ev = evaluate(run.model, batches, run.train_cfg.precision)
@@ -345,11 +345,7 @@ def add_parser(sub) -> None:
     s.add_argument("--batches", type=positive_int, default=None, help="batches to evaluate (default: the run's eval_batches)")
     s.add_argument("--batch-size", type=positive_int, default=None, help="sequences per batch (default: the run's)")
     s.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    s.add_argument("--quantize", type=positive_int, choices=(8, 4), default=None,
-                   help="quantize the weights at load: 8 (int8 per row) or 4 (int4 groups); default: as trained")
-    s.add_argument("--group-size", type=positive_int, choices=(32, 64, 128, 256), default=64, help="with --quantize 4: inputs per scale/zero (default: 64)")
-    s.add_argument("--quantize-scope", default="experts",
-                   help="with --quantize: comma list of experts, shared, attention, dense (default: experts)")
+    add_load_args(s)  # --quantize, --group-size, --quantize-scope, --reference
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sample", help="continue a prompt with a trained run's model")
