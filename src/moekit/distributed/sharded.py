@@ -35,7 +35,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from moekit.training.checkpoint import (
-    SHARDED_DIR, CheckpointContentError, checkpoint_root, new_checkpoint_temp, seal_checkpoint,
+    SHARDED_DIR, CheckpointContentError, check_shapes, checkpoint_root, new_checkpoint_temp, seal_checkpoint,
 )
 
 
@@ -155,18 +155,9 @@ def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def _check_keys(path: Path, model: nn.Module, meta: dict) -> None:
-    want = _expected_shapes(model)
-    have = {k: tuple(m.size) for k, m in meta.items() if k.startswith("model.") and hasattr(m, "size")}
-    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    if missing or extra:
-        what = f"lacks tensor {missing[0][6:]!r}" if missing else f"has tensor {extra[0][6:]!r} that this model lacks"
-        more = len(missing) + len(extra) - 1
-        raise CheckpointContentError(f"checkpoint {path} does not fit this model: it {what}"
-                                     + (f" (and {more} more difference(s))" if more else ""))
-    for k, shape in have.items():
-        if shape != want[k]:
-            raise CheckpointContentError(f"checkpoint {path} does not fit this model: tensor {k[6:]!r} has shape "
-                                         f"{list(shape)} in the checkpoint but {list(want[k])} in the model")
+    want = {k[6:]: shape for k, shape in _expected_shapes(model).items()}  # without the "model." prefix
+    have = {k[6:]: tuple(m.size) for k, m in meta.items() if k.startswith("model.") and hasattr(m, "size")}
+    check_shapes(path, want, have)
 
 
 def _fresh_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> None:

@@ -186,6 +186,22 @@ def _read_state(path: Path, map_location) -> dict:
         raise CheckpointError(f"checkpoint {path}: cannot read state.pt ({e})") from None
 
 
+def check_shapes(where: Path, want: dict[str, tuple], have: dict[str, tuple], absent_ok=lambda name: False) -> None:
+    """The checkpoint at ``where`` holds exactly the model's tensor names with its shapes
+    (``absent_ok`` names may be missing): else CheckpointContentError naming the first difference."""
+    missing = [n for n in sorted(set(want) - set(have)) if not absent_ok(n)]
+    extra = sorted(set(have) - set(want))
+    if missing or extra:
+        what = f"lacks tensor {missing[0]!r}" if missing else f"has tensor {extra[0]!r} that this model lacks"
+        more = len(missing) + len(extra) - 1
+        raise CheckpointContentError(f"checkpoint {where} does not fit this model: it {what}"
+                                     + (f" (and {more} more difference(s))" if more else ""))
+    for name, shape in have.items():
+        if shape != want[name]:
+            raise CheckpointContentError(f"checkpoint {where} does not fit this model: tensor {name!r} has "
+                                         f"shape {list(shape)} in the checkpoint but {list(want[name])} in the model")
+
+
 def check_tensors(file: Path, model: nn.Module, check_finite: bool = True) -> None:
     """Every tensor of ``model`` is in ``file`` with its shape (and finite): else CheckpointError.
 
@@ -195,18 +211,8 @@ def check_tensors(file: Path, model: nn.Module, check_finite: bool = True) -> No
     want = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     with safe_open(str(file), framework="pt") as f:
         have = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
         # a tied output matrix is saved once (safetensors' save_model drops the alias)
-        missing = [n for n in missing if not _is_tied_alias(model, n, have)]
-        if missing or extra:
-            what = f"lacks tensor {missing[0]!r}" if missing else f"has tensor {extra[0]!r} that this model lacks"
-            more = len(missing) + len(extra) - 1
-            raise CheckpointContentError(f"checkpoint {file.parent} does not fit this model: it {what}"
-                                  + (f" (and {more} more difference(s))" if more else ""))
-        for name, shape in have.items():
-            if shape != want[name]:
-                raise CheckpointContentError(f"checkpoint {file.parent} does not fit this model: tensor {name!r} has "
-                                      f"shape {list(shape)} in the checkpoint but {list(want[name])} in the model")
+        check_shapes(file.parent, want, have, absent_ok=lambda n: _is_tied_alias(model, n, have))
         if check_finite:
             for name in have:
                 t = f.get_tensor(name)
