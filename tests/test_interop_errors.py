@@ -51,6 +51,17 @@ def test_unsupported_architecture_lists_the_supported_ones(copy_of):
     assert len(supported_architectures()) == 12
 
 
+def test_deepseek_v4_is_refused_with_what_is_missing(copy_of, capsys):
+    folder, _ = copy_of
+    (folder / "config.json").write_text(json.dumps({"architectures": ["DeepseekV4ForCausalLM"],
+                                                    "model_type": "deepseek_v4"}))
+    with pytest.raises(ValueError, match="'DeepseekV4ForCausalLM' is not supported: its compressed sparse"):
+        moekit.from_pretrained(folder)
+    assert main(["inspect", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "hyper-connections" in err and "MixtralForCausalLM" in err
+
+
 def test_missing_shard_is_named(tmp_path, no_reads):
     build("olmoe").save_pretrained(tmp_path, max_shard_size="20KB")
     weight_map = json.loads((tmp_path / INDEX).read_text())["weight_map"]

@@ -25,6 +25,8 @@ CASES = {
     # GPT-OSS: router bias, expert biases, clamped SwiGLU with a limit the random activations cross
     "gpt-oss": dict(router="softmax", num_experts=8, top_k=2, norm_topk_prob=True, router_bias=True,
                     expert_proj_bias=True, activation="clamped_swiglu", swiglu_limit=1.0),
+    # DeepSeek-V4's router: sqrt(softplus) scores with a selection bias
+    "sqrtsoftplus": dict(router="sqrtsoftplus", num_experts=8, top_k=2, routed_scaling_factor=1.5),
     # Llama 4: top-1 sigmoid of the chosen logit scaling the expert's input, no selection bias, a shared expert
     "llama4": dict(router="sigmoid", num_experts=8, top_k=1, selection_bias=False, gate_input=True,
                    num_shared_experts=1),
@@ -41,7 +43,7 @@ def make_layer(case: str, capacity, **extra) -> MoELayer:
         kw["capacity_factor"] = capacity
     layer = MoELayer(MoEConfig(d_model=D, d_expert=24, z_loss_coef=1e-3, seq_balance_coef=1e-2, **kw))
     layer.reset_parameters(std=0.5, out_std=0.5)  # a spread-out router, so choices differ per token
-    if layer.cfg.has_selection_bias and CASES[case]["router"] == "sigmoid":
+    if layer.cfg.has_selection_bias and layer.cfg.independent_scores:
         layer.router.expert_bias.copy_(torch.randn(layer.cfg.num_experts) * 0.1)
     with torch.no_grad():  # learned biases start at zero: random ones, so a dropped bias shows
         for name, p in layer.named_parameters():

@@ -55,6 +55,20 @@ def test_llama4_top1_sigmoid_without_selection_bias():
     torch.testing.assert_close(out.weights[:, 0], torch.sigmoid(logits.max(-1).values))
 
 
+def test_sqrtsoftplus_scores_like_deepseek_v4():
+    """DeepSeek-V4: scores sqrt(softplus(logits)); the selection bias steers the choice; the
+    weights are the chosen scores renormalized, times routed_scaling_factor."""
+    r = router(router="sqrtsoftplus", top_k=3, routed_scaling_factor=1.5)
+    r.expert_bias.normal_(std=0.3)
+    x = torch.randn(20, D)
+    scores = torch.nn.functional.softplus(x @ r.weight.t()).sqrt()
+    ids = (scores + r.expert_bias).topk(3, dim=-1).indices
+    out = r(x)
+    assert torch.equal(out.ids.sort(-1).values, ids.sort(-1).values)
+    chosen = scores.gather(1, out.ids)
+    torch.testing.assert_close(out.weights, 1.5 * chosen / chosen.sum(-1, keepdim=True))
+
+
 def test_softmax_without_renormalization_keeps_probabilities():
     r = router(top_k=4, norm_topk_prob=False)
     x = torch.randn(20, D)

@@ -15,7 +15,7 @@ from typing import Any
 
 from moekit.errors import ConfigError
 
-ROUTERS = ("softmax", "noisy", "sigmoid", "expert_choice")
+ROUTERS = ("softmax", "noisy", "sigmoid", "sqrtsoftplus", "expert_choice")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 # Routed experts may also use GPT-OSS's clamped SwiGLU (see MoEConfig.swiglu_limit).
 EXPERT_ACTIVATIONS = ACTIVATIONS + ("clamped_swiglu",)
@@ -94,7 +94,9 @@ class MoEConfig:
     d_expert: int  # hidden width of one routed expert (fine-grained experts: just make it small)
     num_experts: int
     top_k: int = 2  # experts per token; for expert_choice, the average experts per token
-    router: str = "softmax"  # softmax | noisy (Shazeer 2017) | sigmoid (DeepSeek-V3) | expert_choice
+    # softmax | noisy (Shazeer 2017) | sigmoid (DeepSeek-V3) | sqrtsoftplus (DeepSeek-V4: sqrt(softplus(s)),
+    # otherwise routed like sigmoid) | expert_choice
+    router: str = "softmax"
     activation: str = "swiglu"  # swiglu | gelu | relu | clamped_swiglu (GPT-OSS; routed experts only)
     # clamped_swiglu (OpenAI 2025, gpt-oss model card): gate = min(gate, limit), up = clamp(up,
     # -limit, limit), out = gate * sigmoid(alpha * gate) * (up + 1). The clamp keeps rare huge
@@ -224,7 +226,12 @@ class MoEConfig:
     def has_selection_bias(self) -> bool:
         if self.selection_bias is not None:
             return self.selection_bias
-        return self.router == "sigmoid" or self.bias_update_rate > 0
+        return self.independent_scores or self.bias_update_rate > 0
+
+    @property
+    def independent_scores(self) -> bool:
+        """Each expert's score stands alone (sigmoid, sqrtsoftplus), rather than a softmax share."""
+        return self.router in ("sigmoid", "sqrtsoftplus")
 
     @property
     def effective_capacity_factor(self) -> float | None:

@@ -49,7 +49,8 @@ class RouterDrift:
         same = total = 0
         for x_TD, now_T in pairs:
             logits = F.linear(x_TD.float(), w0_ED.to(x_TD.device))  # [T, E]
-            scores = torch.sigmoid(logits) if kind == "sigmoid" else torch.softmax(logits, -1)
+            scores = {"sigmoid": torch.sigmoid, "sqrtsoftplus": lambda t: F.softplus(t).sqrt()}.get(
+                kind, lambda t: torch.softmax(t, -1))(logits)
             if b0_E is not None:  # a selection bias steers the choice
                 scores = scores + b0_E.to(x_TD.device)
             same += int((scores.argmax(-1) == now_T).sum())

@@ -79,8 +79,9 @@ class Router(nn.Module):
         logits = F.linear(x32, self.weight.float(), bias)  # [T, E]
         if self.cfg.router == "expert_choice":
             return self._expert_choice(logits, valid_T)
-        if self.cfg.router == "sigmoid":
-            scores = torch.sigmoid(logits)  # [T, E], independent per expert
+        if self.cfg.independent_scores:
+            # [T, E], independent per expert; DeepSeek-V4's sqrt(softplus) grows without bound
+            scores = torch.sigmoid(logits) if self.cfg.router == "sigmoid" else F.softplus(logits).sqrt()
             probs = scores / scores.sum(-1, keepdim=True)
         else:
             select_logits = logits
@@ -101,7 +102,7 @@ class Router(nn.Module):
         if cfg.renormalize:
             # Softmax top-k sums to at least 1/E; sigmoid scores can all underflow to zero.
             total = weights.sum(-1, keepdim=True)
-            weights = weights / (total + 1e-20 if cfg.router == "sigmoid" else total)
+            weights = weights / (total + 1e-20 if cfg.independent_scores else total)
         if cfg.routed_scaling_factor != 1.0:
             weights = weights * cfg.routed_scaling_factor
         return RouterOutput(logits, probs, ids, weights, top_scores)
