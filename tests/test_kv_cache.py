@@ -37,6 +37,10 @@ CONFIGS = {
                                 attn_temperature_floor=3, attn_temperature_scale=0.5, moe_every=2,
                                 moe=_moe(router="sigmoid", top_k=1, selection_bias=False, gate_input=True,
                                          num_shared_experts=1)),
+    # DeepSeek-V4's MoE: layer 0 hash-routed by token id, sqrt(softplus) scores, limited SwiGLU, a shared expert
+    "deepseek_v4_moe": dict(n_kv_heads=1, hash_layers=(0,), moe=_moe(
+        num_experts=8, router="sqrtsoftplus", norm_topk_prob=True, routed_scaling_factor=1.5,
+        activation="limited_swiglu", swiglu_limit=1.0, num_shared_experts=1)),
     "mla_full_rank_q_window": dict(attention="mla", kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
                                    v_head_dim=6, sliding_window=7, moe=_moe()),
 }

@@ -17,8 +17,10 @@ from moekit.errors import ConfigError
 
 ROUTERS = ("softmax", "noisy", "sigmoid", "sqrtsoftplus", "expert_choice")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
-# Routed experts may also use GPT-OSS's clamped SwiGLU (see MoEConfig.swiglu_limit).
-EXPERT_ACTIVATIONS = ACTIVATIONS + ("clamped_swiglu",)
+# Routed experts may also use GPT-OSS's clamped SwiGLU or DeepSeek-V4's limited SwiGLU (see
+# MoEConfig.swiglu_limit).
+EXPERT_ACTIVATIONS = ACTIVATIONS + ("clamped_swiglu", "limited_swiglu")
+SWIGLU_KINDS = ("swiglu", "clamped_swiglu", "limited_swiglu")  # gate and up fused in one projection
 GROUP_SCORES = ("top2", "max")  # how group-limited routing ranks a group (MoEConfig.group_score)
 QK_NORMS = ("head", "full", "l2")
 ATTENTIONS = ("gqa", "mla")
@@ -38,7 +40,7 @@ ROPE_SCALINGS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 
 def first_proj_width(d_ff: int, activation: str) -> int:
     """Output width of the first projection: gate and up fused for the SwiGLU kinds."""
-    return 2 * d_ff if activation in ("swiglu", "clamped_swiglu") else d_ff
+    return 2 * d_ff if activation in SWIGLU_KINDS else d_ff
 
 
 # Field checks: every config (here, training, data, inference, distributed) validates with these,
@@ -97,10 +99,14 @@ class MoEConfig:
     # softmax | noisy (Shazeer 2017) | sigmoid (DeepSeek-V3) | sqrtsoftplus (DeepSeek-V4: sqrt(softplus(s)),
     # otherwise routed like sigmoid) | expert_choice
     router: str = "softmax"
-    activation: str = "swiglu"  # swiglu | gelu | relu | clamped_swiglu (GPT-OSS; routed experts only)
+    # swiglu | gelu | relu | clamped_swiglu (GPT-OSS; routed experts only) | limited_swiglu (DeepSeek-V4)
+    activation: str = "swiglu"
     # clamped_swiglu (OpenAI 2025, gpt-oss model card): gate = min(gate, limit), up = clamp(up,
     # -limit, limit), out = gate * sigmoid(alpha * gate) * (up + 1). The clamp keeps rare huge
     # activations from overflowing low-precision experts; gpt-oss uses limit 7, alpha 1.702.
+    # limited_swiglu (DeepSeek-V4, transformers' DeepseekV4Experts): the same two clamps around a
+    # plain SwiGLU, silu(min(gate, limit)) * clamp(up, -limit, limit), in routed and shared
+    # experts alike; V4 uses limit 10 (no alpha).
     swiglu_limit: float = 7.0
     swiglu_alpha: float = 1.702
     router_bias: bool = False  # a learned bias on the router logits (GPT-OSS)
@@ -136,6 +142,11 @@ class MoEConfig:
     # The routing weight scales the expert's input instead of its output (Llama 4:
     # expert(sigmoid(s) * x)); with SwiGLU the two differ.
     gate_input: bool = False
+    # Hash routing (Roller et al. 2021, "Hash Layers For Large Sparse Models"): a token's top_k
+    # experts are a fixed table's row for its token id, tid2eid [hash_vocab, top_k], not the best
+    # scores; the scores still weight them (DeepSeek-V4's first layers). The layer then needs the
+    # token ids. None = learned top-k selection. ModelConfig.hash_layers sets it per layer.
+    hash_vocab: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_expert", "num_experts", "top_k", "num_groups", "topk_groups"):
@@ -170,6 +181,17 @@ class MoEConfig:
         self._validate_shared()
         if self.router == "expert_choice" and self.bias_update_rate > 0:
             raise ConfigError("bias_update_rate must be 0 for router='expert_choice' (balanced by construction)")
+        if self.hash_vocab is not None:
+            self._validate_hash()
+
+    def _validate_hash(self) -> None:
+        check_int("hash_vocab", self.hash_vocab)
+        # The table decides selection: nothing that steers or limits a learned choice applies.
+        for name, off in (("router", self.router != "expert_choice"), ("num_groups", self.num_groups == 1),
+                          ("bias_update_rate", self.bias_update_rate == 0), ("selection_bias", not self.selection_bias),
+                          ("gate_input", not self.gate_input)):
+            if not off:
+                raise ConfigError(f"{name}={getattr(self, name)!r} does not apply to hash routing (hash_vocab set)")
 
     def _validate_groups(self) -> None:
         check_choice("group_score", self.group_score, GROUP_SCORES)
@@ -194,9 +216,11 @@ class MoEConfig:
     def _validate_clamp(self) -> None:
         check_float("swiglu_limit", self.swiglu_limit, 0.0, strict=True)
         check_float("swiglu_alpha", self.swiglu_alpha, 0.0, strict=True)
-        if self.activation != "clamped_swiglu" and (self.swiglu_limit, self.swiglu_alpha) != (7.0, 1.702):
-            # Refused rather than ignored: a config that sets them expects them to act.
-            raise ConfigError("swiglu_limit / swiglu_alpha apply only to activation='clamped_swiglu'")
+        # Refused rather than ignored: a config that sets them expects them to act.
+        if self.activation not in ("clamped_swiglu", "limited_swiglu") and self.swiglu_limit != 7.0:
+            raise ConfigError("swiglu_limit applies only to activation='clamped_swiglu' or 'limited_swiglu'")
+        if self.activation != "clamped_swiglu" and self.swiglu_alpha != 1.702:
+            raise ConfigError("swiglu_alpha applies only to activation='clamped_swiglu'")
         if self.activation == "clamped_swiglu" and self.num_shared_experts:
             raise ConfigError("activation='clamped_swiglu' is for routed experts; shared experts are not supported with it")
 
@@ -224,9 +248,18 @@ class MoEConfig:
 
     @property
     def has_selection_bias(self) -> bool:
+        if self.hash_vocab is not None:
+            return False  # the table selects (V4's hash router has no e_score_correction_bias)
         if self.selection_bias is not None:
             return self.selection_bias
         return self.independent_scores or self.bias_update_rate > 0
+
+    @property
+    def act_args(self) -> tuple:
+        """Extra arguments of ``mlp.activate`` for this activation (the clamps' limit, alpha)."""
+        if self.activation == "clamped_swiglu":
+            return (self.swiglu_limit, self.swiglu_alpha)
+        return (self.swiglu_limit,) if self.activation == "limited_swiglu" else ()
 
     @property
     def independent_scores(self) -> bool:
@@ -302,6 +335,9 @@ class ModelConfig:
     moe_every: int = 1  # layer i is MoE when (i + 1) % moe_every == 0 (Qwen decoder_sparse_step)
     first_dense_layers: int = 0  # DeepSeek-V3 first_k_dense_replace
     dense_layers: tuple[int, ...] = ()  # explicit dense layers (Qwen mlp_only_layers)
+    # MoE layers whose experts the token id chooses through a fixed table (hash routing, Roller et
+    # al. 2021; DeepSeek-V4's first 3 layers): those layers get moe.hash_vocab = vocab_size.
+    hash_layers: tuple[int, ...] = ()
     init_std: float = 0.02
     # The Hugging Face architecture this config came from or exports to (e.g. "MixtralForCausalLM");
     # set by moekit.from_pretrained, read by save_pretrained. None for a native moekit model.
@@ -315,6 +351,7 @@ class ModelConfig:
         self.dense_layers = tuple(self.dense_layers)
         self.global_layers = tuple(self.global_layers)
         self.nope_layers = tuple(self.nope_layers)
+        self.hash_layers = tuple(self.hash_layers)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "moe_every"):
             check_int(name, getattr(self, name))
         check_int("first_dense_layers", self.first_dense_layers, minimum=0)
@@ -342,11 +379,15 @@ class ModelConfig:
         if self.moe is not None and self.moe.d_model != self.d_model:
             raise ConfigError(f"moe.d_model ({self.moe.d_model}) must equal d_model ({self.d_model})")
         self._validate_llama4_attention()
-        for name in ("dense_layers", "global_layers", "nope_layers"):
+        for name in ("dense_layers", "global_layers", "nope_layers", "hash_layers"):
             for i in getattr(self, name):
                 check_int(f"{name} entry", i, minimum=0)
                 if i >= self.n_layers:
                     raise ConfigError(f"{name} entry {i} is out of range for n_layers={self.n_layers}")
+        if not_moe := [i for i in self.hash_layers if not self.is_moe_layer(i)]:
+            raise ConfigError(f"hash_layers {not_moe} are not MoE layers (only an MoE layer routes)")
+        if self.hash_layers and self.moe.hash_vocab is not None:
+            raise ConfigError("set hash routing through hash_layers, not moe.hash_vocab (it is per layer)")
         if self.global_layers and self.sliding_window is None and self.attention_chunk is None:
             raise ConfigError("global_layers needs a sliding_window or attention_chunk (every layer is already global)")
 
@@ -445,6 +486,12 @@ class ModelConfig:
             return False
         return (i + 1) % self.moe_every == 0
 
+    def moe_of(self, i: int) -> MoEConfig:
+        """Layer i's MoE config: ``moe``, hash-routed over the vocabulary in ``hash_layers``."""
+        if i in self.hash_layers:
+            return dataclasses.replace(self.moe, hash_vocab=self.vocab_size)
+        return self.moe
+
     @property
     def moe_layer_ids(self) -> list[int]:
         return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
@@ -454,6 +501,7 @@ class ModelConfig:
         d["dense_layers"] = list(self.dense_layers)
         d["global_layers"] = list(self.global_layers)
         d["nope_layers"] = list(self.nope_layers)
+        d["hash_layers"] = list(self.hash_layers)
         return d
 
     @classmethod
@@ -461,4 +509,4 @@ class ModelConfig:
         return cls(**check_fields(cls, data))
 
 
-__all__ = ["MoEConfig", "ModelConfig", "check_fields", "check_int", "check_float", "check_choice", "check_bool", "ROUTERS", "ACTIVATIONS", "EXPERT_ACTIVATIONS", "GROUP_SCORES", "first_proj_width", "QK_NORMS", "ATTENTIONS", "ROPE_SCALINGS"]
+__all__ = ["MoEConfig", "ModelConfig", "check_fields", "check_int", "check_float", "check_choice", "check_bool", "ROUTERS", "ACTIVATIONS", "EXPERT_ACTIVATIONS", "SWIGLU_KINDS", "GROUP_SCORES", "first_proj_width", "QK_NORMS", "ATTENTIONS", "ROPE_SCALINGS"]

@@ -60,12 +60,13 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_id)
         self.layer_id = layer_id
-        self.ffn = MoELayer(cfg.moe) if self.is_moe else MLP(cfg.d_model, cfg.d_ff, cfg.ffn_activation)
+        self.ffn = MoELayer(cfg.moe_of(layer_id)) if self.is_moe else MLP(cfg.d_model, cfg.d_ff, cfg.ffn_activation)
 
-    def forward(self, x, cos, sin, padding_mask=None, cache: CacheView | None = None):
+    def forward(self, x, cos, sin, padding_mask=None, cache: CacheView | None = None, input_ids=None):
+        """``input_ids`` [B, S] reach the MoE layer, which a hash-routed layer chooses experts by."""
         x = x + self.attn(self.attn_norm(x), cos, sin, None if cache is None else cache.layer(self.layer_id))
         h = self.ffn_norm(x)
-        return x + (self.ffn(h, padding_mask) if self.is_moe else self.ffn(h))
+        return x + (self.ffn(h, padding_mask, input_ids) if self.is_moe else self.ffn(h))
 
 
 class MoETransformer(nn.Module):
@@ -121,7 +122,7 @@ class MoETransformer(nn.Module):
         self._forward_count += 1
         x = self.embed(input_ids)
         for block in self.blocks:
-            x = block(x, cos, sin, attention_mask, cache)
+            x = block(x, cos, sin, attention_mask, cache, input_ids)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)  # [B, 1, D]
         return ModelOutput(self.lm_head(self.norm(x)), self)

@@ -56,7 +56,7 @@ def expert_rows(weights: ExpertWeights, x_MD: torch.Tensor, counts: torch.Tensor
     if impl == "grouped":
         w_in, w_out = weights.stacked()
         rows = torch.arange(x_MD.shape[0], device=x_MD.device)  # gather and scatter are identities
-        return grouped_moe(x_MD, rows, weights_M, w_in, w_out, counts, weights.activation)
+        return grouped_moe(x_MD, rows, weights_M, w_in, w_out, counts, weights.activation, limit=weights.limit)
     if impl == "decode":
         return _decode_rows(weights, x_MD, counts, weights_M)
     if impl == "loop":
@@ -213,7 +213,8 @@ def local_experts(weights: ExpertWeights, x_TD: torch.Tensor, plan: DispatchPlan
         impl = "loop"  # biases or the clamped SwiGLU: see ExpertWeights.grouped_ok
     if impl == "grouped" and weights.plain:
         w_in, w_out = weights.stacked()
-        return grouped_moe(x_TD, plan.token_ids, plan.weights, w_in, w_out, plan.counts, weights.activation)
+        return grouped_moe(x_TD, plan.token_ids, plan.weights, w_in, w_out, plan.counts, weights.activation,
+                           limit=weights.limit)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
     d = _LOCAL.dispatch(x_TD, plan)

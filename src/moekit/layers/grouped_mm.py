@@ -171,16 +171,26 @@ def _into(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return buf.new_empty(rows, cols)
 
 
-def _activate(h: torch.Tensor, activation: str, out: torch.Tensor) -> torch.Tensor:
-    """act(h) written into ``out`` [M, F] (SwiGLU: silu(gate), then times up in place)."""
+def _activate(h: torch.Tensor, activation: str, out: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """act(h) written into ``out`` [M, F] (SwiGLU: silu(gate), then times up in place).
+    limited_swiglu (DeepSeek-V4) clamps gate and up to ``limit`` first (two [M, F] temporaries)."""
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
+        return torch.ops.aten.silu.out(gate, out=out).mul_(up)
+    if activation == "limited_swiglu":
+        gate, up = _clamped_halves(h, limit)
         return torch.ops.aten.silu.out(gate, out=out).mul_(up)
     if activation == "gelu":
         return torch.ops.aten.gelu.out(h, out=out)
     if activation == "relu":
         return torch.clamp_min(h, 0, out=out)
     raise ValueError(f"unknown activation {activation!r}")
+
+
+def _clamped_halves(h: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """limited_swiglu's inputs: min(gate, limit), clamp(up, -limit, limit), each [M, F]."""
+    gate, up = h.chunk(2, dim=-1)
+    return gate.clamp(max=limit), up.clamp(-limit, limit)
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -194,13 +204,14 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _weighted_activation(
-    h: torch.Tensor, du: torch.Tensor, w_M1: torch.Tensor, dh: torch.Tensor, activation: str
+    h: torch.Tensor, du: torch.Tensor, w_M1: torch.Tensor, dh: torch.Tensor, activation: str,
+    limit: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward, first half: recompute u = act(h) * w [M, F] inside dh's (not yet written)
-    memory, and dL/dw = rowdot(act(h), du) [M] fp32. SwiGLU also leaves silu(gate) in the
-    up half of dh, where ``_activation_grad`` finishes it."""
-    if activation == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
+    memory, and dL/dw = rowdot(act(h), du) [M] fp32. The SwiGLU kinds also leave silu(gate)
+    in the up half of dh, where ``_activation_grad`` finishes it."""
+    if activation in ("swiglu", "limited_swiglu"):
+        gate, up = h.chunk(2, dim=-1) if activation == "swiglu" else _clamped_halves(h, limit)
         d_gate, d_up = dh.chunk(2, dim=-1)
         s = torch.ops.aten.silu.out(gate, out=d_up)
         a = torch.mul(s, up, out=d_gate)
@@ -210,14 +221,23 @@ def _weighted_activation(
     return a.mul_(w_M1), dw
 
 
-def _activation_grad(h: torch.Tensor, du_w: torch.Tensor, dh: torch.Tensor, activation: str) -> torch.Tensor:
-    """Backward, second half: dh = act'(h) applied to du * w, written over u in dh."""
-    if activation == "swiglu":
+def _activation_grad(h: torch.Tensor, du_w: torch.Tensor, dh: torch.Tensor, activation: str,
+                     limit: float | None = None) -> torch.Tensor:
+    """Backward, second half: dh = act'(h) applied to du * w, written over u in dh. The limited
+    kind's clamps pass the gradient where the value was kept (as autograd's clamp does)."""
+    if activation in ("swiglu", "limited_swiglu"):
         gate, up = h.chunk(2, dim=-1)
         d_gate, d_up = dh.chunk(2, dim=-1)
-        d_up.mul_(du_w)  # silu(gate) * du * w
-        torch.mul(du_w, up, out=d_gate)
-        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)  # * silu'(gate)
+        if activation == "limited_swiglu":
+            gate_c, up_c = _clamped_halves(h, limit)
+            d_up.mul_(du_w).mul_((up >= -limit) & (up <= limit))  # silu(gate_c) * du * w, where kept
+            torch.mul(du_w, up_c, out=d_gate)
+            torch.ops.aten.silu_backward.grad_input(d_gate, gate_c, grad_input=d_gate)
+            d_gate.mul_(gate <= limit)
+        else:
+            d_up.mul_(du_w)  # silu(gate) * du * w
+            torch.mul(du_w, up, out=d_gate)
+            torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)  # * silu'(gate)
     elif activation == "gelu":
         torch.ops.aten.gelu_backward.grad_input(du_w, h, grad_input=dh)
     else:  # relu
@@ -229,7 +249,8 @@ def _row_bytes(x_TD: torch.Tensor, w_in: torch.Tensor) -> int:
     return max(w_in.shape[1], x_TD.shape[-1]) * x_TD.element_size()
 
 
-def _forward(x_TD, token_ids, weights, w_in, w_out, offs, activation: str, schedule: str, blocks, keep_h: bool):
+def _forward(x_TD, token_ids, weights, w_in, w_out, offs, activation: str, schedule: str, blocks, keep_h: bool,
+             limit: float | None = None):
     """Steps 1-5 over every block: out_TD [T, D] fp32, and h [M, H] when ``keep_h``."""
     dtype = x_TD.dtype
     # .to(dtype): a no-op unless fp32 master weights meet half activations (autocast).
@@ -238,13 +259,13 @@ def _forward(x_TD, token_ids, weights, w_in, w_out, offs, activation: str, sched
     # Accumulate a token's k contributions in fp32, so bf16 outputs do not round against each other.
     out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
     for blk in blocks:
-        h = _forward_block(x_TD, token_ids, weights, w_T, offs, blk, activation, out_TD, h_all)
+        h = _forward_block(x_TD, token_ids, weights, w_T, offs, blk, activation, out_TD, h_all, limit)
         if schedule == "grouped" and keep_h:
             h_all = h
     return out_TD, h_all
 
 
-def _forward_block(x_TD, token_ids, weights, w_T, offs, blk: _Block, activation: str, out_TD, h_all):
+def _forward_block(x_TD, token_ids, weights, w_T, offs, blk: _Block, activation: str, out_TD, h_all, limit=None):
     """Steps 1-5 for one block, adding into out_TD; returns its h (a view of h_all when given).
     A function per block, so a block's temporaries are freed before the next block's exist."""
     rows = slice(blk.start, blk.end)
@@ -253,7 +274,7 @@ def _forward_block(x_TD, token_ids, weights, w_T, offs, blk: _Block, activation:
     h = _mm(x, w_T[0], blk, offs, out=None if h_all is None else h_all[rows])  # [m, H]
     # x is dead now (the backward gathers it again rather than keep k copies of the input
     # alive): act(h) goes into its memory.
-    a = _activate(h, activation, out=_into(x, h.shape[0], w_T[1].shape[1]))  # [m, F]
+    a = _activate(h, activation, out=_into(x, h.shape[0], w_T[1].shape[1]), limit=limit)  # [m, F]
     a.mul_(weights[rows].to(x.dtype)[:, None])
     y = _mm(a, w_T[1], blk, offs)  # [m, D]
     out_TD.index_add_(0, ids, y.float())
@@ -262,11 +283,12 @@ def _forward_block(x_TD, token_ids, weights, w_T, offs, blk: _Block, activation:
 
 class _GroupedMoE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, token_ids, weights, w_in, w_out, offs, activation: str, schedule: str, blocks):
+    def forward(ctx, x_TD, token_ids, weights, w_in, w_out, offs, activation: str, schedule: str, blocks, limit):
         with torch.autocast(x_TD.device.type, enabled=False):
-            out_TD, h = _forward(x_TD, token_ids, weights, w_in, w_out, offs, activation, schedule, blocks, keep_h=True)
+            out_TD, h = _forward(x_TD, token_ids, weights, w_in, w_out, offs, activation, schedule, blocks,
+                                 keep_h=True, limit=limit)
         ctx.save_for_backward(x_TD, token_ids, weights, h, w_in, w_out, offs)
-        ctx.activation, ctx.schedule, ctx.blocks = activation, schedule, blocks
+        ctx.activation, ctx.schedule, ctx.blocks, ctx.limit = activation, schedule, blocks, limit
         return out_TD
 
     @staticmethod
@@ -292,15 +314,16 @@ class _GroupedMoE(torch.autograd.Function):
             grads["w_in"] = _empty_grad(w_in, dtype, idle) if need_in else None
             grads["w_out"] = _empty_grad(w_out, dtype, idle) if need_out else None
         for blk in blocks:
-            _backward_block(x_TD, token_ids, weights, h_all, w_b, offs, blk, act, d_out, grads, need_in, need_out)
+            _backward_block(x_TD, token_ids, weights, h_all, w_b, offs, blk, act, d_out, grads, need_in, need_out,
+                            ctx.limit)
         d_w_in = grads["w_in"].to(w_in.dtype) if need_in else None
         d_w_out = grads["w_out"].to(w_out.dtype) if need_out else None
         d_weights = grads["weights"].to(weights.dtype) if need_w else None
-        return grads["x"], None, d_weights, d_w_in, d_w_out, None, None, None, None
+        return grads["x"], None, d_weights, d_w_in, d_w_out, None, None, None, None, None
 
 
 def _backward_block(x_TD, token_ids, weights, h_all, w_b, offs, blk: _Block, act: str, d_out, grads: dict,
-                    need_in: bool, need_out: bool) -> None:
+                    need_in: bool, need_out: bool, limit: float | None = None) -> None:
     """Steps 6-10 for one block, writing into ``grads`` (the grouped schedule's weight
     gradients are new tensors, stored there)."""
     rows = slice(blk.start, blk.end)
@@ -308,10 +331,10 @@ def _backward_block(x_TD, token_ids, weights, h_all, w_b, offs, blk: _Block, act
     dy = d_out.index_select(0, ids)  # [m, D]
     du = _mm(dy, w_b[1], blk, offs)  # [m, F]
     dh = torch.empty_like(h)
-    u, grads["weights"][rows] = _weighted_activation(h, du, w_M1, dh, act)  # u lives in dh's memory
+    u, grads["weights"][rows] = _weighted_activation(h, du, w_M1, dh, act, limit)  # u lives in dh's memory
     if need_out:
         grads["w_out"] = _wgrad(dy, u, blk, offs, out=grads["w_out"])  # [E, D, F]
-    dh = _activation_grad(h, du.mul_(w_M1), dh, act)  # [m, H], over u
+    dh = _activation_grad(h, du.mul_(w_M1), dh, act, limit)  # [m, H], over u
     if grads["x"] is None and not need_in:
         return
     x = torch.index_select(x_TD, 0, ids, out=dy)  # gathered again, into dy's memory
@@ -338,6 +361,7 @@ def grouped_moe(
     counts: torch.Tensor,
     activation: str,
     schedule: str | None = None,
+    limit: float | None = None,
 ) -> torch.Tensor:
     """sum over slots m of token t: weights[m] * expert_e(m)(x_TD[t]), as [T, D] fp32.
 
@@ -345,7 +369,10 @@ def grouped_moe(
     in another dtype than x (fp32 master weights, bf16 activations) are cast once per call;
     their gradients come back in the weights' dtype. Every expert gets a gradient, zeros when
     its slice is empty. ``schedule`` (default: ``pick_schedule``) forces "grouped" or "blocked".
+    ``limit``: limited_swiglu's clamp (DeepSeek-V4), required by that activation only.
     """
+    if (activation == "limited_swiglu") != (limit is not None):
+        raise ValueError(f"limit is needed by activation='limited_swiglu' only; got {activation!r}, limit={limit}")
     if torch.is_autocast_enabled(x_TD.device.type):
         # The Function runs with autocast off; take autocast's compute dtype here instead.
         x_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
@@ -357,6 +384,6 @@ def grouped_moe(
     blocks = _blocks(offs, token_ids.shape[0], schedule, _row_bytes(x_TD, w_in))  # backward reuses them
     args = (x_TD, token_ids, weights, w_in, w_out, offs, activation, schedule, blocks)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, weights, w_in, w_out)):
-        return _GroupedMoE.apply(*args)
+        return _GroupedMoE.apply(*args, limit)
     with torch.autocast(x_TD.device.type, enabled=False):
-        return _forward(*args, keep_h=False)[0]
+        return _forward(*args, keep_h=False, limit=limit)[0]

@@ -13,6 +13,8 @@ def activate(h: torch.Tensor, activation: str, limit: float = 7.0, alpha: float 
     For swiglu, h holds [gate | up] along the last dim and the result is silu(gate) * up, half as wide.
     clamped_swiglu (gpt-oss; ``limit`` and ``alpha`` from ``MoEConfig``) clamps both halves first:
     min(gate, limit) * sigmoid(alpha * min(gate, limit)) * (clamp(up, -limit, limit) + 1).
+    limited_swiglu (DeepSeek-V4) clamps the same way around a plain SwiGLU:
+    silu(min(gate, limit)) * clamp(up, -limit, limit).
     """
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
@@ -21,6 +23,9 @@ def activate(h: torch.Tensor, activation: str, limit: float = 7.0, alpha: float 
         gate, up = h.chunk(2, dim=-1)
         gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
         return gate * torch.sigmoid(alpha * gate) * (up + 1)
+    if activation == "limited_swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
     if activation == "gelu":
         return F.gelu(h)
     if activation == "relu":
@@ -32,9 +37,9 @@ def activate(h: torch.Tensor, activation: str, limit: float = 7.0, alpha: float 
 class MLP(nn.Module):
     """x -> down(act(up(x))). For swiglu the gate and up projections are one fused weight."""
 
-    def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu"):
+    def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu", act_args: tuple = ()):
         super().__init__()
-        self.activation = activation
+        self.activation, self.act_args = activation, tuple(act_args)  # act_args: see ``activate``
         self.w_in = nn.Linear(d_model, first_proj_width(d_ff, activation), bias=False)
         self.w_out = nn.Linear(d_ff, d_model, bias=False)
 
@@ -42,4 +47,4 @@ class MLP(nn.Module):
         # Compute in the input's dtype, as the routed experts do, so a bf16 activation meets
         # fp32 master weights without autocast (a no-op when the dtypes already agree).
         h = F.linear(x, self.w_in.weight.to(x.dtype))
-        return F.linear(activate(h, self.activation), self.w_out.weight.to(x.dtype))
+        return F.linear(activate(h, self.activation, *self.act_args), self.w_out.weight.to(x.dtype))

@@ -96,12 +96,11 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = Router(cfg)
-        act_args = (cfg.swiglu_limit, cfg.swiglu_alpha) if cfg.activation == "clamped_swiglu" else ()
         self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_expert, cfg.activation,  # the weights provider
-                               bias=cfg.expert_proj_bias, act_args=act_args)
+                               bias=cfg.expert_proj_bias, act_args=cfg.act_args)
         self.dispatcher: Dispatcher = LocalDispatcher()
         if cfg.num_shared_experts:
-            self.shared = MLP(cfg.d_model, cfg.shared_width, cfg.activation)
+            self.shared = MLP(cfg.d_model, cfg.shared_width, cfg.activation, cfg.act_args)
             if cfg.shared_expert_gate:
                 self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False)
         self._last: _LastForward | None = None  # what aux_loss and last_stats are computed from
@@ -120,11 +119,13 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoELayer.impl must be auto or one of {', '.join(EXPERT_IMPLS)}; got {self.impl!r}")
         return self.impl
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``token_ids`` [B, S]: the input tokens, which a hash-routed layer chooses experts by."""
         B, S, D = x.shape
         x_TD = x.reshape(B * S, D)
         valid_T = None if padding_mask is None else padding_mask.reshape(B * S).bool()
-        r = self.router(x_TD, valid_T)
+        r = self.router(x_TD, valid_T, None if token_ids is None else token_ids.reshape(B * S))
         routed_x, routed_r = self._gate_input(x_TD, r) if self.cfg.gate_input else (x_TD, r)
         impl, plan, local = self.expert_impl(B * S), None, self.dispatcher.local
         if local and impl == "decode" and B * S == 1 and valid_T is None and not r.expert_choice:

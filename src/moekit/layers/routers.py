@@ -56,6 +56,8 @@ class Router(nn.Module):
         if cfg.router == "noisy":
             # Shazeer et al. 2017 start the noise weights at zero: noise std softplus(0)=0.69.
             self.w_noise = nn.Parameter(torch.zeros(cfg.num_experts, cfg.d_model))
+        if cfg.hash_vocab is not None:  # token id -> its K experts (a buffer: fixed, saved, not trained)
+            self.register_buffer("tid2eid", torch.zeros(cfg.hash_vocab, cfg.top_k, dtype=torch.int64))  # [V, K]
         if cfg.has_selection_bias:
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
             # int64: model.to(bfloat16) casts floating buffers, and bf16 cannot count past 256 exactly.
@@ -63,14 +65,19 @@ class Router(nn.Module):
                 "load_since_update", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=False
             )
 
-    def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None,
+                token_ids_T: torch.Tensor | None = None) -> RouterOutput:
+        """``token_ids_T`` [T]: the tokens' ids, needed (only) by a hash-routed layer."""
+        if self.cfg.hash_vocab is not None and token_ids_T is None:
+            raise ValueError("this MoE layer is hash-routed (hash_vocab set): pass the token ids")
         # Autocast would quietly run the router's matmul in bf16: switch it off in here.
         if torch.is_autocast_enabled(x_TD.device.type):
             with torch.autocast(device_type=x_TD.device.type, enabled=False):
-                return self._route(x_TD.float(), valid_T)
-        return self._route(x_TD.float(), valid_T)
+                return self._route(x_TD.float(), valid_T, token_ids_T)
+        return self._route(x_TD.float(), valid_T, token_ids_T)
 
-    def _route(self, x32: torch.Tensor, valid_T: torch.Tensor | None) -> RouterOutput:
+    def _route(self, x32: torch.Tensor, valid_T: torch.Tensor | None,
+               token_ids_T: torch.Tensor | None = None) -> RouterOutput:
         if self.training and self.cfg.router_jitter > 0:
             # Switch's multiplicative jitter, on the router's copy of the input only (never in place).
             eps = self.cfg.router_jitter
@@ -89,7 +96,17 @@ class Router(nn.Module):
                 noise_std = F.softplus(F.linear(x32, self.w_noise.float()))
                 select_logits = logits + torch.randn_like(logits) * noise_std
             scores = probs = torch.softmax(select_logits, dim=-1)
+        if self.cfg.hash_vocab is not None:
+            return self._hashed(logits, probs, scores, token_ids_T)
         return self._token_choice(logits, probs, scores)
+
+    def _hashed(self, logits: torch.Tensor, probs: torch.Tensor, scores: torch.Tensor,
+                token_ids_T: torch.Tensor) -> RouterOutput:
+        """Hash routing (Roller et al. 2021): the table picks the experts; their scores, as
+        top-k routing would weight them, make the gate values."""
+        ids = self.tid2eid[token_ids_T]  # [T, K]
+        top_scores = scores.gather(-1, ids)  # [T, K]
+        return RouterOutput(logits, probs, ids, self._gate_values(top_scores), top_scores)
 
     def _token_choice(self, logits: torch.Tensor, probs: torch.Tensor, scores: torch.Tensor) -> RouterOutput:
         cfg = self.cfg
@@ -99,13 +116,18 @@ class Router(nn.Module):
             choice = self._limit_groups(choice)
         top_scores, ids = torch.topk(choice, cfg.top_k, dim=-1)  # [T, K]
         weights = top_scores if choice is scores else scores.gather(-1, ids)  # [T, K]
+        return RouterOutput(logits, probs, ids, self._gate_values(weights), top_scores)
+
+    def _gate_values(self, weights: torch.Tensor) -> torch.Tensor:
+        """The chosen scores [T, K] -> combine weights: renormalized if configured, then scaled."""
+        cfg = self.cfg
         if cfg.renormalize:
             # Softmax top-k sums to at least 1/E; sigmoid scores can all underflow to zero.
             total = weights.sum(-1, keepdim=True)
             weights = weights / (total + 1e-20 if cfg.independent_scores else total)
         if cfg.routed_scaling_factor != 1.0:
             weights = weights * cfg.routed_scaling_factor
-        return RouterOutput(logits, probs, ids, weights, top_scores)
+        return weights
 
     def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """Group-limited routing: keep the topk_groups groups that score highest, by the sum of
@@ -158,6 +180,11 @@ class Router(nn.Module):
 
     def reset_parameters(self, std: float) -> None:
         nn.init.normal_(self.weight, std=std)
+        if self.cfg.hash_vocab is not None:
+            # A random hash: each token id gets top_k distinct experts drawn uniformly (Roller et al.
+            # found a random hash as good as clustered ones); a loaded model overwrites it.
+            E = self.cfg.num_experts
+            self.tid2eid.copy_(torch.rand(self.cfg.hash_vocab, E).argsort(-1)[:, : self.cfg.top_k])
         if self.cfg.router_bias:
             nn.init.zeros_(self.bias)
         if hasattr(self, "w_noise"):

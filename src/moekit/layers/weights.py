@@ -43,7 +43,7 @@ class ExpertWeights(nn.Module):
     plain = False  # True: stacked() returns the parameters themselves (the fused path may take them)
     first_expert = 0  # global id of local expert 0 (expert parallelism shards the experts)
     has_bias = False  # True: ``biases`` gives each expert's projection biases (GPT-OSS)
-    act_args: tuple = ()  # extra arguments of ``mlp.activate`` (clamped_swiglu's limit and alpha)
+    act_args: tuple = ()  # extra arguments of ``mlp.activate`` (the clamped SwiGLUs' limit, alpha)
 
     def __init__(self, num_experts: int, d_model: int, d_expert: int, activation: str):
         super().__init__()
@@ -62,7 +62,12 @@ class ExpertWeights(nn.Module):
     def grouped_ok(self) -> bool:
         """Whether the grouped node (``grouped_mm.py``) computes these experts: it knows the plain
         activations and no biases; other experts take the per-expert loop for "grouped"."""
-        return self.activation in ("swiglu", "gelu", "relu") and not self.has_bias
+        return self.activation in ("swiglu", "limited_swiglu", "gelu", "relu") and not self.has_bias
+
+    @property
+    def limit(self) -> float | None:
+        """limited_swiglu's clamp, as the grouped node takes it (None for other activations)."""
+        return self.act_args[0] if self.activation == "limited_swiglu" else None
 
     def rows(self, x_MD: torch.Tensor, counts: torch.Tensor, weights_M: torch.Tensor,
              impl: str = "grouped") -> torch.Tensor:

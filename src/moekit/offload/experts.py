@@ -152,7 +152,7 @@ class OffloadedExperts(ExpertWeights):
         out_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
         for e, ids_e, w_e in self._slices(plan.counts, plan.token_ids, plan.weights):
             def run(v, x, w, n, ids=ids_e):
-                return grouped_moe(x, ids.to(x.device), w, v.w_in, v.w_out, n, v.activation)
+                return grouped_moe(x, ids.to(x.device), w, v.w_in, v.w_out, n, v.activation, limit=v.limit)
             out_TD += self._on_expert(e, run, x_TD, w_e)
         return out_TD
 
