@@ -27,9 +27,9 @@ def supported_architectures() -> list[str]:
 
 # Architectures transformers has and moekit knows but cannot load exactly yet: refused with the reason.
 NOT_IMPLEMENTED = {
-    "DeepseekV4ForCausalLM": "its compressed sparse / heavily compressed attention, hyper-connections and "
-                             "hash-routed MoE layers are not implemented (its sqrtsoftplus router is: "
-                             "MoEConfig(router='sqrtsoftplus'))",
+    "DeepseekV4ForCausalLM": "its compressed sparse / heavily compressed attention and hyper-connections "
+                             "are not implemented (its MoE is: MoEConfig(router='sqrtsoftplus', "
+                             "activation='limited_swiglu'), ModelConfig(hash_layers=...))",
 }
 
 
