@@ -99,17 +99,18 @@ class LoRAMLP(nn.Module):
 
     def __init__(self, mlp: MLP, cfg: LoRAConfig):
         super().__init__()
-        self.activation = mlp.activation
+        self.activation, self.act_args = mlp.activation, mlp.act_args
         self.w_in = LoRALinear(mlp.w_in, cfg.rank, cfg.alpha, cfg.dropout)
         self.w_out = LoRALinear(mlp.w_out, cfg.rank, cfg.alpha, cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_out(activate(self.w_in(x), self.activation))
+        return self.w_out(activate(self.w_in(x), self.activation, *self.act_args))
 
     def to_plain(self) -> MLP:
         mlp = MLP.__new__(MLP)
         nn.Module.__init__(mlp)
-        mlp.activation, mlp.w_in, mlp.w_out = self.activation, self.w_in.to_plain(), self.w_out.to_plain()
+        mlp.activation, mlp.act_args = self.activation, self.act_args
+        mlp.w_in, mlp.w_out = self.w_in.to_plain(), self.w_out.to_plain()
         return mlp
 
 
