@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 
-from moekit.argtypes import nonneg_int, positive_float, positive_int
+from moekit.argtypes import FloatArg, nonneg_int, positive_float, positive_int
 from moekit.errors import UsageError
 from moekit.experiments.registry import EXPERIMENTS
 
@@ -42,15 +43,21 @@ def cmd_experiment(args) -> int:
     from moekit.experiments.runner import run_experiment
 
     cfg = build_train_config(args)
+    exp = EXPERIMENTS[args.name]
+    budgets = exp.budgets if args.budgets is None else args.budgets
+    sweep = _sweep_config(args, exp)
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
-    command = _command(args)
-    result = run_experiment(args.name, args.out or f"runs/experiments/{args.name}", cfg, steps=args.steps,
-                            minutes=args.minutes, scale=args.scale, seeds=args.seeds, overwrite=args.overwrite,
-                            command=command,
-                            log=lambda s: print(s, file=sys.stderr))
+    command, out = _command(args), args.out or f"runs/experiments/{args.name}"
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    if budgets:
+        return _run_budgets(args, cfg, list(budgets), sweep, command, out, log)
+    if args.report_only:
+        raise UsageError("--report-only needs budgets (--budgets, or an experiment with its own: scaling)")
+    result = run_experiment(args.name, out, cfg, steps=args.steps, minutes=args.minutes, scale=args.scale,
+                            seeds=args.seeds, overwrite=args.overwrite, sweep=sweep, command=command, log=log)
     for r in result["rows"]:
         sd = (r["spread"].get("final_val_loss") or {}).get("sd") if args.seeds > 1 else None
         loss = "-" if r["final_val_loss"] is None else f"{r['final_val_loss']:.4f}" + (f" ± {sd:.4f}" if sd else "")
@@ -58,18 +65,83 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+def _sweep_config(args, exp):
+    """--lr-sweep (or the experiment's own sweep) -> a SweepConfig, None for no sweep."""
+    from moekit.experiments.sweep import SweepConfig
+
+    lrs = exp.lr_sweep if args.lr_sweep is None else args.lr_sweep
+    if not lrs:
+        return None
+    if any(a.split("=", 1)[0].strip() in ("lr", "train.lr") for a in args.set or []):
+        raise UsageError("--set lr=... and a learning-rate sweep exclude each other: pass --lr-sweep none to "
+                         "train at one learning rate")
+    return SweepConfig(tuple(lrs), args.sweep_fraction)
+
+
+def _run_budgets(args, cfg, budgets, sweep, command: str, out: str, log) -> int:
+    """One experiment per token budget and the report across them (experiments/scaling.py)."""
+    from moekit.experiments.scaling import run_scaling, tokens_label
+
+    if args.steps is not None:
+        raise UsageError("--steps does not apply with token budgets: pass --budgets 0.5M,2M (and --scale)")
+    report = run_scaling(args.name, out, cfg, budgets, scale=args.scale, seeds=args.seeds, sweep=sweep,
+                         overwrite=args.overwrite, report_only=args.report_only, command=command, log=log)
+    for t in report["tables"]:
+        for r in t["rows"]:
+            final = r["final"]
+            loss = "-" if not final else f"{final['mean']:.4f}" + (f" ± {final['sd']:.4f}" if final["n"] > 1 else "")
+            print(f"{tokens_label(t['tokens']):>6} {r['variant']:<20} final val loss {loss}  seeds done "
+                  f"{len(r['seeds'])}")
+    print(report["sanity"]["text"])
+    return 0
+
+
 def _command(args) -> str:
     """The command line that reproduces this run, for the results page."""
     parts = ["moekit", "experiment", args.name]
-    for dest in ("minutes", "steps", "scale", "seeds", "out", "threads", *_TRAIN_FLAGS):
+    budgets = args.budgets is not None or bool(EXPERIMENTS[args.name].budgets)
+    for dest in ("minutes", "steps", "scale", "seeds", "budgets", "lr_sweep", "sweep_fraction", "out", "threads",
+                 *_TRAIN_FLAGS):
         value = getattr(args, dest)
-        if value is None or (dest == "minutes" and args.steps is not None) or (dest in ("scale", "seeds") and value == 1):
+        if value is None or (dest == "minutes" and (args.steps is not None or budgets)) or \
+                (dest in ("scale", "seeds") and value == 1) or (dest == "sweep_fraction" and value == 0.25):
             continue
         flag = "--" + dest.replace("_", "-")
-        parts += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+        if dest in ("budgets", "lr_sweep"):
+            parts += [flag, _list_text(dest, value)]
+        else:
+            parts += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
     for assignment in args.set or []:
         parts += ["--set", assignment]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def _list_text(dest: str, values: list) -> str:
+    from moekit.experiments.scaling import tokens_label
+    from moekit.experiments.sweep import format_lr
+
+    if not values:
+        return "none"
+    return ",".join(tokens_label(v) if dest == "budgets" else format_lr(v) for v in values)
+
+
+def _token_list(text: str) -> list[int]:
+    from moekit.experiments.scaling import parse_tokens
+
+    try:
+        return [parse_tokens(t) for t in text.split(",")]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _lr_list(text: str) -> list[float]:
+    if text.strip().lower() == "none":
+        return []
+    lr = FloatArg(0.0, strict=True)
+    values = [lr(t) for t in text.split(",")]
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"a learning rate appears twice in {text!r}")
+    return values
 
 
 def add_parser(sub) -> None:
@@ -83,6 +155,18 @@ def add_parser(sub) -> None:
     s.add_argument("--seeds", type=positive_int, default=1,
                    help="repeat every variant with seeds --seed, --seed+1, ... (init and batch order; default 1); "
                         "the table shows mean ± standard deviation")
+    s.add_argument("--budgets", type=_token_list, metavar="TOKENS,...",
+                   help="train the whole experiment once per token budget per variant, smallest first, into "
+                        "OUT/budget-LABEL, and write a report across them (OUT/scaling.md): 0.5M,2M,8M "
+                        "(default: the experiment's own; scaling has 0.5M,2M,8M); --scale multiplies them")
+    s.add_argument("--lr-sweep", type=_lr_list, metavar="LR,...",
+                   help="per variant (and budget), train short runs at these peak learning rates on the first "
+                        "seed and use the one with the lowest final validation loss for the full runs: "
+                        "3e-4,1e-3,3e-3 (default: the experiment's own, scaling has that one; none = no sweep)")
+    s.add_argument("--sweep-fraction", type=FloatArg(0.0, strict=True, maximum=1.0), default=0.25,
+                   help="each sweep run's share of the full budget's steps (default: 0.25)")
+    s.add_argument("--report-only", action="store_true",
+                   help="with budgets: write the report from the runs that have finished in --out, train nothing")
     s.add_argument("--out", help="results folder (default: runs/experiments/NAME)")
     s.add_argument("--overwrite", action="store_true", help="retrain variants whose run folders already exist")
     s.add_argument("--data", nargs="+", action="extend", metavar="PATH",

@@ -36,6 +36,15 @@ class Experiment:
     name: str
     question: str  # the claim it checks, for the results page
     variants: Callable[[], list[Variant]]
+    # Training tokens per variant at which to run it, one full experiment each (experiments/
+    # scaling.py); empty: one budget, from --steps or --minutes. --budgets overrides.
+    budgets: tuple[int, ...] = ()
+    # Learning rates to sweep per variant (experiments/sweep.py); empty: --set lr or the
+    # TrainConfig default for all. --lr-sweep overrides.
+    lr_sweep: tuple[float, ...] = ()
+    # (larger model, smaller model): the larger must reach the lower loss at the largest budget,
+    # else the setup, not the architecture, limits the comparison (the report says so).
+    check: tuple[str, str] | None = None
 
 
 def _moe(base: ModelConfig, **changes) -> ModelConfig:
@@ -51,6 +60,13 @@ def dense_vs_moe() -> list[Variant]:
         Variant("dense-total", f"dense FFN {total_width}: tiny-moe's total parameters",
                 dataclasses.replace(dense, d_ff=total_width)),
     ]
+
+
+def scaling() -> list[Variant]:
+    # dense-vs-moe plus top-k's fine-grained MoE: every MoE spends tiny-dense's 1024 FFN units per token.
+    fine = next(v for v in top_k() if v.name == "top8-of-64-shared")
+    dense, moe, total = dense_vs_moe()
+    return [dense, moe, dataclasses.replace(fine, name="fine-grained"), total]
 
 
 def balancing() -> list[Variant]:
@@ -154,6 +170,12 @@ def distill() -> list[Variant]:
 EXPERIMENTS: dict[str, Experiment] = {
     "dense-vs-moe": Experiment(
         "dense-vs-moe", "At equal active compute, does an MoE learn faster than a dense model?", dense_vs_moe),
+    "scaling": Experiment(
+        "scaling", "As the token budget grows, with the learning rate tuned per variant and budget and several "
+        "seeds, where (if anywhere) does an MoE reach a lower loss than the dense model of equal active compute?",
+        scaling,
+        # Issue 20's CPU budgets; --scale multiplies them on a GPU.
+        budgets=(500_000, 2_000_000, 8_000_000), lr_sweep=(3e-4, 1e-3, 3e-3), check=("dense-total", "tiny-dense")),
     "balancing": Experiment(
         "balancing", "Without balancing, does routing collapse; does aux-loss-free balancing keep balance "
         "without hurting loss?", balancing),
@@ -180,5 +202,5 @@ def get_experiment(name: str) -> Experiment:
     return EXPERIMENTS[name]
 
 
-__all__ = ["Variant", "Experiment", "EXPERIMENTS", "get_experiment", "dense_vs_moe", "balancing", "top_k",
+__all__ = ["Variant", "Experiment", "EXPERIMENTS", "get_experiment", "dense_vs_moe", "scaling", "balancing", "top_k",
            "capacity", "upcycle", "finetune", "distill"]

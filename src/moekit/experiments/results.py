@@ -46,7 +46,7 @@ def variant_curve(run_dir: Path) -> dict:
         ))
     pc = count_params(model_cfg)
     return dict(total_params=pc.total, active_params=pc.active, trainable_params=trainable_params(cfg, model_cfg),
-                train_flops_per_token=3 * fwd, points=points, moe=model_cfg.moe is not None)
+                train_flops_per_token=3 * fwd, points=points, moe=model_cfg.moe is not None, lr=cfg.lr)
 
 
 def trainable_params(cfg, model_cfg) -> int:
@@ -100,7 +100,7 @@ def summarize(variants: list[dict]) -> list[dict]:
         losses = [p["val_loss"] for p in pts if p["val_loss"] is not None]
         rows.append(dict(
             variant=v["name"], description=v["description"], stage=bool(v.get("stage")), start=v.get("start"),
-            corpus=v.get("corpus"),
+            corpus=v.get("corpus"), lr=v.get("lr"),
             total_params=v["total_params"], active_params=v["active_params"],
             trainable_params=v.get("trainable_params", v["total_params"]),
             train_flops_per_token=v["train_flops_per_token"],
@@ -198,6 +198,10 @@ def _columns(result: dict) -> list[tuple[str, Callable[[dict], str]]]:
     if any(r["trainable_params"] != r["total_params"] for r in rows):
         cols.append(("trainable params", lambda r: f"{r['trainable_params'] / 1e6:.2f}M"))
     cols.append(("train GFLOPs/token", lambda r: f"{r['train_flops_per_token'] / 1e9:.4f}"))
+    sweep = result.get("lr_sweep")
+    if sweep:
+        cols.append((f"lr (sweep: final val loss after {sweep['steps']} steps, seed {sweep['seed']})",
+                     lambda r: sweep_cell(sweep, r["variant"])))
     if any(r.get("start") for r in rows):
         cols += [("training TFLOPs (all stages)", lambda r: _fmt(r["flops"] / 1e12 if r["flops"] else None, ".1f")),
                  ("val loss at its start", lambda r: _loss(r, "initial_val_loss"))]
@@ -215,6 +219,18 @@ def _columns(result: dict) -> list[tuple[str, Callable[[dict], str]]]:
     cols.append((f"tokens to reach {base}'s final loss", lambda r: "not reached" if r["tokens_to_baseline_loss"] is None
                  else f"{r['tokens_to_baseline_loss']:,.0f} ({r['tokens_to_baseline_ratio']:.2f}x)"))
     return cols
+
+
+def sweep_cell(sweep: dict, variant: str) -> str:
+    """'1e-3 (3e-4: 5.2100, **1e-3: 5.0120**, 3e-3: 5.1000)', with 'at the edge' when the best is an end of the list."""
+    from moekit.experiments.sweep import format_lr
+
+    rec = sweep["variants"].get(variant)
+    if rec is None:
+        return "-"
+    parts = [f"**{format_lr(lr)}: {_fmt(loss)}**" if lr == rec["chosen"] else f"{format_lr(lr)}: {_fmt(loss)}"
+             for lr, loss in zip(sweep["lrs"], rec["losses"])]
+    return f"{format_lr(rec['chosen'])} ({', '.join(parts)}){', at the edge' if rec['at_edge'] else ''}"
 
 
 def _signed(row: dict) -> str:

@@ -8,6 +8,7 @@ token budget (equal tokens, not equal time), then write the results.
     OUT/results.json    every number, including each variant's curve
     OUT/loss.png        validation loss vs tokens, vs training FLOPs, vs training seconds
     OUT/routing.png     max_violation, dead experts and dropped fraction over training
+    OUT/sweep/lr-LR/    the short runs of a learning-rate sweep (``sweep``: experiments/sweep.py)
 
 The budget is ``steps`` optimizer steps per variant; without it, ``minutes`` of the whole
 experiment are turned into steps by timing a few steps of every variant first (so the
@@ -41,6 +42,7 @@ from moekit.experiments.results import (
     variant_curve,
     write_results,
 )
+from moekit.experiments.sweep import SweepConfig, format_lr, lr_folder, tune
 from moekit.training.config import TrainConfig
 
 EVALS_PER_RUN = 8  # validation points per variant (plus the one at step 0)
@@ -127,8 +129,8 @@ def machine() -> str:
 
 def run_experiment(name: str, out: str | Path, cfg: TrainConfig, *, steps: int | None = None,
                    minutes: float = 10.0, scale: float = 1.0, seeds: int = 1, overwrite: bool = False,
-                   variants: list[Variant] | None = None, command: str = "", console=None,
-                   log: Callable[[str], None] = print) -> dict:
+                   variants: list[Variant] | None = None, sweep: SweepConfig | None = None, command: str = "",
+                   console=None, log: Callable[[str], None] = print) -> dict:
     """Train the experiment's variants into ``out`` and write its results; returns them.
 
     ``seeds`` > 1 repeats every variant with seeds ``cfg.seed``, ``cfg.seed + 1``, ...: a seed
@@ -137,7 +139,8 @@ def run_experiment(name: str, out: str | Path, cfg: TrainConfig, *, steps: int |
     run puts them, so adding seeds reuses it), seed S's ``OUT/runs/seed-S/VARIANT``: a folder
     depends on its seed alone, so seeds can also be trained apart (``--seed 2``, in another
     process) and gathered by a later ``--seeds 3``.
-    The table gives every loss as the mean over the seeds, with its standard deviation."""
+    The table gives every loss as the mean over the seeds, with its standard deviation.
+    ``sweep`` first picks each variant's learning rate on a short budget (experiments/sweep.py)."""
     from rich.console import Console
 
     from moekit.data.dataset import check_length, prepare_data
@@ -165,6 +168,9 @@ def run_experiment(name: str, out: str | Path, cfg: TrainConfig, *, steps: int |
     steps = max(1, round(steps * scale))
     log(f"experiment {name}: {len(variants)} variants x {seeds} seed(s), {steps} steps x {cfg.tokens_per_step:,} "
         f"tokens per full variant, into {out}")
+    sweep_record = None
+    if sweep is not None:
+        variants, sweep_record = _sweep(variants, out, cfg, steps, sweep, overwrite, console, log)
     per_seed = [_run_seed(variants, out, cfg, steps, seed, overwrite, console, log)
                 for seed in range(cfg.seed, cfg.seed + seeds)]
     result = dict(experiment=name, question=exp.question, command=command, steps=steps,
@@ -172,10 +178,27 @@ def run_experiment(name: str, out: str | Path, cfg: TrainConfig, *, steps: int |
                   device=str(device), machine=machine(), wall_seconds=time.perf_counter() - t_start,
                   train_config=variant_config(cfg, steps).to_dict(),
                   rows=aggregate([summarize(curves) for curves in per_seed]),
-                  variants=mean_curves(per_seed), per_seed=per_seed)
+                  variants=mean_curves(per_seed), per_seed=per_seed, lr_sweep=sweep_record)
     write_results(result, out)
     log(f"results written to {out / 'results.md'}")
     return result
+
+
+def _sweep(variants: list[Variant], out: Path, cfg: TrainConfig, steps: int, sweep: SweepConfig, overwrite: bool,
+           console, log) -> tuple[list[Variant], dict]:
+    """Each variant's learning rate from short runs on the first seed -> the tuned variants, the record."""
+    if any(v.start or v.distill for v in variants):
+        raise UsageError("--lr-sweep needs an experiment of fresh variants (no stages, starts or teachers)")
+    n = sweep.steps(steps)
+
+    def final_loss(v: Variant, lr: float) -> float | None:
+        log(f"lr sweep: {v.name} at lr {format_lr(lr)}, {n} steps")
+        curve = _run_seed([v], out / "sweep" / lr_folder(lr), cfg, n, cfg.seed, overwrite, console, log)[0]
+        return curve["points"][-1]["val_loss"] if curve["points"] else None
+
+    tuned, record = tune(variants, sweep, final_loss)
+    log("lr sweep chose: " + ", ".join(f"{name} {format_lr(r['chosen'])}" for name, r in record.items()))
+    return tuned, dict(lrs=list(sweep.lrs), fraction=sweep.fraction, steps=n, seed=cfg.seed, variants=record)
 
 
 def check_variants(variants: list[Variant]) -> None:
