@@ -149,6 +149,8 @@ def run_experiment(name: str, out: str | Path, cfg: TrainConfig, *, steps: int |
     exp = get_experiment(name)
     variants = variants or exp.variants()
     check_variants(variants)
+    if sweep is not None and any(v.start or v.distill for v in variants):
+        raise UsageError("--lr-sweep needs an experiment of fresh variants (no stages, starts or teachers)")
     if steps is not None and steps < 1:
         raise UsageError(f"--steps must be >= 1, got {steps}")
     if not (minutes > 0 and scale > 0):
@@ -187,8 +189,6 @@ def run_experiment(name: str, out: str | Path, cfg: TrainConfig, *, steps: int |
 def _sweep(variants: list[Variant], out: Path, cfg: TrainConfig, steps: int, sweep: SweepConfig, overwrite: bool,
            console, log) -> tuple[list[Variant], dict]:
     """Each variant's learning rate from short runs on the first seed -> the tuned variants, the record."""
-    if any(v.start or v.distill for v in variants):
-        raise UsageError("--lr-sweep needs an experiment of fresh variants (no stages, starts or teachers)")
     n = sweep.steps(steps)
 
     def final_loss(v: Variant, lr: float) -> float | None:

@@ -98,6 +98,7 @@ def budget_rows(budget: dict, lrs: tuple[float, ...] = ()) -> list[dict]:
         reach_mean = statistics.mean(reach) if reach and None not in reach else None
         rows.append(dict(
             variant=v["name"], description=v["description"], seeds=sorted(finals),
+            finals={str(seed): finals[seed] for seed in sorted(finals)},
             final=_stats(list(finals.values())), vs_baseline=_stats(paired) if v is not base else None,
             lower_than_baseline=sum(d < 0 for d in paired) if v is not base else None,
             tokens=tokens, flops=any_curve["points"][-1]["flops"] if tokens else None,
@@ -136,7 +137,7 @@ def speedup_across_budgets(tables: list[dict], variant: str) -> list[dict]:
         target = base["final"]["mean"]
         tokens, bound = _crossing(curve, target)
         out.append(dict(budget=t["tokens"], label=t["label"], target=target, tokens=tokens, bound=bound,
-                        speedup=(base["tokens"] / tokens) if tokens and base["tokens"] else None))
+                        speedup=(base["tokens"] / tokens) if tokens and base["tokens"] and not bound else None))
     return out
 
 
@@ -167,10 +168,14 @@ def sanity_check(tables: list[dict], check: tuple[str, str] | None, planned_larg
         return dict(status="not measured", check=list(check),
                     text=f"Sanity check not measured yet: no budget has finished runs of both {larger} and {smaller}.")
     t, big, small = both[-1]
+    rows = {r["variant"]: r for r in t["rows"]}
+    common = sorted(set(rows[larger]["finals"]) & set(rows[smaller]["finals"]))
+    lower = sum(rows[larger]["finals"][s] < rows[smaller]["finals"][s] for s in common)
     provisional = (planned_largest is not None and t["tokens"] < planned_largest) or \
         (seeds is not None and min(big["n"], small["n"]) < seeds)
     where = f"at {t['label']} tokens ({big['n']} and {small['n']} seeds)"
-    values = f"{larger} {big['mean']:.4f} ± {big['sd']:.4f} against {smaller} {small['mean']:.4f} ± {small['sd']:.4f}"
+    values = (f"{larger} {big['mean']:.4f} ± {big['sd']:.4f} against {smaller} {small['mean']:.4f} ± "
+              f"{small['sd']:.4f}, lower in {lower} of {len(common)} seeds")
     if big["mean"] < small["mean"]:
         status, text = "passed", (f"Sanity check passed {where}: {values}. Extra parameters pay at this budget, so "
                                   "the MoE comparison below measures more than the set-up.")
@@ -179,10 +184,10 @@ def sanity_check(tables: list[dict], check: tuple[str, str] | None, planned_larg
                                   "loss, so the comparison is still hyperparameter-limited (learning rate, schedule, "
                                   "budget): no conclusion about MoE against dense is drawn from these runs.")
     if provisional:
-        text += (f" Provisional: the largest planned budget is {_label(planned_largest)} tokens"
-                 f" and {seeds} seeds." if planned_largest else " Provisional: not every seed has finished.")
+        text += (f" Provisional: the plan goes to {_label(planned_largest or t['tokens'])} tokens with "
+                 f"{seeds or min(big['n'], small['n'])} seeds.")
     return dict(status=status, check=list(check), budget=t["tokens"], larger=big, smaller=small,
-                provisional=provisional, text=text)
+                lower_in=lower, paired_seeds=len(common), provisional=provisional, text=text)
 
 
 def _label(tokens: int | None) -> str:
