@@ -12,7 +12,7 @@ import time
 
 from moekit.argtypes import FloatArg, nonneg_float, nonneg_int, positive_float, positive_int
 from moekit.errors import UsageError
-from moekit.offload.cli import apply_offload, offload_args, offload_config
+from moekit.offload.cli import offload_args, offload_config, report_offload
 from moekit.quant.cli import add_load_args, quant_config
 
 
@@ -98,8 +98,9 @@ def _load(args):
     offload = offload_config(args)  # and bad offload flags
     model, tok, defaults = load_for_inference(args.model, dtype=args.dtype, device=args.device,
                                               check_memory=not args.force, check_finite=not args.no_check_finite,
-                                              quantize=qcfg, reference=args.reference)
-    apply_offload(model, offload)  # after quantizing at load: the store holds the int8/int4 experts
+                                              quantize=qcfg, reference=args.reference, offload=offload)
+    if offload is not None:  # streamed to the store layer by layer (int8/int4 when quantizing at load)
+        report_offload(model.offload)
     return model, tok, defaults
 
 

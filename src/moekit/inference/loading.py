@@ -62,38 +62,57 @@ def folder_kind(folder: Path) -> str:
 def load_for_inference(path: str | Path, dtype: torch.dtype | str | None = None,
                        device: str | torch.device | None = None,
                        checkpoint: str | int = "last", *, check_memory: bool = True,
-                       check_finite: bool = True, quantize=None,
-                       reference: bool = False) -> tuple[torch.nn.Module, TextTokenizer, GenerationDefaults]:
+                       check_finite: bool = True, quantize=None, reference: bool = False,
+                       offload=None) -> tuple[torch.nn.Module, TextTokenizer, GenerationDefaults]:
     """(model in eval mode, tokenizer, generation defaults) of a run folder, HF folder or
     quantized folder. ``checkpoint`` ("last", "best" or a step) applies to run folders only.
     ``check_memory`` refuses a model bigger than the memory available; ``check_finite`` refuses
     NaN/inf weights. ``quantize`` (8, 4 or a ``moekit.quant.QuantConfig``) quantizes at load;
-    ``reference`` runs int4 without torch's kernel (``moekit.from_pretrained``)."""
+    ``reference`` runs int4 without torch's kernel (``moekit.from_pretrained``). ``offload``
+    (a ``moekit.offload.OffloadConfig``) streams the routed experts to its store one layer at
+    a time, never holding the whole model (``moekit.offload.stream``)."""
     folder = Path(path)
     kind = folder_kind(folder)
     dtype = parse_dtype(dtype)
     tokenizer = load_tokenizer(folder)
     try:
-        if kind == "run":
-            from moekit.training.run import load_run
+        model = None
+        if offload is not None:
+            from moekit.offload.stream import load_offloaded
 
-            model = load_run(folder, checkpoint, device=device or "cpu", check_memory=check_memory,
-                             check_finite=check_finite).model
-            if dtype is not None:
-                model = model.to(dtype)
-            if quantize is not None:
-                from moekit.quant.convert import QuantConfig, quantize_at_load
+            model = load_offloaded(folder, kind, offload, dtype, device, checkpoint=checkpoint,
+                                   check_memory=check_memory, check_finite=check_finite, quantize=quantize,
+                                   reference=reference)
+        if model is None:
+            model = _load_whole(folder, kind, dtype, device, checkpoint, check_memory, check_finite, quantize, reference)
+            if offload is not None:  # a LoRA run or a sharded checkpoint (load_offloaded said so): offload after
+                from moekit.offload.runtime import offload_model
 
-                quantize_at_load(model, QuantConfig(bits=quantize, reference=reference)
-                                 if isinstance(quantize, int) else quantize)
-        else:
-            from moekit.interop import from_pretrained
-
-            model = from_pretrained(folder, dtype=dtype, device=device, check_memory=check_memory,
-                                    check_finite=check_finite, quantize=quantize, reference=reference)
+                offload_model(model, offload)
     except ValueError as e:  # interop reports unsupported configs and bad files as ValueError
         raise UsageError(" ".join(str(e).split())) from None
     return model.eval(), tokenizer, load_generation_defaults(folder, tokenizer)
+
+
+def _load_whole(folder: Path, kind: str, dtype, device, checkpoint, check_memory: bool, check_finite: bool,
+                quantize, reference: bool) -> torch.nn.Module:
+    if kind == "run":
+        from moekit.training.run import load_run
+
+        model = load_run(folder, checkpoint, device=device or "cpu", check_memory=check_memory,
+                         check_finite=check_finite).model
+        if dtype is not None:
+            model = model.to(dtype)
+        if quantize is not None:
+            from moekit.quant.convert import QuantConfig, quantize_at_load
+
+            quantize_at_load(model, QuantConfig(bits=quantize, reference=reference)
+                             if isinstance(quantize, int) else quantize)
+        return model
+    from moekit.interop import from_pretrained
+
+    return from_pretrained(folder, dtype=dtype, device=device, check_memory=check_memory,
+                           check_finite=check_finite, quantize=quantize, reference=reference)
 
 
 __all__ = ["load_for_inference", "folder_kind", "parse_dtype", "DTYPE_NAMES"]

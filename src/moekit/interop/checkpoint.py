@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -25,6 +26,8 @@ from moekit.fileio import atomic_path, atomic_write_json
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+READ_DTYPES = {**DTYPES, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
+               "I64": torch.int64, "BOOL": torch.bool}  # what ``get`` reads with pread
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,10 @@ class Entry:
 class Checkpoint:
     """The tensors of a Hugging Face model folder, opened lazily. Use as a context manager."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, pread: bool = False):
         self.folder = Path(folder)
+        self.pread = pread  # read tensors with pread, not through the memory map (``get``)
+        self._fds: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {}
         self.index_file, files, self.claimed = self._locate()
         self._stack = contextlib.ExitStack()
         self._handles: dict[str, Any] = {}
@@ -84,6 +89,9 @@ class Checkpoint:
 
     def __exit__(self, *exc) -> None:
         self._stack.close()
+        for fd, _ in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def where(self, name: str) -> str:
         """Where ``name`` should be, for messages: its shard, or the index/file that lacks it."""
@@ -96,7 +104,32 @@ class Checkpoint:
 
     def get(self, name: str) -> torch.Tensor:
         entry = self.entries[name]
+        if self.pread:
+            return self._pread(name, entry)
         return self._handles[entry.file].get_tensor(name)
+
+    def _pread(self, name: str, entry: Entry) -> torch.Tensor:
+        """The tensor read with ``pread`` into memory of its own. Why: the pages of a file map
+        that were read count in this process's RSS until the map is closed, so streaming a
+        checkpoint bigger than RAM through safetensors' map would show all of it as RSS
+        (``moekit.offload.stream``); a read leaves them in the kernel's page cache instead."""
+        from moekit.offload.store import _pread_exact, _safetensors_offsets
+
+        if entry.file not in self._fds:
+            path = self.folder / entry.file
+            fd = os.open(path, os.O_RDONLY)
+            self._fds[entry.file] = fd, _safetensors_offsets(fd, path)
+        fd, offsets = self._fds[entry.file]
+        start, end = offsets[name]
+        dtype = READ_DTYPES.get(entry.dtype)
+        if dtype is None:
+            raise ModelFolderError(f"tensor {name!r} in {entry.file} has dtype {entry.dtype}, which moekit does not read")
+        out = torch.empty(entry.shape, dtype=dtype)
+        if end - start != out.numel() * dtype.itemsize:
+            raise ModelFolderError(f"tensor {name!r} in {entry.file}: {end - start} bytes for shape {list(entry.shape)}")
+        if end > start:
+            _pread_exact(fd, out.view(-1).view(torch.uint8).numpy(), start)
+        return out
 
 
 def _check_inside(file, index: Path) -> None:

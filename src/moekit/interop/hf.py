@@ -42,7 +42,7 @@ def read_hf_config(folder: Path) -> HFConfig:
 
 def from_pretrained(
     path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None, *,
-    check_memory: bool = True, check_finite: bool = True, quantize=None, reference: bool = False,
+    check_memory: bool = True, check_finite: bool = True, quantize=None, reference: bool = False, offload=None,
 ) -> MoETransformer:
     """Load a local Hugging Face model folder into a ``MoETransformer`` (in eval mode, as
     transformers returns it). ``dtype`` None keeps the checkpoint's dtype (that of its embedding).
@@ -54,7 +54,17 @@ def from_pretrained(
     ``quantize`` (8, 4 or a ``moekit.quant.QuantConfig``) quantizes the experts at load; a folder
     written by ``moekit quantize`` loads quantized as it is. ``reference`` runs int4 through the
     dequantize-then-matmul reference, for a torch that lacks the int4 kernel.
+
+    ``offload`` (a ``moekit.offload.OffloadConfig``) streams the routed experts into its store
+    one layer at a time (quantized as they go with ``quantize``), so a model bigger than memory
+    loads: only the rest and one layer's experts are ever held (``moekit.offload.stream``).
     """
+    if offload is not None:
+        from moekit.offload.stream import load_offloaded
+
+        kind = "quantized" if "quantization" in read_hf_config(Path(path)) else "hf"
+        return load_offloaded(path, kind, offload, dtype, device, check_memory=check_memory,
+                              check_finite=check_finite, quantize=quantize, reference=reference)
     model = _load(Path(path), dtype, device, check_memory, check_finite, reference)
     if quantize is not None:
         from moekit.quant.convert import QuantConfig, quantize_at_load
@@ -160,15 +170,20 @@ def _materialize(meta: MoETransformer, dtype: torch.dtype, device: torch.device)
 def _copy(model: MoETransformer, plan: dict[str, list[Piece]], ckpt: Checkpoint, check_finite: bool = True) -> None:
     state = model.state_dict(keep_vars=True)
     for name, pieces in plan.items():
-        target = state[name]
-        for piece in pieces:
-            dst = target if piece.index == WHOLE else target[piece.index]
-            src = ckpt.get(piece.hf)
-            if check_finite and not bool(torch.isfinite(src).all()):
-                bad = int((~torch.isfinite(src)).sum())
-                raise ModelFolderError(f"tensor {piece.hf!r} in {ckpt.where(piece.hf)} holds {bad} NaN/inf value(s); "
-                                       "nothing was returned (check_finite=False loads it anyway)")
-            dst.copy_(piece.transform.to_moekit(src))
+        copy_pieces(state[name], pieces, ckpt, check_finite)
+
+
+@torch.no_grad()
+def copy_pieces(target: torch.Tensor, pieces: list[Piece], ckpt: Checkpoint, check_finite: bool = True) -> None:
+    """Fill ``target`` (one moekit tensor) from its checkpoint pieces, one tensor read at a time."""
+    for piece in pieces:
+        dst = target if piece.index == WHOLE else target[piece.index]
+        src = ckpt.get(piece.hf)
+        if check_finite and not bool(torch.isfinite(src).all()):
+            bad = int((~torch.isfinite(src)).sum())
+            raise ModelFolderError(f"tensor {piece.hf!r} in {ckpt.where(piece.hf)} holds {bad} NaN/inf value(s); "
+                                   "nothing was returned (check_finite=False loads it anyway)")
+        dst.copy_(piece.transform.to_moekit(src))
 
 
 __all__ = ["from_pretrained", "save_pretrained", "read_hf_config"]

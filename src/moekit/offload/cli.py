@@ -52,21 +52,27 @@ def offload_config(args):
 
 
 def apply_offload(model, cfg, quiet: bool = False):
-    """Offload the loaded model's experts per ``cfg`` (None: nothing) -> runtime or None."""
+    """Offload an already loaded model's experts per ``cfg`` (None: nothing) -> runtime or None.
+    The commands stream instead (``load_for_inference(offload=)``); this is for a model in hand."""
     if cfg is None:
         return None
-    import sys
-
     from moekit.offload.runtime import offload_model
 
     rt = offload_model(model, cfg)
     if not quiet:
-        s = rt.summary()
-        print(f"moekit: experts offloaded to {cfg.store}: {s['slots_per_layer']} of "
-              f"{rt.store.num_experts[next(iter(rt.caches))]} experts cached per MoE layer "
-              f"({s['expert_bytes'] / 1e6:.3g} MB each, {s['layers']} layers), policy {cfg.policy}, "
-              f"prefetch {'on' if cfg.prefetch else 'off'}, on miss {cfg.on_miss}", file=sys.stderr)
+        report_offload(rt)
     return rt
 
 
-__all__ = ["offload_args", "offload_config", "apply_offload"]
+def report_offload(rt) -> None:
+    """One stderr line: where the experts are and how many each layer's cache holds."""
+    import sys
+
+    s, cfg = rt.summary(), rt.cfg
+    print(f"moekit: experts offloaded to {cfg.store}: {s['slots_per_layer']} of "
+          f"{rt.store.num_experts[next(iter(rt.caches))]} experts cached per MoE layer "
+          f"({s['expert_bytes'] / 1e6:.3g} MB each, {s['layers']} layers), policy {cfg.policy}, "
+          f"prefetch {'on' if cfg.prefetch else 'off'}, on miss {cfg.on_miss}", file=sys.stderr)
+
+
+__all__ = ["offload_args", "offload_config", "apply_offload", "report_offload"]

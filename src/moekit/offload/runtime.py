@@ -136,13 +136,26 @@ def offload_model(model: nn.Module, cfg: OffloadConfig) -> OffloadRuntime:
     if getattr(model, "offload", None) is not None:
         raise ValueError("this model's experts are already offloaded")
     templates = {i: b.ffn.experts for i, b in blocks.items()}
-    for t in templates.values():
-        require_plain_ffn(t, "expert offload")
-    builders_check = {i: view_builder(t, None) for i, t in templates.items()}  # refuse unknown kinds early
-    del builders_check
+    check_templates(templates)
     states = {i: dict(t.state_dict()) for i, t in templates.items()}
     store, tmp = _make_store(cfg, states)
     del states
+    return attach(model, cfg, store, tmp, templates)
+
+
+def check_templates(templates: dict[int, nn.Module]) -> None:
+    """Refuse expert kinds that cannot be offloaded before anything is written."""
+    for t in templates.values():
+        require_plain_ffn(t, "expert offload")
+        view_builder(t, None)
+
+
+def attach(model: nn.Module, cfg: OffloadConfig, store: ExpertStore, tmp: tempfile.TemporaryDirectory | None,
+           templates: dict[int, nn.Module]) -> OffloadRuntime:
+    """Put an ``OffloadedExperts`` over a new ``LayerCache`` in each MoE block of ``templates``
+    (layer -> a provider of the experts' kind; only its metadata is read, so it may be on the
+    meta device), caches on the model's device; returns the runtime, also ``model.offload``."""
+    blocks = moe_blocks(model)
     device = next(model.parameters()).device
     slot_bytes = max(l.slot_bytes for l in store.layouts.values())
     capacity = slots_per_layer(cfg, slot_bytes, len(blocks), max(store.num_experts.values()))
@@ -153,7 +166,7 @@ def offload_model(model: nn.Module, cfg: OffloadConfig) -> OffloadRuntime:
         provider.cache = caches[i] = LayerCache(i, store, min(capacity, store.num_experts[i]), cfg.policy, device,
                                                 view_builder(templates[i], provider.scratch), cfg.on_miss, executor)
         block.ffn.experts = provider  # the in-memory experts go with the last reference to them
-    del templates
+    templates.clear()
     prefetcher = Prefetcher(model.blocks, caches) if cfg.prefetch else None
     model.offload = OffloadRuntime(cfg, store, caches, executor, prefetcher, tmp)
     return model.offload
@@ -176,4 +189,5 @@ def _make_store(cfg: OffloadConfig, states: dict) -> tuple[ExpertStore, tempfile
     return DiskStore(folder), tmp
 
 
-__all__ = ["OffloadConfig", "OffloadRuntime", "offload_model", "slots_per_layer", "moe_blocks", "STORES"]
+__all__ = ["OffloadConfig", "OffloadRuntime", "offload_model", "attach", "check_templates", "slots_per_layer",
+           "moe_blocks", "STORES"]

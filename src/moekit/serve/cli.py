@@ -12,7 +12,7 @@ from pathlib import Path
 from moekit.argtypes import IntArg, positive_int
 from moekit.errors import UsageError
 from moekit.inference.cli import loading_args
-from moekit.offload.cli import apply_offload, offload_args, offload_config
+from moekit.offload.cli import offload_args, offload_config, report_offload
 from moekit.quant.cli import add_load_args, quant_config
 
 
@@ -75,15 +75,22 @@ def cmd_serve(args) -> int:
     qcfg = quant_config(args)
     if qcfg is not None:
         qcfg.check_supported()  # before minutes of loading
-    model, tokenizer, defaults = load_for_inference(args.model, args.dtype, args.device, check_memory=not args.force,
-                                                    check_finite=not args.no_check_finite, reference=args.reference)
-    if qcfg is not None:  # quantize at load (a folder written by `moekit quantize` loads quantized as it is)
-        from moekit.quant.convert import quantize_at_load
+    if offload is not None:  # experts streamed to the store layer by layer, quantized as they go
+        model, tokenizer, defaults = load_for_inference(
+            args.model, args.dtype, args.device, check_memory=not args.force, check_finite=not args.no_check_finite,
+            quantize=qcfg, reference=args.reference, offload=offload)
+        report_offload(model.offload)
+    else:
+        model, tokenizer, defaults = load_for_inference(args.model, args.dtype, args.device,
+                                                        check_memory=not args.force,
+                                                        check_finite=not args.no_check_finite,
+                                                        reference=args.reference)
+        if qcfg is not None:  # quantize at load (a folder written by `moekit quantize` loads quantized as it is)
+            from moekit.quant.convert import quantize_at_load
 
-        cov = quantize_at_load(model, qcfg)
-        if cov is not None:
-            print(cov.format(), file=sys.stderr)
-    apply_offload(model, offload)  # after quantizing: the store holds the int8/int4 experts
+            cov = quantize_at_load(model, qcfg)
+            if cov is not None:
+                print(cov.format(), file=sys.stderr)
     name = args.served_model_name or Path(args.model).resolve().name
     state = build_state(model, tokenizer, defaults, name, args.max_batch, args.max_waiting,
                         args.max_tokens_per_step, args.api_key)
