@@ -78,3 +78,30 @@ def test_serve_stats_report_the_expert_cache(folder):
     model.offload.close()
     assert o["hits"] + o["misses"] > 0 and o["misses"] > 0 and o["prefetch"] is True
     assert o["bytes_per_token"] > 0 and o["slots_per_layer"] == 2
+
+
+def test_max_memory_derives_the_cache_from_the_total(folder, capsys):
+    """--max-memory = non-expert weights + full-context KV cache + expert cache: a total with
+    room for 2 slots per layer gives 2 slots, and the same tokens as in memory."""
+    from moekit.layers.kv_cache import KVCache
+    from moekit.offload.budget import kv_bytes, resident_bytes
+
+    model, _, _ = load_for_inference(folder)
+    kv = kv_bytes(model.cfg, 1, torch.float32)
+    assert kv == KVCache(model.cfg, 1).nbytes  # what generate and chat allocate at most
+    total = resident_bytes(model) + kv + 2 * 2 * 49152 + 4 * 64 + 1000
+    ref, _ = _generate(folder, capsys)
+    rec, err = _generate(folder, capsys, "--max-memory", f"{total / 1e9:.9f}", "--no-prefetch")
+    assert rec["output_ids"] == ref["output_ids"] and rec["offload"]["slots_per_layer"] == 2
+    assert f"--max-memory {total / 1e9:.9g} leaves" in err
+    assert rec["offload"]["cache_allocated_bytes"] <= total - resident_bytes(model) - kv
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-memory", "0.0001"], "--max-memory 0.0001 does not fit the resident part: non-expert weights"),
+    (["--max-memory", "1", "--expert-cache-gb", "0.5"], "--expert-cache-gb and --max-memory both size the expert cache"),
+])
+def test_bad_max_memory_is_one_line_exit_2(folder, capsys, extra, message):
+    assert main(["generate", str(folder), "--prompt", PROMPT, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -202,3 +202,20 @@ def test_streamed_load_peak_rss_stays_near_one_layer_not_the_model(tmp_path):
     assert whole > experts  # the in-memory load holds every expert
     assert streamed < whole - 0.6 * experts, (streamed, whole, experts)
     assert streamed < 5 * layer + budget * 1e9 + 8e6, (streamed, layer)  # the rest is ~4 MB
+
+
+def test_max_memory_gives_the_same_cache_streamed_and_in_memory(tmp_path):
+    from moekit.offload.budget import kv_bytes, resident_bytes
+
+    folder = _hf_folder(tmp_path, "qwen3_moe")
+    ref = from_pretrained(folder, dtype=torch.bfloat16)
+    total = (resident_bytes(ref) + kv_bytes(ref.cfg, 3, torch.bfloat16) + 2.5 * _one_slot(ref) * 1e9) / 1e9
+    cfg = OffloadConfig(max_memory_gb=total, kv_sequences=3, prefetch=False)
+    streamed = from_pretrained(folder, dtype=torch.bfloat16, offload=cfg)
+    rt = offload_model(ref, cfg)
+    try:
+        assert streamed.offload.cfg.cache_gb == pytest.approx(rt.cfg.cache_gb)
+        assert {c.capacity for c in rt.caches.values()} == {c.capacity for c in streamed.offload.caches.values()} == {2}
+    finally:
+        rt.close()
+        streamed.offload.close()

@@ -40,7 +40,11 @@ STORES = ("disk", "ram")
 
 @dataclass(frozen=True)
 class OffloadConfig:
-    cache_gb: float  # the fast tier's budget for expert slots, all MoE layers together (1 GB = 1e9 B)
+    cache_gb: float | None = None  # the fast tier's budget for expert slots, all MoE layers together (1 GB = 1e9 B)
+    # or a total: non-expert weights + KV cache for the full context + the expert cache, which
+    # gets what is left (``budget.py``, which then sets cache_gb to that and keeps this for the record)
+    max_memory_gb: float | None = None
+    kv_sequences: int = 1  # sequences whose full-context KV cache max_memory_gb reserves (serve: --max-batch)
     policy: str = "lru"  # eviction: lru (mixtral-offloading) or lfu (MoE-Infinity's frequency idea)
     prefetch: bool = True  # load the next layer's guessed experts on a background thread
     on_miss: str = "load"  # load: bring the expert into the cache; compute: run it where it lives (Fiddler)
@@ -49,8 +53,15 @@ class OffloadConfig:
     reuse_store: bool = False  # store_dir already holds this model's experts: read them, write nothing
 
     def __post_init__(self):
-        if not isinstance(self.cache_gb, (int, float)) or not self.cache_gb > 0:
-            raise ConfigError(f"expert cache size must be a positive number of GB; got {self.cache_gb!r}")
+        if self.cache_gb is None and self.max_memory_gb is None:
+            raise ConfigError("give the expert cache size (cache_gb, --expert-cache-gb) or the total memory "
+                              "(max_memory_gb, --max-memory)")
+        for name in ("cache_gb", "max_memory_gb"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or not v > 0):
+                raise ConfigError(f"{name} must be a positive number of GB; got {v!r}")
+        if not isinstance(self.kv_sequences, int) or self.kv_sequences < 1:
+            raise ConfigError(f"kv_sequences must be a positive integer; got {self.kv_sequences!r}")
         check_choice("cache policy", self.policy, tuple(POLICIES))
         check_choice("on_miss", self.on_miss, ON_MISS)
         check_choice("store", self.store, STORES)
@@ -59,6 +70,8 @@ class OffloadConfig:
 
     @property
     def budget_bytes(self) -> int:
+        if self.cache_gb is None:
+            raise ValueError("the expert cache size is not known yet: resolve max_memory_gb first (offload.budget)")
         return int(self.cache_gb * 1e9)
 
     def to_dict(self) -> dict:
@@ -121,6 +134,10 @@ def slots_per_layer(cfg: OffloadConfig, slot_bytes: int, num_layers: int, num_ex
     slots = cfg.budget_bytes // (slot_bytes * num_layers)
     if slots < 1:
         need = slot_bytes * num_layers / 1e9
+        if cfg.max_memory_gb is not None:
+            raise UsageError(f"--max-memory {cfg.max_memory_gb:g} leaves {cfg.cache_gb:.3g} GB for experts, which holds "
+                             f"no expert per MoE layer: one expert takes {slot_bytes / 1e6:.3g} MB and there are "
+                             f"{num_layers} MoE layers; give at least {cfg.max_memory_gb - cfg.cache_gb + need:.3g}")
         raise UsageError(f"--expert-cache-gb {cfg.cache_gb:g} holds no expert per MoE layer: one expert takes "
                          f"{slot_bytes / 1e6:.3g} MB and there are {num_layers} MoE layers; give at least {need:.3g}")
     return min(slots, num_experts)
@@ -137,6 +154,10 @@ def offload_model(model: nn.Module, cfg: OffloadConfig) -> OffloadRuntime:
         raise ValueError("this model's experts are already offloaded")
     templates = {i: b.ffn.experts for i, b in blocks.items()}
     check_templates(templates)
+    if cfg.cache_gb is None:  # --max-memory: the cache gets what the resident part leaves
+        from moekit.offload.budget import resolve_budget, resident_bytes
+
+        cfg = resolve_budget(cfg, model.cfg, resident_bytes(model), next(model.parameters()).dtype)
     states = {i: dict(t.state_dict()) for i, t in templates.items()}
     store, tmp = _make_store(cfg, states)
     del states

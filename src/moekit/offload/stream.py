@@ -36,10 +36,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moekit.errors import ConfigError, UsageError
+from moekit.errors import ConfigError
 from moekit.interop.checkpoint import Checkpoint
 from moekit.interop.names import Piece
 from moekit.model import MoETransformer
+from moekit.offload.budget import resident_bytes, resolve_budget
 from moekit.offload.runtime import OffloadConfig, attach, check_templates, moe_blocks, slots_per_layer
 from moekit.offload.store import DiskStore, ExpertLayout, RamStore, check_matches, write_layer, write_manifest
 from moekit.quant.convert import QuantConfig, quantize_model
@@ -57,6 +58,7 @@ class _Source:
     ckpt: Checkpoint
     plan: dict[str, list[Piece]]
     dtype: torch.dtype  # the experts' float dtype
+    rest_dtype: torch.dtype  # the non-expert weights' (and so the KV cache's) dtype
     quantization: QuantConfig | None = None  # the folder's own (a `moekit quantize` folder)
 
     def expert_state(self, layer: int, check_finite: bool) -> dict[str, torch.Tensor]:
@@ -97,7 +99,8 @@ class _HFSource(_Source):
             self.meta = MoETransformer(self.cfg)
         self.ckpt = Checkpoint(folder, pread=True)
         self.plan = _plan_load(_shapes(self.meta), self.cfg, family, self.hf, self.ckpt)
-        self.dtype = dtype or DTYPES[self.ckpt.entries[family.prefix + "model.embed_tokens.weight"].dtype]
+        embed = self.ckpt.entries[family.prefix + "model.embed_tokens.weight"]
+        self.dtype = self.rest_dtype = dtype or DTYPES[embed.dtype]
 
     def materialize_rest(self, device, check_finite):
         from moekit.interop.hf import _copy, _materialize
@@ -124,7 +127,7 @@ class _RunSource(_Source):
         check_shapes(checkpoint, want, have, absent_ok=lambda n: tied and n == "lm_head.weight")
         self.plan = {n: [Piece(n)] for n in want if n in have}
         self.cast = dtype
-        self.dtype = dtype or torch.float32
+        self.dtype = self.rest_dtype = dtype or torch.float32
 
     def materialize_rest(self, device, check_finite):
         from moekit.interop.hf import _copy, _materialize
@@ -160,6 +163,7 @@ class _QuantizedSource(_Source):
         first = f"blocks.{next(iter(moe_blocks(self.meta)))}.ffn.experts"
         stored = self.ckpt.entries[f"{first}.w_in.scale" if first in self.qplan.twins else f"{first}.w_in"]
         self.dtype = dtype or DTYPES[stored.dtype]  # the scales' (or float experts') dtype, which the template copies
+        self.rest_dtype = dtype or DTYPES[self.ckpt.entries["embed.weight"].dtype]
 
     def expert_state(self, layer, check_finite):
         from moekit.quant.checkpoint import _build_twin, _cast_floats
@@ -215,6 +219,7 @@ def load_offloaded(folder: str | Path, kind: str, ocfg: OffloadConfig, dtype: to
         qcfg = _effective_quant(source, qcfg, device)
         templates = _templates(source, qcfg)  # the meta experts leave the meta model: nothing allocates them
         check_templates(templates)
+        ocfg = resolve_budget(ocfg, source.meta.cfg, resident_bytes(source.meta, source.rest_dtype), source.rest_dtype)
         layouts = {i: ExpertLayout.of(dict(t.state_dict())) for i, t in templates.items()}
         slots_per_layer(ocfg, max(l.slot_bytes for l in layouts.values()), len(layouts),
                         max(t.num_experts for t in templates.values()))  # a budget too small fails before any work
@@ -344,15 +349,6 @@ def _quantize_rest(model: MoETransformer, qcfg: QuantConfig | None, source: _Sou
     model.quantization = qcfg
 
 
-def resident_bytes(model: nn.Module, dtype: torch.dtype) -> int:
-    """Bytes of a meta model's tensors other than the routed experts, in ``dtype`` (routers fp32)."""
-    total = 0
-    for name, t in model.state_dict().items():
-        if not _EXPERTS.fullmatch(name) and not (model.cfg.tie_embeddings and name == "lm_head.weight"):
-            total += t.numel() * (4 if ".ffn.router." in name or not t.is_floating_point() else dtype.itemsize)
-    return total
-
-
 def _check_room(source: _Source, layouts: dict, ocfg: OffloadConfig, device: torch.device, check: bool,
                 what: str) -> None:
     """The non-expert weights, one layer's experts while it is written and the cache must fit
@@ -365,7 +361,7 @@ def _check_room(source: _Source, layouts: dict, ocfg: OffloadConfig, device: tor
     if avail is None:
         return
     layer = max(l.expert_bytes * source.meta.cfg.moe.num_experts for l in layouts.values())
-    need = resident_bytes(source.meta, source.dtype) + layer + ocfg.budget_bytes
+    need = resident_bytes(source.meta, source.rest_dtype) + layer + ocfg.budget_bytes
     if need * HEADROOM > avail:
         raise InsufficientMemoryError(
             f"{what} with offloaded experts needs at least {need / 1e9:.2f} GB (non-expert weights, one layer's "
@@ -379,4 +375,4 @@ def _progress(done: int, total: int) -> None:
               file=sys.stderr, flush=True)
 
 
-__all__ = ["load_offloaded", "resident_bytes", "NOT_STREAMED"]
+__all__ = ["load_offloaded", "NOT_STREAMED"]

@@ -71,7 +71,7 @@ def cmd_serve(args) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    offload = offload_config(args)
+    offload = offload_config(args, kv_sequences=args.max_batch)  # --max-memory reserves each slot's KV cache
     qcfg = quant_config(args)
     if qcfg is not None:
         qcfg.check_supported()  # before minutes of loading
