@@ -112,3 +112,31 @@ def test_unknown_policy_names_the_known_ones():
         make_policy("fifo")
     with pytest.raises(ValueError, match="capacity"):
         replay("lru", -1, [])
+
+
+def test_prefetch_guesses_come_in_router_rank_order_not_by_expert_id():
+    """One decode token's guesses load most likely first, as the planner replays them; over
+    several tokens the most chosen expert leads."""
+    import torch
+
+    import moekit
+    from moekit.offload.prefetch import guess_experts
+
+    torch.manual_seed(0)
+    moe = moekit.MoEConfig(d_model=32, d_expert=16, num_experts=8, top_k=3)
+    model = moekit.MoETransformer(moekit.ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48,
+                                                     moe=moe)).eval()
+    block = model.blocks[1]
+    h = torch.randn(40, 1, 1, 32)
+    with torch.no_grad():
+        ids = [block.ffn.router(block.ffn_norm(x).reshape(1, 32)).ids[0].tolist() for x in h]
+    unsorted = [i for i, r in enumerate(ids) if r != sorted(r)]
+    assert unsorted  # random tokens whose top-k is not in id order
+    for i in unsorted[:5]:
+        assert guess_experts(block, h[i], limit=8) == ids[i]
+    assert guess_experts(block, h[unsorted[0]], limit=2) == ids[unsorted[0]][:2]
+    both = torch.cat([h[unsorted[0]], h[unsorted[0]], h[unsorted[1]]], dim=1)  # [1, 3, D]
+    first = guess_experts(block, both, limit=8)
+    a, b = ids[unsorted[0]], ids[unsorted[1]]
+    counts = [2 * a.count(e) + b.count(e) for e in first]
+    assert set(first) == set(a) | set(b) and counts == sorted(counts, reverse=True)  # most chosen first
