@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from moekit.bench.offload import cache_accesses, predicted_hits
 from moekit.cli import main
 
@@ -20,6 +22,15 @@ def test_bench_offload_quick_reports_sane_fields(tmp_path, capsys):
     # without prefetch the cache makes exactly the replay's decisions
     assert abs(rep["hit_rate_no_prefetch"] - rep["hit_rate_replay"]) < 1e-9
     assert rep["peak_rss_over_start"]["memory"] > 0 and rep["meta"]["load_avg_start"]
+    # the planner on a `moekit trace` of the same tokens, and its error against the measured rates
+    assert "planner (moekit trace of the same tokens" in text
+    for k in ("hit_rate_planner", "hit_rate_planner_prefetch"):
+        assert 0 <= rep[k] <= 1
+    assert rep["planner_error_points"] == pytest.approx(100 * abs(rep["hit_rate_no_prefetch"] - rep["hit_rate_planner"]))
+    assert rep["planner_error_points_prefetch"] == pytest.approx(100 * abs(rep["hit_rate"] - rep["hit_rate_planner_prefetch"]))
+    # the offloaded runs streamed the model: their load holds far less than every expert
+    load = rep["load_peak_rss_over_start"]
+    assert set(load) == set(rep["decode_tokens_per_s"]) and all(v > 0 for v in rep["load_seconds"].values())
 
 
 def test_replay_counts_the_decode_accesses_of_a_warmed_cache():

@@ -217,3 +217,31 @@ def test_plan_rows_reports_progress_after_each_replay():
                      progress=lambda done, total, label: seen.append((done, total, label)))
     assert [r["policy"] for r in rows] == ["lru", "belady", "lru+prefetch"] * 2
     assert seen[0] == (1, 6, "lru with 2 experts per layer") and seen[-1][:2] == (6, 6)
+
+
+def test_warmup_tokens_fill_the_cache_and_are_not_counted():
+    """A prompt's tokens warm the caches (the prefill before a decode) and only the later
+    tokens count: the same numbers as driving the policy over the warm-up, then counting."""
+    from moekit.offload.policies import make_policy, replay
+
+    rng = np.random.default_rng(3)
+    experts = _random_routing(rng)
+    L, T, K = experts.shape
+    trace, w = _trace(experts), T // 3
+    for policy in ("lru", "lfu"):
+        for capacity in (1, 3, 5):
+            hits = 0
+            for layer in experts:
+                p = make_policy(policy)
+                replay(p, capacity, layer[:w].reshape(-1).tolist())
+                hits += replay(p, capacity, layer[w:].reshape(-1).tolist()).hits
+            r = simulate(trace, capacity, policy, warmup=w)
+            assert (r.hits, r.accesses, r.tokens) == (hits, L * (T - w) * K, T - w)
+    perfect = experts.copy()
+    perfect[0] = NO_GUESS
+    r = simulate(_trace(experts, perfect), K, "lru", prefetch=True, warmup=w)
+    cold_first = simulate(_trace(experts[:1]), K, "lru", warmup=w)
+    assert r.hits == cold_first.hits + (L - 1) * (T - w) * K and r.prefetch_useful == r.prefetch_loads
+    assert simulate(trace, 2, "belady", warmup=w).accesses == L * (T - w) * K
+    with pytest.raises(ValueError, match="warmup"):
+        simulate(trace, 2, "lru", warmup=T)

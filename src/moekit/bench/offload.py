@@ -2,19 +2,21 @@
 on a random MoE whose experts are several times the cache budget.
 
 Plan:
-  1. Write a random MoE to a temporary folder: its non-expert weights (one safetensors file)
-     and its experts as an expert store, one layer at a time, so this process never holds
-     more than one layer's experts.
-  2. Alternate fresh child processes (so each peak RSS is one run's own): ``memory`` reads
-     every expert into RAM; ``offload`` attaches the store behind an expert cache of
-     ``--budget-gb`` (``moekit.offload``). Each prefills the same random prompt, decodes
-     ``--new-tokens`` by sampling at temperature 1 with a fixed seed (greedy decoding of a
-     random model repeats one token, which one cache slot would serve), and reports decode tokens/s, its RSS before loading and its
-     peak RSS, the cache counters over the decode steps, and the routing of every forward.
+  1. Write a random MoE as a Hugging Face (Mixtral) folder in a temporary folder.
+  2. Alternate fresh child processes (so each peak RSS is one run's own): ``memory`` loads the
+     whole model (``from_pretrained``); ``offload`` streams it (``from_pretrained(offload=)``:
+     the experts go to a disk store one layer at a time, behind an expert cache of
+     ``--budget-gb``); ``offload_noprefetch`` likewise without prefetch. Each records the
+     load's peak RSS and time, prefills the same random prompt, decodes ``--new-tokens`` by
+     sampling at temperature 1 with a fixed seed (greedy decoding of a random model repeats
+     one token, which one cache slot would serve), and reports decode tokens/s, its peak RSS,
+     the cache counters over the decode steps and the routing of every forward. The first
+     ``memory`` run also records a ``moekit trace`` of the same tokens (prompt and output).
   3. Medians over ``--repeats``; the offloaded peak RSS (over the RSS before loading) against
      budget + non-expert weights + KV cache (+10 %); the measured decode hit rate against the
-     replay of the same routing through the same policy and capacity (``policies.replay``),
-     which is what a planner predicts without prefetch.
+     planner (``offload.planner.simulate`` on the trace, the prompt as warm-up, with and
+     without prefetch: the prediction error in points, target 5) and against the replay of
+     the run's own routing (``policies.replay``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import torch
 
 from moekit.config import ModelConfig, MoEConfig
 
-NON_EXPERT = "non_expert.safetensors"
+ARCHITECTURE = "MixtralForCausalLM"
+TRACE = "trace.safetensors"  # the first memory run's ``moekit trace`` of its prompt and output
 
 
 def bench_config(size_gb: float, quick: bool = False) -> ModelConfig:
@@ -49,32 +52,18 @@ def bench_config(size_gb: float, quick: bool = False) -> ModelConfig:
 
 @torch.no_grad()
 def write_random_moe(cfg: ModelConfig, folder: Path, seed: int = 0) -> dict:
-    """Non-expert weights + expert store of a random MoE in ``folder``; returns their sizes."""
-    from safetensors.torch import save_file
-
-    from moekit.model import MoETransformer
-    from moekit.offload.store import ExpertLayout, write_layer, write_manifest
-
+    """A random MoE as a Hugging Face Mixtral folder in ``folder``; returns its sizes."""
     torch.manual_seed(seed)
     model = _empty_model(cfg)
-    non_expert = {n: p for n, p in model.state_dict().items() if ".experts." not in n}
-    for name, t in non_expert.items():
+    sizes = {"non_expert_bytes": 0, "expert_bytes_total": 0}
+    for name, t in model.state_dict().items():
         t.copy_(1 + 0.1 * torch.randn_like(t) if "norm" in name else 0.02 * torch.randn_like(t))
-    save_file({n: t.contiguous() for n, t in non_expert.items()}, str(folder / NON_EXPERT))
-    layouts, counts = {}, {}
-    for i, block in enumerate(model.blocks):
-        if block.is_moe:
-            state = {n: 0.02 * torch.randn(t.shape) for n, t in block.ffn.experts.state_dict().items()}
-            write_layer(folder, i, state)
-            layouts[i], counts[i] = ExpertLayout.of(state), cfg.moe.num_experts
-            del state
-    write_manifest(folder, layouts, counts)
-    (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
-    assert isinstance(model, MoETransformer)
-    expert_bytes = sum(l.expert_bytes * counts[i] for i, l in layouts.items())
-    return {"non_expert_bytes": sum(t.numel() * t.element_size() for t in non_expert.values()),
-            "expert_bytes_total": expert_bytes, "experts_per_layer": cfg.moe.num_experts,
-            "expert_bytes": next(iter(layouts.values())).expert_bytes, "moe_layers": len(layouts)}
+        sizes["expert_bytes_total" if ".experts." in name else "non_expert_bytes"] += t.numel() * t.element_size()
+    model.save_pretrained(folder, architecture=ARCHITECTURE, max_shard_size="1GB")
+    experts = model.moe_layers()[0].experts
+    one = sum(t[0].numel() * t.element_size() for t in experts.state_dict().values())
+    sizes.update(experts_per_layer=cfg.moe.num_experts, expert_bytes=one, moe_layers=len(model.moe_layers()))
+    return sizes
 
 
 def _empty_model(cfg: ModelConfig):
@@ -107,61 +96,60 @@ class ChildArgs:
 @torch.no_grad()
 def child(a: ChildArgs) -> dict:
     """One measured run in this (fresh) process; returns plain data."""
-    from safetensors.torch import load_file
-
     from moekit.inference.engine import Engine
     from moekit.inference.sampling import SamplingParams
-    from moekit.offload.runtime import OffloadConfig, offload_model
-    from moekit.offload.store import DiskStore
+    from moekit.interop import from_pretrained
+    from moekit.offload.runtime import OffloadConfig
 
     if a.threads:
         torch.set_num_threads(a.threads)
     folder = Path(a.folder)
+    _warm_imports()
     rss_before = _rss("VmRSS")
-    cfg = ModelConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    model = _empty_model(cfg)
-    model.load_state_dict(load_file(str(folder / NON_EXPERT)), strict=False)
-    rt = None
-    if a.mode == "memory":
-        _read_all_experts(model, DiskStore(folder))
-    else:
-        prefetch = a.prefetch and a.mode == "offload"
-        rt = offload_model(model, OffloadConfig(cache_gb=a.budget_gb, policy=a.policy, prefetch=prefetch,
-                                                store_dir=str(folder), reuse_store=True))
+    t0 = time.perf_counter()
+    offload = None
+    if a.mode != "memory":
+        offload = OffloadConfig(cache_gb=a.budget_gb, policy=a.policy, prefetch=a.prefetch and a.mode == "offload",
+                                store_dir=str(folder / f"store-{a.mode}"))
+    model = from_pretrained(folder, offload=offload)  # offloaded: streamed, one layer of experts at a time
+    load = {"load_seconds": time.perf_counter() - t0, "load_peak_rss": _peak_rss(), "rss_loaded": _rss("VmRSS")}
+    rt = getattr(model, "offload", None)
     trace = _record_routing(model)
     gen = torch.Generator().manual_seed(a.seed)
-    prompt = torch.randint(0, cfg.vocab_size, (a.prompt_len,), generator=gen).tolist()
+    prompt = torch.randint(0, model.cfg.vocab_size, (a.prompt_len,), generator=gen).tolist()
     engine = Engine(model, max_batch=1, max_len=a.prompt_len + a.new_tokens)
     seq = engine.add(prompt, SamplingParams(max_new_tokens=a.new_tokens, temperature=1.0, seed=a.seed))
     engine.step()  # the prefill
     prefill_forwards = len(trace[0])
     if rt is not None:
         rt.drain()
-        rt.reset_stats()
+        rt.reset_stats()  # the counters below are the decode steps' alone
     while not seq.finished:
         engine.step()
     out = {"mode": a.mode, "decode_tokens_per_s": engine.stats.decode_tokens / engine.stats.decode_seconds,
            "decode_tokens": engine.stats.decode_tokens, "rss_before": rss_before, "peak_rss": _peak_rss(),
-           "kv_bytes": engine.cache.nbytes,
+           "kv_bytes": engine.cache.nbytes, **load,
            "output_ids": seq.output_ids, "trace": trace, "prefill_forwards": prefill_forwards}
     if rt is not None:
         rt.drain()
-        out["offload"] = rt.summary(tokens=engine.stats.decode_tokens)
+        out["offload"] = rt.summary(tokens=engine.stats.decode_tokens)  # bytes per decode token
         rt.close()
+    elif not (folder / TRACE).exists():  # `moekit trace` of the tokens this run forwarded
+        from moekit.offload.trace import trace_tokens
+
+        trace_tokens(model, prompt + seq.output_ids[:-1], str(folder), "the bench's prompt and output").save(folder / TRACE)
     return out
 
 
-def _read_all_experts(model, store) -> None:
-    for i, block in enumerate(model.blocks):
-        if not block.is_moe:
-            continue
-        layout = store.layouts[i]
-        slot = torch.empty(layout.slot_bytes, dtype=torch.uint8)
-        params = dict(block.ffn.experts.named_parameters())
-        for e in range(store.num_experts[i]):
-            store.read_into(i, e, slot)
-            for name, t in layout.views(slot).items():
-                params[name][e].copy_(t[0])
+def _warm_imports() -> None:
+    """Build a tiny model on the meta device: the first one imports ~80 MB of torch modules,
+    which are the interpreter's, not the load's."""
+    from moekit.config import MoEConfig
+    from moekit.model import MoETransformer
+
+    with torch.device("meta"):
+        MoETransformer(ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=1, d_ff=8,
+                                   moe=MoEConfig(d_model=8, d_expert=8, num_experts=2, top_k=1)))
 
 
 def _record_routing(model) -> list[list[list[int]]]:
@@ -225,10 +213,22 @@ def run(folder: Path, sizes: dict, budget_gb: float, policy: str, prefetch: bool
                                                   new_tokens, threads)))
             progress(f"  repeat {r + 1}/{repeats} {mode}: {runs[mode][-1]['decode_tokens_per_s']:.2f} tok/s "
                      f"({time.perf_counter() - t0:.0f} s)")
-    return summarize(runs, sizes, budget_gb, policy)
+    return summarize(runs, sizes, budget_gb, policy, folder / TRACE, prompt_len)
 
 
-def summarize(runs: dict[str, list[dict]], sizes: dict, budget_gb: float, policy: str) -> dict:
+def planner_predictions(trace_path: Path, capacity: int, policy: str, warmup: int) -> dict:
+    """The planner on the trace of the run's tokens, the prompt as warm-up: decode hit rates
+    without and with prefetch, as ``moekit plan-offload`` computes them."""
+    from moekit.offload.planner import simulate
+    from moekit.offload.trace import load_trace
+
+    trace = load_trace(trace_path)
+    return {"hit_rate_planner": simulate(trace, capacity, policy, prefetch=False, warmup=warmup).hit_rate,
+            "hit_rate_planner_prefetch": simulate(trace, capacity, policy, prefetch=True, warmup=warmup).hit_rate}
+
+
+def summarize(runs: dict[str, list[dict]], sizes: dict, budget_gb: float, policy: str,
+              trace_path: Path | None = None, warmup: int = 0) -> dict:
     mem, off = runs["memory"], runs["offload"]
     plain = runs.get("offload_noprefetch", off)  # the runs without prefetch, which the replay models
     med = lambda rows, f: statistics.median(f(x) for x in rows)  # noqa: E731
@@ -244,7 +244,19 @@ def summarize(runs: dict[str, list[dict]], sizes: dict, budget_gb: float, policy
     # measured on the in-memory runs: peak over start - every weight - KV
     overhead = med(mem, lambda x: x["peak_rss"] - x["rss_before"]) - sizes["non_expert_bytes"] - \
         sizes["expert_bytes_total"] - mem[0]["kv_bytes"]
+    planner = planner_predictions(trace_path, cap, policy, warmup) if trace_path is not None else {}
+    errors = {}  # |measured - predicted| in points: the issue's target is 5
+    if planner:
+        errors["planner_error_points"] = 100 * abs(med(plain, lambda x: x["offload"]["hit_rate"]) -
+                                                   planner["hit_rate_planner"])
+        if o["prefetch"]:
+            errors["planner_error_points_prefetch"] = 100 * abs(med(off, lambda x: x["offload"]["hit_rate"]) -
+                                                                planner["hit_rate_planner_prefetch"])
     return {
+        **planner, **errors,
+        "load_peak_rss_over_start": {m: med(rows, lambda x: x["load_peak_rss"] - x["rss_before"])
+                                     for m, rows in runs.items()},
+        "load_seconds": {m: med(rows, lambda x: x["load_seconds"]) for m, rows in runs.items()},
         "sizes": sizes, "budget_bytes": budget, "policy": policy, "prefetch": o["prefetch"], "repeats": len(off),
         "slots_per_layer": cap, "same_tokens": all(x["output_ids"] == mem[0]["output_ids"] for x in mem + off),
         "decode_tokens_per_s": {m: med(rows, lambda x: x["decode_tokens_per_s"]) for m, rows in runs.items()},
@@ -278,10 +290,28 @@ def format_report(rep: dict) -> str:
         f"decode hit rate {rep['hit_rate']:.3f} with prefetch {'on' if rep['prefetch'] else 'off'}, "
         f"{rep['hit_rate_no_prefetch']:.3f} without; the replay of the same routing through {rep['policy']} at "
         f"the same capacity predicts {rep['hit_rate_replay']:.3f} without prefetch; prefetch accuracy "
-        f"{rep['prefetch_accuracy']:.3f}; {rep['bytes_per_token'] / 1e6:.1f} MB moved per decode token",
+        f"{rep['prefetch_accuracy']:.3f}; {rep['bytes_per_token'] / 1e6:.1f} MB moved per decode token (decode steps' "
+        "bytes / decode tokens)",
         f"sampled tokens (same seed) identical across runs: {rep['same_tokens']}",
     ]
+    if "hit_rate_planner" in rep:
+        lines.insert(-1, _planner_line(rep))
+    if "load_peak_rss_over_start" in rep:
+        lp, ls = rep["load_peak_rss_over_start"], rep["load_seconds"]
+        lines.insert(5, "load (offloaded: streamed a layer at a time): peak RSS over start " + ", ".join(
+            f"{m} {v / gb:.3f} GB in {ls[m]:.1f} s" for m, v in lp.items()))
     return "\n".join(lines)
+
+
+def _planner_line(rep: dict) -> str:
+    ok = lambda e: "met" if e <= 5 else "MISSED"  # noqa: E731  (the issue's target: within 5 points)
+    line = (f"planner (moekit trace of the same tokens, prompt as warm-up): {rep['hit_rate_planner']:.3f} without "
+            f"prefetch, measured {rep['hit_rate_no_prefetch']:.3f}: off by {rep['planner_error_points']:.1f} points "
+            f"({ok(rep['planner_error_points'])})")
+    if "planner_error_points_prefetch" in rep:
+        line += (f"; {rep['hit_rate_planner_prefetch']:.3f} with prefetch, measured {rep['hit_rate']:.3f}: off by "
+                 f"{rep['planner_error_points_prefetch']:.1f} points ({ok(rep['planner_error_points_prefetch'])})")
+    return line
 
 
 if __name__ == "__main__":

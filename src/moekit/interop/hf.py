@@ -87,7 +87,7 @@ def _load(folder: Path, dtype, device, check_memory: bool, check_finite: bool, r
     cfg = family.to_config(hf)
     with torch.device("meta"):
         meta = MoETransformer(cfg)
-    with Checkpoint(folder) as ckpt:
+    with Checkpoint(folder, pread=True) as ckpt:  # not the map: its read pages would count in RSS
         plan = _plan_load(_shapes(meta), cfg, family, hf, ckpt)
         dtype = dtype or DTYPES[ckpt.entries[family.prefix + "model.embed_tokens.weight"].dtype]
         check_fits(cfg, str(device or "cpu"), dtype=str(dtype), force=not check_memory, what=str(folder))

@@ -68,8 +68,9 @@ class CacheResult:
 # --- one layer -------------------------------------------------------------------------------
 
 
-def belady_hits(keys: np.ndarray, capacity: int) -> int:
-    """Hits of Belady's optimal eviction over ``keys`` (a 1-D sequence) with ``capacity`` slots.
+def belady_hits(keys: np.ndarray, capacity: int, count_from: int = 0) -> int:
+    """Hits of Belady's optimal eviction over ``keys`` (a 1-D sequence) with ``capacity`` slots,
+    counting the accesses from index ``count_from`` on (the earlier ones warm the cache).
 
     1. next_use[i]: the index of the next access to keys[i] (n when none), one backward pass.
     2. Forward pass: a hit needs nothing; a miss in a full cache evicts the resident key whose
@@ -88,7 +89,7 @@ def belady_hits(keys: np.ndarray, capacity: int) -> int:
     hits = 0
     for i, k in enumerate(seq):
         if k in resident:
-            hits += 1
+            hits += i >= count_from
         elif capacity == 0:
             continue
         elif len(resident) >= capacity:
@@ -102,19 +103,27 @@ def belady_hits(keys: np.ndarray, capacity: int) -> int:
     return hits
 
 
-def online_hits(keys: np.ndarray, capacity: int, policy: str) -> int:
-    """Hits of an online policy from ``policies.py`` over ``keys`` (demand loading only)."""
-    return replay(make_policy(policy), capacity, (int(k) for k in keys)).hits
+def online_hits(keys: np.ndarray, capacity: int, policy: str, count_from: int = 0) -> int:
+    """Hits of an online policy from ``policies.py`` over ``keys`` (demand loading only),
+    counting from index ``count_from`` on (the earlier accesses warm the same policy)."""
+    p = make_policy(policy)
+    replay(p, capacity, (int(k) for k in keys[:count_from]))
+    return replay(p, capacity, (int(k) for k in keys[count_from:])).hits
 
 
-def prefetch_replay(ids_TK: np.ndarray, guess_TK: np.ndarray, capacity: int, policy: str) -> tuple[int, int, int]:
+def prefetch_replay(ids_TK: np.ndarray, guess_TK: np.ndarray, capacity: int, policy: str,
+                    warmup: int = 0) -> tuple[int, int, int]:
     """One layer with prefetch -> (hits, prefetch loads, useful prefetch loads: those a later
     demand found before they were evicted); see the module docstring for the rules. Guesses of
-    NO_GUESS (the first MoE layer) load nothing."""
+    NO_GUESS (the first MoE layer) load nothing. The first ``warmup`` tokens run but are not
+    counted."""
     p = make_policy(policy)
     hits = loads = useful = 0
     unused: set[int] = set()  # prefetched, not yet asked for
-    for ids, guess in zip(ids_TK.tolist(), guess_TK.tolist()):
+    for t, (ids, guess) in enumerate(zip(ids_TK.tolist(), guess_TK.tolist())):
+        if t == warmup:
+            hits = loads = useful = 0
+            unused.clear()  # a warm-up prefetch found later is not this window's useful load
         guess = [g for g in guess if g != NO_GUESS]
         for g in guess:
             if g in p or capacity == 0:
@@ -149,9 +158,13 @@ def prefetch_replay(ids_TK: np.ndarray, guess_TK: np.ndarray, capacity: int, pol
 # --- a whole trace -----------------------------------------------------------------------------
 
 
-def simulate(trace: Trace | str, cache_size: int, policy: str = "lru", prefetch: bool = False) -> CacheResult:
+def simulate(trace: Trace | str, cache_size: int, policy: str = "lru", prefetch: bool = False,
+             warmup: int = 0) -> CacheResult:
     """Replay every MoE layer of ``trace`` (a Trace or a path) through a cache of ``cache_size``
-    experts per layer run by ``policy`` (lru, lfu or belady; prefetch with lru or lfu)."""
+    experts per layer run by ``policy`` (lru, lfu or belady; prefetch with lru or lfu). The
+    first ``warmup`` tokens (a prompt, whose prefill fills the cache before decoding) warm the
+    caches and are not counted: the result is the later tokens' (``moekit bench offload``
+    compares it with a real decode's counters)."""
     trace = load_trace(trace) if not isinstance(trace, Trace) else trace
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
@@ -159,19 +172,22 @@ def simulate(trace: Trace | str, cache_size: int, policy: str = "lru", prefetch:
         raise ValueError("prefetch applies to the online policies (lru, lfu); belady bounds demand loading")
     if cache_size < 0:
         raise ValueError(f"cache_size must be >= 0; got {cache_size}")
+    if not 0 <= warmup < trace.num_tokens:
+        raise ValueError(f"warmup must be in [0, {trace.num_tokens}) tokens; got {warmup}")
     hits = loads = useful = 0
+    K = trace.header.top_k
     for layer in range(trace.num_layers):
         ids_TK = trace.experts[layer]
         if prefetch:
-            h, n, u = prefetch_replay(ids_TK, trace.guess[layer], cache_size, policy)
+            h, n, u = prefetch_replay(ids_TK, trace.guess[layer], cache_size, policy, warmup)
             hits, loads, useful = hits + h, loads + n, useful + u
         elif policy == "belady":
-            hits += belady_hits(ids_TK.reshape(-1), cache_size)
+            hits += belady_hits(ids_TK.reshape(-1), cache_size, warmup * K)
         else:
-            hits += online_hits(ids_TK.reshape(-1), cache_size, policy)
-    accesses = trace.experts.size
+            hits += online_hits(ids_TK.reshape(-1), cache_size, policy, warmup * K)
+    accesses = trace.experts[:, warmup:].size
     name = f"{policy}+prefetch" if prefetch else policy
-    return CacheResult(name, cache_size, hits, accesses - hits, loads, useful, trace.num_tokens)
+    return CacheResult(name, cache_size, hits, accesses - hits, loads, useful, trace.num_tokens - warmup)
 
 
 def predict_hit_rate(trace: Trace | str, cache_size: int, policy: str = "lru", prefetch: bool = False) -> float:
