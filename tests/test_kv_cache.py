@@ -41,6 +41,16 @@ CONFIGS = {
     "deepseek_v4_moe": dict(n_kv_heads=1, hash_layers=(0,), moe=_moe(
         num_experts=8, router="sqrtsoftplus", norm_topk_prob=True, routed_scaling_factor=1.5,
         activation="limited_swiglu", swiglu_limit=1.0, num_shared_experts=1)),
+    # DeepSeek-V4 whole: heavily compressed (windows of 4), compressed sparse (windows of 2) and
+    # sliding-only layers, a window of 6, hyper-connections, layer 0 hash-routed. The indexer keeps
+    # every entry here: its top-k can flip on a (near-)tie between a cached and a full forward, as
+    # transformers' does (its top-k of 3 is checked against transformers' cached generate, test_engine).
+    "deepseek_v4_compressed_hc": dict(
+        attention="compressed", n_kv_heads=1, head_dim=16, q_lora_rank=12, qk_rope_head_dim=8, sliding_window=6,
+        compression=moekit.CompressionConfig(layers=("hca", "csa", "none"), csa_ratio=2, hca_ratio=4, o_groups=2,
+                                             o_rank=8, index_heads=4, index_head_dim=8, index_topk=16),
+        hc_streams=2, hash_layers=(0,), moe=_moe(num_experts=8, router="sqrtsoftplus", routed_scaling_factor=1.5,
+                                                  activation="limited_swiglu", swiglu_limit=1.0, num_shared_experts=1)),
     "mla_full_rank_q_window": dict(attention="mla", kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
                                    v_head_dim=6, sliding_window=7, moe=_moe()),
 }
@@ -56,6 +66,7 @@ def build(name: str) -> moekit.MoETransformer:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
             elif pname.endswith(("bias", "sinks", "b_in", "b_out")):
                 p.copy_(0.3 * torch.randn_like(p))
+
     return model
 
 
@@ -87,7 +98,7 @@ def test_cached_decoding_equals_full_recompute(name):
 
 
 @pytest.mark.parametrize("name", ["gqa_moe", "sliding_window_mixed", "mla_group_routing_shared",
-                                  "gpt_oss_sinks_alternating", "llama4_chunked_nope"])
+                                  "gpt_oss_sinks_alternating", "llama4_chunked_nope", "deepseek_v4_compressed_hc"])
 @torch.no_grad()
 def test_rows_at_different_positions_and_chunked_prefill(name):
     """A batch whose rows hold different lengths (right-padded prefill, then chunks and single

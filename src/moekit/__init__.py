@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "MoEConfig": "moekit.config",
     "ModelConfig": "moekit.config",
+    "CompressionConfig": "moekit.config",
     "MoELayer": "moekit.layers.moe",
     "RoutingStats": "moekit.layers.moe",
     "MoETransformer": "moekit.model",

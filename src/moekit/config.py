@@ -23,7 +23,8 @@ EXPERT_ACTIVATIONS = ACTIVATIONS + ("clamped_swiglu", "limited_swiglu")
 SWIGLU_KINDS = ("swiglu", "clamped_swiglu", "limited_swiglu")  # gate and up fused in one projection
 GROUP_SCORES = ("top2", "max")  # how group-limited routing ranks a group (MoEConfig.group_score)
 QK_NORMS = ("head", "full", "l2")
-ATTENTIONS = ("gqa", "mla")
+ATTENTIONS = ("gqa", "mla", "compressed")
+KV_COMPRESSIONS = ("none", "csa", "hca")  # per layer of attention="compressed" (CompressionConfig)
 # RoPE context-extension schemes, named as in Hugging Face's rope_scaling, and their keys:
 # (required, optional). "factor" stretches the positions; see moekit.layers.rope for the math.
 ROPE_SCALINGS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -281,6 +282,43 @@ class MoEConfig:
 
 
 @dataclass
+class CompressionConfig:
+    """DeepSeek-V4's attention (transformers' DeepseekV4Attention; DeepSeek-AI 2026, sec. 2.3) for
+    ModelConfig(attention="compressed"): one shared key=value head (MQA) over a sliding window,
+    plus, per layer, keys compressed from whole windows of tokens. A softmax-gated sum pools
+    each window into one entry: "csa" (compressed sparse attention) pools overlapping windows of
+    2 * csa_ratio tokens every csa_ratio and lets each query attend only the index_topk entries a
+    small "lightning indexer" scores best; "hca" (heavily compressed attention) pools disjoint
+    windows of hca_ratio tokens, all attended. The output projection is grouped and low-rank."""
+
+    layers: tuple[str, ...]  # per layer: none (sliding window only) | csa | hca
+    csa_ratio: int = 4  # tokens per compressed entry in csa layers (V4: m = 4)
+    hca_ratio: int = 128  # ... in hca layers (V4: m' = 128)
+    # Compressed layers rotate with their own RoPE base (and scaling: YaRN factor 16 in V4),
+    # sliding-only layers with ModelConfig.rope_theta; YaRN here never scales cos/sin (V4's reference).
+    rope_theta: float = 160000.0
+    rope_scaling: dict[str, Any] | None = None
+    o_groups: int = 8  # output projection: heads in o_groups groups, each projected to o_rank...
+    o_rank: int = 1024  # ...then the o_groups * o_rank vector mixed to d_model
+    index_heads: int = 64  # the lightning indexer's query heads (csa layers)
+    index_head_dim: int = 128  # its head width
+    index_topk: int = 512  # compressed entries each query keeps (csa layers)
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(self.layers)
+        for kind in self.layers:
+            check_choice("compression.layers entry", kind, KV_COMPRESSIONS)
+        for name in ("csa_ratio", "hca_ratio", "o_groups", "o_rank", "index_heads", "index_head_dim", "index_topk"):
+            check_int(f"compression.{name}", getattr(self, name))
+        check_float("compression.rope_theta", self.rope_theta, 0.0, strict=True)
+        if self.index_head_dim % 2:
+            raise ConfigError(f"compression.index_head_dim ({self.index_head_dim}) must be even for rotary embeddings")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(dataclasses.asdict(self), layers=list(self.layers))
+
+
+@dataclass
 class ModelConfig:
     """A decoder-only transformer whose FFNs are dense or MoE, chosen per layer."""
 
@@ -331,6 +369,17 @@ class ModelConfig:
     qk_nope_head_dim: int | None = None  # per-head q/k width without position
     qk_rope_head_dim: int | None = None  # per-head q/k width that RoPE rotates (k's is shared by heads)
     v_head_dim: int | None = None  # per-head value width
+    # attention="compressed" (DeepSeek-V4): its per-layer compression and output projection; it
+    # also uses q_lora_rank, head_dim, qk_rope_head_dim (the rotated tail of each head),
+    # sliding_window, and n_kv_heads = 1 (one head is both key and value).
+    compression: CompressionConfig | None = None
+    # Hyper-connections (Zhu et al. 2024; manifold-constrained, DeepSeek-V4 sec. 2.2): the residual
+    # is hc_streams parallel streams, mixed into each sublayer's input and back by learned
+    # per-token weights, the stream-to-stream mix projected onto doubly-stochastic matrices by
+    # hc_sinkhorn_iters Sinkhorn-Knopp steps. 0 = the plain residual. V4: 4 streams, 20 steps.
+    hc_streams: int = 0
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
     moe: MoEConfig | None = None  # None: a dense model, same class, equal footing
     moe_every: int = 1  # layer i is MoE when (i + 1) % moe_every == 0 (Qwen decoder_sparse_step)
     first_dense_layers: int = 0  # DeepSeek-V3 first_k_dense_replace
@@ -346,6 +395,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
+        if isinstance(self.compression, dict):
+            self.compression = CompressionConfig(**check_fields(CompressionConfig, self.compression, "compression"))
         if self.moe is not None and not isinstance(self.moe, MoEConfig):
             raise ConfigError(f"moe must be a mapping of MoEConfig fields or null, got {self.moe!r}")
         self.dense_layers = tuple(self.dense_layers)
@@ -372,6 +423,10 @@ class ModelConfig:
             self._validate_mla()
         else:
             self._validate_heads()
+        self._validate_compressed()
+        check_int("hc_streams", self.hc_streams, minimum=0)
+        check_int("hc_sinkhorn_iters", self.hc_sinkhorn_iters)
+        check_float("hc_eps", self.hc_eps, 0.0, strict=True)
         if self.rope_scaling is not None:
             self._validate_rope_scaling()
         if self.hf_architecture is not None and not isinstance(self.hf_architecture, str):
@@ -421,6 +476,34 @@ class ModelConfig:
         if self.resolved_head_dim % 2:
             raise ConfigError(f"head_dim ({self.resolved_head_dim}) must be even for rotary embeddings")
 
+    def _validate_compressed(self) -> None:
+        if self.attention != "compressed":
+            if self.compression is not None:
+                raise ConfigError("compression applies to attention='compressed' only")
+            return
+        c = self.compression
+        if not isinstance(c, CompressionConfig):
+            raise ConfigError("attention='compressed' needs compression (a CompressionConfig)")
+        if len(c.layers) != self.n_layers:
+            raise ConfigError(f"compression.layers has {len(c.layers)} entries for n_layers={self.n_layers}")
+        for name in ("q_lora_rank", "qk_rope_head_dim", "sliding_window"):
+            if getattr(self, name) is None:
+                raise ConfigError(f"{name} must be set for attention='compressed'")
+        if self.kv_heads != 1:
+            raise ConfigError(f"attention='compressed' has one shared key/value head; n_kv_heads={self.n_kv_heads}")
+        hd = self.resolved_head_dim
+        if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim > min(hd, c.index_head_dim):
+            raise ConfigError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even and fit head_dim and "
+                              "compression.index_head_dim")
+        if self.n_heads % c.o_groups:
+            raise ConfigError(f"compression.o_groups ({c.o_groups}) must divide n_heads ({self.n_heads})")
+        for name in ("qk_norm", "attention_chunk", "rope_scaling"):
+            if getattr(self, name) is not None:
+                raise ConfigError(f"{name} does not apply to attention='compressed'")
+        for name in ("qkv_bias", "out_bias", "attention_sinks", "global_layers", "nope_layers"):
+            if getattr(self, name):  # sinks are always on; windows and RoPE are per compression kind
+                raise ConfigError(f"{name} does not apply to attention='compressed'")
+
     def _validate_mla(self) -> None:
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if getattr(self, name) is None:
@@ -459,8 +542,9 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        """Width that RoPE rotates per head: the whole head, or MLA's decoupled rope part."""
-        return self.qk_rope_head_dim if self.attention == "mla" else self.resolved_head_dim
+        """Width that RoPE rotates per head: the whole head, or MLA's decoupled rope part (the
+        rotated tail of the head with attention="compressed")."""
+        return self.qk_rope_head_dim if self.attention in ("mla", "compressed") else self.resolved_head_dim
 
     @property
     def resolved_head_dim(self) -> int:
@@ -487,9 +571,11 @@ class ModelConfig:
         return (i + 1) % self.moe_every == 0
 
     def moe_of(self, i: int) -> MoEConfig:
-        """Layer i's MoE config: ``moe``, hash-routed over the vocabulary in ``hash_layers``."""
+        """Layer i's MoE config: ``moe``, hash-routed over the vocabulary in ``hash_layers`` (where
+        the table replaces selection, so the options that steer it, bias and groups, are off)."""
         if i in self.hash_layers:
-            return dataclasses.replace(self.moe, hash_vocab=self.vocab_size)
+            return dataclasses.replace(self.moe, hash_vocab=self.vocab_size, selection_bias=None, bias_update_rate=0.0,
+                                       num_groups=1, topk_groups=1)
         return self.moe
 
     @property
@@ -502,6 +588,8 @@ class ModelConfig:
         d["global_layers"] = list(self.global_layers)
         d["nope_layers"] = list(self.nope_layers)
         d["hash_layers"] = list(self.hash_layers)
+        if self.compression is not None:
+            d["compression"] = self.compression.to_dict()
         return d
 
     @classmethod
@@ -509,4 +597,4 @@ class ModelConfig:
         return cls(**check_fields(cls, data))
 
 
-__all__ = ["MoEConfig", "ModelConfig", "check_fields", "check_int", "check_float", "check_choice", "check_bool", "ROUTERS", "ACTIVATIONS", "EXPERT_ACTIVATIONS", "SWIGLU_KINDS", "GROUP_SCORES", "first_proj_width", "QK_NORMS", "ATTENTIONS", "ROPE_SCALINGS"]
+__all__ = ["MoEConfig", "ModelConfig", "CompressionConfig", "KV_COMPRESSIONS", "check_fields", "check_int", "check_float", "check_choice", "check_bool", "ROUTERS", "ACTIVATIONS", "EXPERT_ACTIVATIONS", "SWIGLU_KINDS", "GROUP_SCORES", "first_proj_width", "QK_NORMS", "ATTENTIONS", "ROPE_SCALINGS"]

@@ -19,6 +19,8 @@ from torch import nn
 
 from moekit.config import ModelConfig
 from moekit.layers.attention import Attention
+from moekit.layers.compressed_attention import CompressedAttention
+from moekit.layers.hyper_connections import HyperConnection, HyperHead
 from moekit.layers.kv_cache import CacheView
 from moekit.layers.mla import MLAttention
 from moekit.layers.mlp import MLP
@@ -56,7 +58,12 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg, layer_id)
+        if cfg.attention == "mla":
+            self.attn = MLAttention(cfg)
+        elif cfg.attention == "compressed":  # DeepSeek-V4
+            self.attn = CompressedAttention(cfg, layer_id)
+        else:
+            self.attn = Attention(cfg, layer_id)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_id)
         self.layer_id = layer_id
@@ -69,12 +76,34 @@ class Block(nn.Module):
         return x + (self.ffn(h, padding_mask, input_ids) if self.is_moe else self.ffn(h))
 
 
+class HyperBlock(Block):
+    """A block on hyper-connection streams x [B, S, N, D] (``hyper_connections.py``): each sublayer
+    reads a learned mix of the streams and writes back into all of them (DeepSeek-V4)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__(cfg, layer_id)
+        hc = (cfg.d_model, cfg.hc_streams, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.norm_eps)
+        self.attn_hc, self.ffn_hc = HyperConnection(*hc), HyperConnection(*hc)
+
+    def forward(self, x, cos, sin, padding_mask=None, cache: CacheView | None = None, input_ids=None):
+        h, post, comb = self.attn_hc.split(x)
+        y = self.attn(self.attn_norm(h), cos, sin, None if cache is None else cache.layer(self.layer_id))
+        x = self.attn_hc.merge(x, y, post, comb)
+        h, post, comb = self.ffn_hc.split(x)
+        h = self.ffn_norm(h)
+        y = self.ffn(h, padding_mask, input_ids) if self.is_moe else self.ffn(h)
+        return self.ffn_hc.merge(x, y, post, comb)
+
+
 class MoETransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        block = HyperBlock if cfg.hc_streams else Block
+        self.blocks = nn.ModuleList(block(cfg, i) for i in range(cfg.n_layers))
+        if cfg.hc_streams:  # collapses the hyper-connection streams before the final norm
+            self.hc_head = HyperHead(cfg.d_model, cfg.hc_streams, cfg.hc_eps, cfg.norm_eps)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -99,6 +128,8 @@ class MoETransformer(nn.Module):
                 nn.init.ones_(module.weight)
             elif isinstance(module, MoELayer):
                 module.reset_parameters(std, out_std)
+            elif isinstance(module, (CompressedAttention, HyperConnection, HyperHead)):
+                module.reset_parameters(std)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: CacheView | None = None, logits_at: torch.Tensor | None = None) -> ModelOutput:
@@ -121,10 +152,14 @@ class MoETransformer(nn.Module):
             attention_mask = cache.valid
         self._forward_count += 1
         x = self.embed(input_ids)
+        if self.cfg.hc_streams:  # N copies of the embedding: the hyper-connection streams [B, S, N, D]
+            x = x.unsqueeze(2).expand(-1, -1, self.cfg.hc_streams, -1).contiguous()
         for block in self.blocks:
             x = block(x, cos, sin, attention_mask, cache, input_ids)
         if logits_at is not None:
-            x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)  # [B, 1, D]
+            x = x[torch.arange(B, device=x.device), logits_at].unsqueeze(1)  # [B, 1, (N,) D]
+        if self.cfg.hc_streams:
+            x = self.hc_head(x)
         return ModelOutput(self.lm_head(self.norm(x)), self)
 
     def rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

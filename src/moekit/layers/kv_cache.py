@@ -10,6 +10,7 @@ once; token t of slot n sits at [n, :, t, :] in each:
     MLA (DeepSeek-V2 sec. 2.1.2): one [N, 1, T_max, Ckv + R] = [kv_norm(c_kv) | rope(k_rope)],
         the compressed latent and the one rope key all heads share, never the per-head k and v
         (``kv_bytes_per_token`` gives the saving; attention absorbs wkv_b into q and the output).
+    DeepSeek-V4 (attention="compressed"): per layer, see ``compressed_layer_shapes``.
 ``lengths[n]`` (host ints) counts the tokens slot n holds. A server admits a sequence by
 ``reset(n)`` and prefilling it, retires it by simply no longer reading slot n.
 
@@ -35,16 +36,30 @@ import torch
 from moekit.config import ModelConfig
 
 
-def layer_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
-    """(cached heads, width) of each tensor one layer caches."""
+def layer_shapes(cfg: ModelConfig, layer: int = 0) -> list[tuple[int, int]]:
+    """(cached heads, width) of each tensor layer ``layer`` caches."""
     if cfg.attention == "mla":
         return [(1, cfg.kv_lora_rank + cfg.qk_rope_head_dim)]
+    if cfg.attention == "compressed":
+        return compressed_layer_shapes(cfg, layer)
     return [(cfg.kv_heads, cfg.resolved_head_dim)] * 2
+
+
+def compressed_layer_shapes(cfg: ModelConfig, layer: int) -> list[tuple[int, int]]:
+    """DeepSeek-V4 (kv_compression.py): the one key=value head, and in compressed layers each
+    token's compressor projections (kv and gate; csa: both halves, and the indexer's too)."""
+    c, C = cfg.compression, cfg.resolved_head_dim
+    kind = c.layers[layer]
+    if kind == "none":
+        return [(1, C)]
+    if kind == "hca":
+        return [(1, C)] * 3
+    return [(1, C), (1, 2 * C), (1, 2 * C), (1, 2 * c.index_head_dim), (1, 2 * c.index_head_dim)]
 
 
 def kv_values_per_token(cfg: ModelConfig) -> int:
     """Cached values per token over all layers."""
-    return cfg.n_layers * sum(h * w for h, w in layer_shapes(cfg))
+    return sum(h * w for i in range(cfg.n_layers) for h, w in layer_shapes(cfg, i))
 
 
 def uncompressed_kv_values_per_token(cfg: ModelConfig) -> int:
@@ -67,8 +82,8 @@ class KVCache:
         self.cfg, self.num_slots, self.max_len = cfg, num_slots, max_len
         self.window = cfg.sliding_window
         self.layers: list[tuple[torch.Tensor, ...]] = [
-            tuple(torch.zeros(num_slots, h, max_len, w, dtype=dtype, device=device) for h, w in layer_shapes(cfg))
-            for _ in range(cfg.n_layers)
+            tuple(torch.zeros(num_slots, h, max_len, w, dtype=dtype, device=device) for h, w in layer_shapes(cfg, i))
+            for i in range(cfg.n_layers)
         ]
         self.lengths = [0] * num_slots
 
