@@ -90,6 +90,32 @@ def deepseek_v2(lite: bool = False):
     return DeepseekV2ForCausalLM(cfg)
 
 
+def deepseek_v4():
+    """Layers: HCA (windows of 4), CSA (windows of 2, the indexer keeping 3 of up to 10 entries),
+    sliding only, CSA; layer 0 hash-routed; 2 hyper-connection streams; a swiglu_limit the random
+    activations cross; a sliding window shorter than SEQ. What transformers initializes to constants
+    (the hyper-connection biases and scales, the hash table) is set at random here."""
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    cfg = DeepseekV4Config(**_common(moe_intermediate_size=16, num_hidden_layers=4, head_dim=16, q_lora_rank=12,
+                                     partial_rotary_factor=0.5, num_experts_per_tok=2, n_routed_experts=4, o_groups=2,
+                                     o_lora_rank=8, index_n_heads=2, index_head_dim=8, index_topk=3, sliding_window=6,
+                                     compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
+                                     layer_types=["heavily_compressed_attention", "compressed_sparse_attention",
+                                                  "sliding_attention", "compressed_sparse_attention"],
+                                     mlp_layer_types=["hash_moe", "moe", "moe", "moe"], hc_mult=2, swiglu_limit=1.0))
+    model = DeepseekV4ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith(("hc.base", "hc_base")):
+                t.normal_(std=0.5)
+            elif name.endswith(("hc.scale", "hc_scale")):
+                t.copy_(1 + 0.3 * torch.randn_like(t))
+            elif name.endswith("tid2eid"):  # each token id: 2 distinct experts of 4
+                t.copy_(torch.rand(t.shape[0], cfg.n_routed_experts).argsort(-1)[:, : cfg.num_experts_per_tok])
+    return model
+
+
 def gpt_oss():
     from transformers import GptOssConfig, GptOssForCausalLM
 
@@ -166,6 +192,7 @@ BUILDERS = {
     "deepseek_v3_plain": lambda: deepseek_v3(q_lora_rank=None, rope_interleave=False),
     "gpt_oss": gpt_oss,
     "deepseek_v2": deepseek_v2,
+    "deepseek_v4": deepseek_v4,
     "deepseek_v2_lite": lambda: deepseek_v2(lite=True),
     "llama4": llama4,
     "llama": llama, "mistral": mistral, "qwen2": qwen2,

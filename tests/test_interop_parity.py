@@ -17,7 +17,7 @@ ATOL = 1e-4
 # Which layers each tiny config makes MoE: the layer pattern fields are read, not assumed.
 MOE_LAYERS = {
     "mixtral": [0, 1], "qwen2_moe": [0, 2], "qwen3_moe": [1, 3], "olmoe": [0, 1],
-    "deepseek_v3": [1, 2], "deepseek_v3_plain": [1, 2], "gpt_oss": [0, 1, 2], "deepseek_v2": [1, 2], "deepseek_v2_lite": [1, 2], "llama4": [1, 3], "llama": [], "mistral": [], "qwen2": [],
+    "deepseek_v3": [1, 2], "deepseek_v3_plain": [1, 2], "gpt_oss": [0, 1, 2], "deepseek_v2": [1, 2], "deepseek_v2_lite": [1, 2], "deepseek_v4": [0, 1, 2, 3], "llama4": [1, 3], "llama": [], "mistral": [], "qwen2": [],
 }
 
 

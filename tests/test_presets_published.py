@@ -13,6 +13,7 @@ from moekit.presets import get_preset
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_configs"
 PUBLISHED = {"gpt-oss-20b": "gpt-oss-20b", "gpt-oss-120b": "gpt-oss-120b", "deepseek-v2": "DeepSeek-V2",
              "deepseek-v2-lite": "DeepSeek-V2-Lite", "deepseek-r1": "DeepSeek-V3",
+             "deepseek-v4": "DeepSeek-V4-Flash",
              "llama4-scout": "Llama-4-Scout-17B-16E", "llama4-maverick": "Llama-4-Maverick-17B-128E-text"}
 
 

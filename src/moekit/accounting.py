@@ -43,9 +43,38 @@ def mla_params(cfg: ModelConfig) -> int:
     return n + H * cfg.v_head_dim * D
 
 
-def attention_params(cfg: ModelConfig) -> int:
+def compressed_attention_params(cfg: ModelConfig, layer: int) -> int:
+    """One DeepSeek-V4 attention block (moekit.layers.compressed_attention) of ``layer``'s kind."""
+    c, D, H, C, Q = cfg.compression, cfg.d_model, cfg.n_heads, cfg.resolved_head_dim, cfg.q_lora_rank
+    n = D * Q + Q + Q * H * C + D * C + C + c.o_rank * H * C + c.o_groups * c.o_rank * D + H
+    kind = c.layers[layer]
+
+    def compressor(width: int, ratio: int, overlap: bool) -> int:
+        proj = 2 * width if overlap else width
+        return 2 * D * proj + ratio * proj + width  # kv and gate projections, position bias, norm
+
+    if kind == "hca":
+        n += compressor(C, c.hca_ratio, False)
+    elif kind == "csa":
+        n += compressor(C, c.csa_ratio, True) + compressor(c.index_head_dim, c.csa_ratio, True)
+        n += Q * c.index_heads * c.index_head_dim + D * c.index_heads  # indexer queries, head weights
+    return n
+
+
+def hyper_connection_params(cfg: ModelConfig) -> int:
+    """Hyper-connections: two per layer (attention, FFN) and the final head (layers.hyper_connections)."""
+    N, D = cfg.hc_streams, cfg.d_model
+    if N == 0:
+        return 0
+    per = (2 + N) * N * (N * D + 1) + 3
+    return 2 * cfg.n_layers * per + N * N * D + N + 1
+
+
+def attention_params(cfg: ModelConfig, layer: int = 0) -> int:
     if cfg.attention == "mla":
         return mla_params(cfg)
+    if cfg.attention == "compressed":
+        return compressed_attention_params(cfg, layer)
     hd, q_dim, kv_dim = cfg.resolved_head_dim, cfg.n_heads * cfg.resolved_head_dim, cfg.kv_heads * cfg.resolved_head_dim
     n = cfg.d_model * (q_dim + 2 * kv_dim) + q_dim * cfg.d_model
     if cfg.qkv_bias:
@@ -83,7 +112,9 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     total["embeddings"] = cfg.vocab_size * cfg.d_model
     total["lm_head"] = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
     total["norms"] = cfg.d_model * (2 * cfg.n_layers + 1)
-    total["attention"] = cfg.n_layers * attention_params(cfg)
+    total["attention"] = sum(attention_params(cfg, i) for i in range(cfg.n_layers))
+    if cfg.hc_streams:  # a category of its own only where there are any
+        total["hyper_connections"] = hyper_connection_params(cfg)
     n_moe = len(cfg.moe_layer_ids)
     total["dense_ffn"] = (cfg.n_layers - n_moe) * ffn_params(cfg.d_model, cfg.d_ff, cfg.ffn_activation)
     active = dict(total)
@@ -98,7 +129,25 @@ def count_params(cfg: ModelConfig) -> ParamCount:
 def attended_context(cfg: ModelConfig, seq_len: int) -> float:
     """Mean number of keys a query attends to over a causal sequence of ``seq_len`` tokens,
     averaged over the layers (windowed layers and global ones differ)."""
-    return sum(_layer_context(cfg.window_of(i), seq_len, cfg.chunk_of(i)) for i in range(cfg.n_layers)) / cfg.n_layers
+    return sum(_layer_context(cfg.window_of(i), seq_len, cfg.chunk_of(i)) + _compressed_context(cfg, i, seq_len)
+               for i in range(cfg.n_layers)) / cfg.n_layers
+
+
+def _compressed_context(cfg: ModelConfig, i: int, seq_len: int) -> float:
+    """Mean compressed entries a query attends in layer i (DeepSeek-V4): all complete windows
+    (hca), at most index_topk of them (csa); the indexer's own scoring is not counted."""
+    if cfg.attention != "compressed" or cfg.compression.layers[i] == "none":
+        return 0.0
+    c = cfg.compression
+    r = c.hca_ratio if c.layers[i] == "hca" else c.csa_ratio
+    k = c.index_topk if c.layers[i] == "csa" else seq_len
+
+    def windows(n: int) -> int:  # sum over q = 1..n of q // r (position p = q - 1 sees q // r entries)
+        full, rest = divmod(n, r)
+        return r * full * (full - 1) // 2 + full * (rest + 1)
+
+    total = windows(seq_len) if seq_len < k * r else windows(k * r - 1) + k * (seq_len - k * r + 1)
+    return total / seq_len
 
 
 def _layer_context(window: int | None, seq_len: int, chunk: int | None = None) -> float:
@@ -127,7 +176,7 @@ def _qk_plus_v_dim(cfg: ModelConfig) -> int:
     """Per-head width of QK^T plus that of AV (MLA's differ: N + R and V)."""
     if cfg.attention == "mla":
         return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
-    return 2 * cfg.resolved_head_dim
+    return 2 * cfg.resolved_head_dim  # also DeepSeek-V4's: its one head is the key and the value
 
 
 def weight_bytes(n_params: int) -> dict[str, float]:

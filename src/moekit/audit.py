@@ -172,6 +172,9 @@ PRESET_CLAIMS: dict[str, tuple[float, float, str, str]] = {
     "deepseek-r1": (671e9, 37e9, "DeepSeek-AI 2025, DeepSeek-R1 (arXiv:2501.12948; the V3 architecture)",
                     "claims exclude the 14B multi-token-prediction module, as moekit does"),
     "deepseek-v2": (236e9, 21e9, "DeepSeek-AI 2024, DeepSeek-V2 (arXiv:2405.04434)", ""),
+    "deepseek-v4": (284e9, 13e9, "DeepSeek-AI 2026, DeepSeek-V4-Flash model card (284B total, 13B activated)",
+                    "shape: transformers' DeepseekV4Config defaults; both exclude the MTP module; moekit's active "
+                    "count less the input embedding (0.53B) is 13.26B"),
     "deepseek-v2-lite": (15.7e9, 2.4e9, "DeepSeek-AI 2024, DeepSeek-V2 (arXiv:2405.04434), appendix B",
                          "moekit's active count less the input embedding (0.21B) is 2.45B: the claim seems to leave it out"),
     "llama4-scout": (109e9, 17e9, "Meta 2025, Llama 4 model card (Scout: 17B active, 109B total)",

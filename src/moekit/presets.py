@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from moekit.config import MoEConfig, ModelConfig
+from moekit.config import CompressionConfig, MoEConfig, ModelConfig
 from moekit.errors import ConfigError
 
 _TINY = dict(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256)
@@ -69,6 +69,26 @@ def _llama4(scout: bool) -> ModelConfig:
         moe=MoEConfig(d_model=5120, d_expert=8192, num_experts=16 if scout else 128, top_k=1, router="sigmoid",
                       selection_bias=False, gate_input=True, norm_topk_prob=False, num_shared_experts=1,
                       load_balance_coef=0.001),
+    )
+
+
+def _deepseek_v4() -> ModelConfig:
+    """DeepSeek-V4-Flash (DeepSeek-AI 2026) as transformers' DeepseekV4Config defaults, which are its
+    published shape (transformers documents the config against deepseek-ai/DeepSeek-V4-Flash-Base):
+    43 layers of sliding-window MQA plus compressed keys (2 heavily compressed layers, then
+    compressed sparse and heavily compressed alternating), 4 hyper-connection streams, 256 experts
+    top-6 (sqrt-softplus scores, limited SwiGLU) plus one shared, the first 3 layers hash-routed."""
+    n, d = 43, 4096
+    layers = ("hca", "hca") + tuple("csa" if j % 2 else "hca" for j in range(n - 2))
+    return ModelConfig(
+        vocab_size=129280, d_model=d, n_layers=n, n_heads=64, n_kv_heads=1, head_dim=512, d_ff=2048,
+        max_seq_len=1048576, norm_eps=1e-6, attention="compressed", q_lora_rank=1024, qk_rope_head_dim=64,
+        sliding_window=128, hc_streams=4, hc_sinkhorn_iters=20, hc_eps=1e-6, hash_layers=(0, 1, 2),
+        compression=CompressionConfig(layers=layers, csa_ratio=4, hca_ratio=128, rope_theta=160000.0, o_groups=8,
+                                      o_rank=1024, index_heads=64, index_head_dim=128, index_topk=512),
+        moe=MoEConfig(d_model=d, d_expert=2048, num_experts=256, top_k=6, router="sqrtsoftplus", norm_topk_prob=True,
+                      routed_scaling_factor=1.5, activation="limited_swiglu", swiglu_limit=10.0, num_shared_experts=1,
+                      selection_bias=True, load_balance_coef=0.0),
     )
 
 
@@ -181,6 +201,12 @@ PRESETS: dict[str, tuple[str, Callable[[], ModelConfig]]] = {
                 load_balance_coef=0.0, seq_balance_coef=1e-4, bias_update_rate=0.001,
             ),
         ),
+    ),
+    "deepseek-v4": (
+        "DeepSeek-V4-Flash (transformers' DeepseekV4Config defaults, its published shape): compressed sparse / "
+        "heavily compressed attention, 4 hyper-connection streams, 256 experts top-6 plus 1 shared, first 3 "
+        "layers hash-routed; 284B total, 13B active",
+        lambda: _deepseek_v4(),
     ),
 }
 

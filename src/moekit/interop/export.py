@@ -117,8 +117,9 @@ def _plan_export(model, cfg, family: Family, hf: HFConfig, layout: str, out_dtyp
             unmapped.append(name)
             continue
         keep32 = family.fp32_router and ROUTER + "." in name
+        dtype = (torch.float32 if keep32 else out_dtype) if t.is_floating_point() else t.dtype  # int: a hash table
         for p in pieces:
-            outs.append(_Out(p.hf, name, p, hf_piece_shape(p, tuple(t.shape)), torch.float32 if keep32 else out_dtype))
+            outs.append(_Out(p.hf, name, p, hf_piece_shape(p, tuple(t.shape)), dtype))
     if unmapped:
         raise ModelFolderError(f"{architecture_of(hf)} has no place for moekit tensor(s) {unmapped}")
     return outs

@@ -54,6 +54,9 @@ class Family:
     # Optional own expert layout: (which of w_in/w_out/b_in/b_out, moekit shape, "...experts." prefix)
     # -> pieces (GPT-OSS's transposed, interleaved fused tensors with biases); None = names.py's.
     expert_pieces: Callable | None = None
+    # Optional own name tables (global names, per-block suffixes) in names.py's rule format,
+    # replacing its Llama-lineage ones (DeepSeek-V4's checkpoints keep DeepSeek's own names).
+    tables: tuple[dict, dict] | None = None
 
 
 class Fields:

@@ -131,7 +131,7 @@ def _check_entry(piece: Piece, shape: tuple[int, ...], name: str, ckpt: Checkpoi
             f"tensor {piece.hf!r} in {entry.file} has shape {list(entry.shape)}, but config.json implies "
             f"{list(want)} (for {name})"
         )
-    if entry.dtype not in DTYPES:
+    if entry.dtype not in DTYPES and not (entry.dtype == "I64" and name.endswith(".tid2eid")):  # hash table
         raise ModelFolderError(f"tensor {piece.hf!r} in {entry.file} has dtype {entry.dtype}; only float checkpoints load")
 
 

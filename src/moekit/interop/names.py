@@ -156,14 +156,18 @@ def pieces(
     name: str, shape: tuple[int, ...], cfg: ModelConfig, family: Family, hf: HFConfig, module: str, layout: str
 ) -> list[Piece]:
     """The pieces of moekit tensor ``name`` with the MoE module named ``module`` and experts in ``layout``."""
-    if name in GLOBAL:
-        return [Piece(family.prefix + GLOBAL[name])]
+    glob, block = family.tables or (GLOBAL, None)  # a family with its own whole name map (DeepSeek-V4)
+    if name in glob:
+        return [Piece(family.prefix + glob[name])]
     match = _BLOCK_NAME.fullmatch(name)
     if match is None:
         raise Unmapped(name)
     layer, suffix = match.groups()
     attn_table = MLA if cfg.attention == "mla" else GQA
-    rule = attn_table.get(suffix) if suffix.startswith("attn.") else BLOCK.get(suffix)
+    if block is not None:
+        rule = block.get(suffix)
+    else:
+        rule = attn_table.get(suffix) if suffix.startswith("attn.") else BLOCK.get(suffix)
     if rule is None:
         raise Unmapped(name)
     prefix = f"{family.prefix}model.layers.{layer}."

@@ -6,6 +6,7 @@ from moekit.config import ModelConfig
 from moekit.errors import ConfigError
 from moekit.interop.deepseek_v2 import DEEPSEEK_V2
 from moekit.interop.deepseek_v3 import DEEPSEEK_V3
+from moekit.interop.deepseek_v4 import DEEPSEEK_V4
 from moekit.interop.dense import LLAMA, MISTRAL, QWEN2
 from moekit.interop.family import Family, HFConfig, architecture_of
 from moekit.interop.gpt_oss import GPT_OSS
@@ -15,7 +16,7 @@ from moekit.interop.olmoe import OLMOE
 from moekit.interop.qwen_moe import QWEN2_MOE_FAMILY, QWEN3_MOE_FAMILY
 
 FAMILIES: tuple[Family, ...] = (
-    MIXTRAL, QWEN2_MOE_FAMILY, QWEN3_MOE_FAMILY, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3, GPT_OSS, LLAMA4, LLAMA4_MULTIMODAL, LLAMA, MISTRAL, QWEN2,
+    MIXTRAL, QWEN2_MOE_FAMILY, QWEN3_MOE_FAMILY, OLMOE, DEEPSEEK_V2, DEEPSEEK_V3, DEEPSEEK_V4, GPT_OSS, LLAMA4, LLAMA4_MULTIMODAL, LLAMA, MISTRAL, QWEN2,
 )
 BY_ARCHITECTURE: dict[str, Family] = {arch: fam for fam in FAMILIES for arch in fam.architectures}
 BY_MODEL_TYPE: dict[str, Family] = {fam.model_type: fam for fam in FAMILIES}
@@ -26,11 +27,7 @@ def supported_architectures() -> list[str]:
 
 
 # Architectures transformers has and moekit knows but cannot load exactly yet: refused with the reason.
-NOT_IMPLEMENTED = {
-    "DeepseekV4ForCausalLM": "its compressed sparse / heavily compressed attention and hyper-connections "
-                             "are not implemented (its MoE is: MoEConfig(router='sqrtsoftplus', "
-                             "activation='limited_swiglu'), ModelConfig(hash_layers=...))",
-}
+NOT_IMPLEMENTED: dict[str, str] = {}
 
 
 def family_for_architecture(name: str) -> Family:
