@@ -21,6 +21,7 @@ from moekit.inference.loading import load_for_inference
 from moekit.inference.sampling import SamplingParams
 from moekit.interop import from_pretrained
 from moekit.offload.runtime import OffloadConfig, offload_model
+from moekit.offload.stream import load_offloaded
 from moekit.quant.checkpoint import save_quantized
 from moekit.quant.convert import QuantConfig, quantize_model
 from moekit.training import TrainConfig
@@ -112,6 +113,11 @@ def test_int8_int4_at_load_and_a_quantized_folder_stream_bit_identically(tmp_pat
     streamed = from_pretrained(tmp_path / "q", offload=OffloadConfig(cache_gb=budget, store="ram"))
     assert streamed.quantization.bits == bits
     _check_stream(ref, streamed, prompts)
+    # the commands' path: folder_kind calls a quantized folder written from an HF model "hf"
+    streamed = load_offloaded(tmp_path / "q", "hf", OffloadConfig(cache_gb=budget), quantize=qcfg)
+    _check_stream(ref, streamed, prompts)
+    with pytest.raises(ValueError, match=f"already quantized \\(int{bits}\\)"):  # quantizing twice stacks errors
+        load_offloaded(tmp_path / "q", "hf", OffloadConfig(cache_gb=budget), quantize=12 - bits)
 
 
 def test_quantize_scope_beyond_experts_is_applied_after_streaming(tmp_path):
@@ -135,6 +141,28 @@ def test_streamed_run_folder_bf16_generates_bit_identically(tmp_path):
                                         offload=OffloadConfig(cache_gb=_one_slot(ref), store_dir=str(tmp_path / "s")))
     assert next(streamed.parameters()).dtype == torch.bfloat16 and (tmp_path / "s" / "offload.json").is_file()
     _check_stream(ref, streamed, [list(b"the router learns")])
+
+
+def test_a_lora_run_is_loaded_whole_then_offloaded_with_a_note(tmp_path, capsys):
+    """Its adapters are merged into the experts, so nothing can stream: said, not skipped."""
+    from moekit.adapt.lora import apply_lora
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=48,
+                      moe=MoEConfig(d_model=32, d_expert=32, num_experts=4, top_k=2))
+    tcfg = TrainConfig(data=DataConfig(tokenizer="bytes"), seq_len=32, trainable="lora", lora_rank=4)
+    write_run_files(tmp_path, tcfg, cfg, bytes_tokenizer())
+    model = MoETransformer(cfg)
+    apply_lora(model, tcfg.lora_config())
+    for n, p in model.named_parameters():
+        if "lora" in n:
+            p.data.normal_(0, 0.1)  # B starts at zero: make the adapters change the model
+    save_checkpoint(tmp_path, model, {"step": 1})
+    ref, _, _ = load_for_inference(tmp_path)
+    capsys.readouterr()
+    streamed, _, _ = load_for_inference(tmp_path, offload=OffloadConfig(cache_gb=_one_slot(ref)))
+    assert "a LoRA run" in capsys.readouterr().err
+    _check_stream(ref, streamed, [list(b"adapters")])
 
 
 def test_a_budget_without_one_slot_per_layer_fails_before_anything_is_written(tmp_path):

@@ -242,8 +242,12 @@ def load_offloaded(folder: str | Path, kind: str, ocfg: OffloadConfig, dtype: to
 
 
 def _open(folder: Path, kind: str, dtype, checkpoint, reference: bool) -> _Source | None:
-    if kind == "hf":
-        return _HFSource(folder, dtype)
+    if kind == "hf":  # folder_kind says "hf" for a `moekit quantize` folder written from an HF model too
+        from moekit.interop.hf import read_hf_config
+
+        if "quantization" not in read_hf_config(folder):
+            return _HFSource(folder, dtype)
+        kind = "quantized"
     if kind == "quantized":
         return _QuantizedSource(folder, dtype, reference)
     from moekit.training.checkpoint import find_checkpoint, is_sharded, verify_checkpoint
