@@ -42,6 +42,12 @@ def test_the_scaling_variants_spend_equal_active_width():
     assert exp.budgets == (500_000, 2_000_000, 8_000_000) and exp.check == ("dense-total", "tiny-dense")
 
 
+def test_init_scale_pairs_differ_in_the_routed_scaling_factor_alone():
+    base, x2 = (v.model for v in EXPERIMENTS["init-scale"].variants())
+    assert base == get_preset("tiny-moe") and x2.moe.routed_scaling_factor == 2.0
+    assert dataclasses.replace(x2, moe=dataclasses.replace(x2.moe, routed_scaling_factor=1.0)) == base
+
+
 def test_pick_lr_takes_the_lowest_finite_loss():
     assert pick_lr({1e-3: 5.0, 3e-3: 4.5, 1e-2: 4.7}) == 3e-3
     assert pick_lr({1e-3: 5.0, 3e-3: math.nan, 1e-2: math.inf, 3e-2: None}) == 1e-3  # diverged or missing

@@ -69,6 +69,18 @@ def scaling() -> list[Variant]:
     return [dense, moe, dataclasses.replace(fine, name="fine-grained"), total]
 
 
+def init_scale() -> list[Variant]:
+    # With every matrix drawn at std 0.02 (GPT-2), an FFN's output grows with sqrt(hidden width):
+    # one 512-wide expert gives 1/sqrt(2) of the 1024-wide FFN's, and two of them averaged with
+    # renormalized weights 1/2 another 1/sqrt(2). benchmarks/scaling_init.py measures 0.50x.
+    # DeepSeek-V3's routed_scaling_factor (2.5 there) is the knob that undoes it; same weights,
+    # same batches per seed: the pair differs in that factor alone.
+    moe = get_preset("tiny-moe")
+    return [Variant("tiny-moe", "8 experts of 512, top-2: output 0.5x tiny-dense's FFN at init", moe),
+            Variant("tiny-moe-x2", "the same, routed output x2 (routed_scaling_factor): tiny-dense's scale at init",
+                    _moe(moe, routed_scaling_factor=2.0))]
+
+
 def balancing() -> list[Variant]:
     moe = get_preset("tiny-moe")
     return [
@@ -176,6 +188,9 @@ EXPERIMENTS: dict[str, Experiment] = {
         scaling,
         # Issue 20's CPU budgets; --scale multiplies them on a GPU.
         budgets=(500_000, 2_000_000, 8_000_000), lr_sweep=(3e-4, 1e-3, 3e-3), check=("dense-total", "tiny-dense")),
+    "init-scale": Experiment(
+        "init-scale", "Does the MoE's smaller output at initialization (half the dense FFN's) slow its training?",
+        init_scale),
     "balancing": Experiment(
         "balancing", "Without balancing, does routing collapse; does aux-loss-free balancing keep balance "
         "without hurting loss?", balancing),
@@ -202,5 +217,5 @@ def get_experiment(name: str) -> Experiment:
     return EXPERIMENTS[name]
 
 
-__all__ = ["Variant", "Experiment", "EXPERIMENTS", "get_experiment", "dense_vs_moe", "scaling", "balancing", "top_k",
+__all__ = ["Variant", "Experiment", "EXPERIMENTS", "get_experiment", "dense_vs_moe", "scaling", "init_scale", "balancing", "top_k",
            "capacity", "upcycle", "finetune", "distill"]
