@@ -76,8 +76,10 @@ def run_scaling(name: str, out: str | Path, cfg: TrainConfig, budgets: list[int]
         raise UsageError(f"--scale must be > 0, got {scale}")
     budgets = sorted({max(1, round(b * scale)) for b in budgets})
     out = Path(out)
+    # --report-only runs elsewhere than the training (another --threads, another load): say so
+    where = f"{machine()}, by --report-only (the training's own: each budget's results.md)" if report_only else machine()
     context = dict(experiment=name, question=exp.question, command=command, check=exp.check, seeds=seeds,
-                   planned_budgets=budgets, tokens_per_step=cfg.tokens_per_step, machine=machine(),
+                   planned_budgets=budgets, tokens_per_step=cfg.tokens_per_step, machine=where,
                    sweep=dict(lrs=list(sweep.lrs), fraction=sweep.fraction) if sweep else None)
 
     def report() -> dict:
