@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from moekit.distributed.mesh import DistContext
 from moekit.distributed.parallelize import expert_parameters
+from moekit.meta import on_meta
 
 
 def _full(t: torch.Tensor, is_expert: bool, ctx: DistContext) -> torch.Tensor:
@@ -96,7 +97,7 @@ def _is_full_per_element(v, p: torch.Tensor, is_expert: bool, ctx: DistContext) 
 def unsharded_twin(model: nn.Module, full: dict[str, torch.Tensor]) -> nn.Module:
     """A single-device model of the same config holding ``full`` (built on the meta device, so
     nothing is initialized twice): what ``save_checkpoint`` and ``save_pretrained`` take."""
-    with torch.device("meta"):
+    with on_meta():
         twin = _base_class(model)(model.cfg)
     twin.load_state_dict(full, assign=True)
     if model.cfg.tie_embeddings:

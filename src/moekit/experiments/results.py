@@ -51,12 +51,11 @@ def variant_curve(run_dir: Path) -> dict:
 
 def trainable_params(cfg, model_cfg) -> int:
     """Parameters the run's fine-tuning policy trains (a model on the meta device: no memory)."""
-    import torch
-
+    from moekit.meta import on_meta
     from moekit.model import MoETransformer
     from moekit.training.freeze import select_trainable
 
-    with torch.device("meta"):
+    with on_meta():
         model = MoETransformer(model_cfg)
         if cfg.trainable == "lora":
             from moekit.adapt.lora import apply_lora

@@ -30,6 +30,7 @@ from moekit.interop.export import ROUTER, save_pretrained
 from moekit.interop.family import Family, HFConfig
 from moekit.interop.names import WHOLE, Piece, hf_piece_shape, load_alternatives
 from moekit.interop.registry import family_for
+from moekit.meta import materialize, on_meta
 from moekit.model import MoETransformer
 
 
@@ -85,7 +86,7 @@ def _load(folder: Path, dtype, device, check_memory: bool, check_finite: bool, r
         method = hf["quantization_config"].get("quant_method", "?")
         raise ModelFolderError(f"{folder}: quantized checkpoints ({method}) are not supported; dequantize to bf16 first")
     cfg = family.to_config(hf)
-    with torch.device("meta"):
+    with on_meta():
         meta = MoETransformer(cfg)
     with Checkpoint(folder, pread=True) as ckpt:  # not the map: its read pages would count in RSS
         plan = _plan_load(_shapes(meta), cfg, family, hf, ckpt)
@@ -154,15 +155,9 @@ def _materialize(meta: MoETransformer, dtype: torch.dtype, device: torch.device)
     for name, module in model.named_modules():
         if name.endswith(ROUTER):
             module.float()
-    model.to_empty(device=device)
+    materialize(model, device)
     if model.cfg.tie_embeddings:
-        model.lm_head.weight = model.embed.weight  # to_empty gives each module its own tensor
-    for module in model.modules():
-        for buf in module.buffers(recurse=False):
-            buf.zero_()  # persistent ones are then loaded; the rest (load counters) start at zero
-        for attr, value in list(vars(module).items()):
-            if isinstance(value, torch.Tensor) and value.is_meta:  # e.g. MoELayer.aux_loss
-                setattr(module, attr, torch.zeros(value.shape, dtype=value.dtype, device=device))
+        model.lm_head.weight = model.embed.weight  # materialize gives each module its own tensor
     return model
 
 

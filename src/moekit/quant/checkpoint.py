@@ -27,6 +27,7 @@ from moekit.config import ModelConfig
 from moekit.errors import ModelFolderError, UsageError
 from moekit.fileio import read_json_object
 from moekit.interop.checkpoint import SINGLE, Checkpoint, remove_stale, write_json, write_safetensors
+from moekit.meta import materialize, on_meta
 from moekit.model import MoETransformer
 from moekit.quant.convert import QuantConfig, quantized_weights, targets
 from moekit.quant.modules import QuantizedExperts, QuantizedLinear, QuantizedMLP
@@ -106,7 +107,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None,
     qcfg.check_supported()
     cfg = model_config(data)
     check_complete(folder / SINGLE)
-    with torch.device("meta"):
+    with on_meta():
         model = MoETransformer(cfg)
     try:
         with Checkpoint(folder) as ckpt:
@@ -199,13 +200,7 @@ def _materialize_float(model: MoETransformer, plan: _Plan, ckpt: Checkpoint) -> 
     """Allocate everything but the quantized modules and fill it from the checkpoint."""
     for name in plan.twins:  # nothing of the float originals is allocated
         _set(model, name, nn.Module())
-    model.to_empty(device="cpu")
-    for module in model.modules():
-        for buf in module.buffers(recurse=False):
-            buf.zero_()  # persistent ones are loaded next; the rest (load counters) start at zero
-        for attr, value in list(vars(module).items()):
-            if isinstance(value, torch.Tensor) and value.is_meta:  # e.g. MoELayer's zero aux loss
-                setattr(module, attr, torch.zeros(value.shape, dtype=value.dtype))
+    materialize(model, "cpu")  # buffers zeroed: persistent ones are loaded next, load counters start at zero
     state = {name: ckpt.get(name) for name in plan.floats if name.rpartition(".")[0] not in plan.twins}
     model.load_state_dict(state, strict=True, assign=True)
     if model.cfg.tie_embeddings:
