@@ -116,3 +116,25 @@ def test_llama4_multimodal_checkpoint_loads_its_language_model(tmp_path):
     assert type(back).__name__ == "Llama4ForCausalLM"
     with torch.no_grad():
         assert max_diff(back(input_ids=ids).logits, want) <= ATOL
+
+
+def test_deepseek_v4_loads_the_release_names(tmp_path):
+    """DeepSeek's own release spells the tensors without transformers' "model." prefix (embed.weight,
+    layers.{i}.attn.wq_a.weight, hc_head_fn, ...): moekit reads them as transformers' loader does."""
+    from safetensors.torch import load_file, save_file
+
+    from moekit.interop.deepseek_v4 import release_name
+
+    ref = build("deepseek_v4")
+    ref.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    renamed = {release_name(k): v for k, v in tensors.items()}
+    assert "embed.weight" in renamed and "layers.0.attn.wq_a.weight" in renamed and "hc_head_fn" in renamed
+    save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = moekit.from_pretrained(tmp_path)
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    with torch.no_grad():
+        want, got = ref(input_ids=ids).logits, model(ids).logits
+        assert max_diff(back(input_ids=ids).logits, want) == 0  # transformers reads the release names too
+    assert max_diff(got, want) <= ATOL

@@ -209,6 +209,17 @@ BLOCK = {
 }
 
 
+_RELEASE = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
+            "model.hc_head.hc_fn": "hc_head_fn", "model.hc_head.hc_base": "hc_head_base",
+            "model.hc_head.hc_scale": "hc_head_scale"}
+
+
+def release_name(name: str) -> str:
+    """The name in DeepSeek's own release (what transformers' loader converts from): no "model."
+    prefix, and a few top-level tensors spelled differently."""
+    return _RELEASE.get(name, name.removeprefix("model."))
+
+
 def is_mtp_tensor(name: str, cfg: ModelConfig) -> bool:
     return name.startswith("mtp.") or ".mtp." in name
 
@@ -216,6 +227,6 @@ def is_mtp_tensor(name: str, cfg: ModelConfig) -> bool:
 DEEPSEEK_V4 = Family(
     (ARCH,), "deepseek_v4", deepseek_v4_config, deepseek_v4_hf,
     Naming(moe="ffn", expert_proj=("w1", "w3", "w2"), shared="shared_experts"), tables=(GLOBAL, BLOCK),
-    skipped=is_mtp_tensor, skip_note="multi-token-prediction tensor(s) (mtp.*): they are not part of the language model",
+    skipped=is_mtp_tensor, respell=release_name, skip_note="multi-token-prediction tensor(s) (mtp.*): they are not part of the language model",
     fp32_router=True,
 )

@@ -57,6 +57,9 @@ class Family:
     # Optional own name tables (global names, per-block suffixes) in names.py's rule format,
     # replacing its Llama-lineage ones (DeepSeek-V4's checkpoints keep DeepSeek's own names).
     tables: tuple[dict, dict] | None = None
+    # Optional second spelling of every checkpoint name, tried on load (DeepSeek-V4: the release's
+    # names without transformers' "model." prefix); exports write the first.
+    respell: Callable[[str], str] | None = None
 
 
 class Fields:

@@ -90,7 +90,7 @@ def _load(folder: Path, dtype, device, check_memory: bool, check_finite: bool, r
         meta = MoETransformer(cfg)
     with Checkpoint(folder, pread=True) as ckpt:  # not the map: its read pages would count in RSS
         plan = _plan_load(_shapes(meta), cfg, family, hf, ckpt)
-        dtype = dtype or DTYPES[ckpt.entries[family.prefix + "model.embed_tokens.weight"].dtype]
+        dtype = dtype or DTYPES[ckpt.entries[plan["embed.weight"][0].hf].dtype]  # as the checkpoint spells it
         check_fits(cfg, str(device or "cpu"), dtype=str(dtype), force=not check_memory, what=str(folder))
         model = _materialize(meta, dtype, torch.device(device or "cpu"))
         _copy(model, plan, ckpt, check_finite)

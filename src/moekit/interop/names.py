@@ -210,10 +210,14 @@ def load_alternatives(name, shape, cfg, family, hf) -> list[list[Piece]]:
     for module in dict.fromkeys((family.naming.moe, FUSED_MODULE)):
         for layout in EXPERT_LAYOUTS:
             alt = pieces(name, shape, cfg, family, hf, module, layout)
-            key = tuple(p.hf for p in alt)
-            if key not in seen:
-                seen.add(key)
-                out.append(alt)
+            spellings = [alt]
+            if family.respell is not None:
+                spellings.append([Piece(family.respell(p.hf), p.index, p.transform) for p in alt])
+            for alt in spellings:
+                key = tuple(p.hf for p in alt)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(alt)
     return out
 
 

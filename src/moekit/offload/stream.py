@@ -99,7 +99,7 @@ class _HFSource(_Source):
             self.meta = MoETransformer(self.cfg)
         self.ckpt = Checkpoint(folder, pread=True)
         self.plan = _plan_load(_shapes(self.meta), self.cfg, family, self.hf, self.ckpt)
-        embed = self.ckpt.entries[family.prefix + "model.embed_tokens.weight"]
+        embed = self.ckpt.entries[self.plan["embed.weight"][0].hf]  # as the checkpoint spells it
         self.dtype = self.rest_dtype = dtype or DTYPES[embed.dtype]
 
     def materialize_rest(self, device, check_finite):
