@@ -240,6 +240,8 @@ def summary(cfg: ModelConfig, seq_len: int | None = None) -> dict:
         "kv_cache_bytes_per_token_bf16": kv_cache_bytes_per_token(cfg),
         "kv_cache_uncompressed_bytes_per_token_bf16": kv_cache_uncompressed_bytes_per_token(cfg),
         "kv_cache_bytes_at_seq_len_bf16": kv_cache_bytes_per_token(cfg) * seq_len,
+        **({"kv_cache_pooled_bytes_per_token_bf16": 2.0 * pooled_kv_values_per_token(cfg)}
+           if cfg.attention == "compressed" else {}),
         "quantized_experts": {k: {**v, "gpus_80gb": math.ceil(v["total"] / GPU_BYTES)}
                               for k, v in expert_format_bytes(cfg).items()},
     }
@@ -252,12 +254,25 @@ def human(n: float, unit: str = "") -> str:
     return f"{n:.0f}{unit}"
 
 
+def pooled_kv_values_per_token(cfg: ModelConfig) -> float:
+    """DeepSeek-V4's own cache, per token of a long sequence: the pooled entries (head_dim every
+    ratio tokens; csa layers also the indexer's keys), the fixed sliding window left out. moekit's
+    cache keeps each token's compressor inputs instead and pools again at each step."""
+    c, C = cfg.compression, cfg.resolved_head_dim
+    return sum(C / c.hca_ratio if k == "hca" else (C + c.index_head_dim) / c.csa_ratio
+               for k in c.layers if k != "none")
+
+
 def _kv_line(s: dict) -> str:
     kv, full = s["kv_cache_bytes_per_token_bf16"], s["kv_cache_uncompressed_bytes_per_token_bf16"]
     line = (f"  KV cache per token {human(kv, 'B'):>10}  (bf16; {human(s['kv_cache_bytes_at_seq_len_bf16'], 'B')} "
             f"per sequence of {s['seq_len']})")
     if full != kv:
         line += f"; MLA latent vs full k/v {human(full, 'B')}: {full / kv:.1f}x smaller"
+    if "kv_cache_pooled_bytes_per_token_bf16" in s:
+        pooled = s["kv_cache_pooled_bytes_per_token_bf16"]
+        line += (f"; DeepSeek-V4's pooled cache {human(pooled, 'B')} (moekit keeps each token's compressor "
+                 f"inputs, {kv / pooled:.0f}x that, and pools again each step)")
     return line
 
 
@@ -271,7 +286,7 @@ def format_report(cfg: ModelConfig, name: str, seq_len: int | None = None) -> st
         f"  MoE layers         {s['moe_layers']:>10} of {s['n_layers']}",
         "  breakdown                 total      active",
     ]
-    for cat in CATEGORIES:
+    for cat in s["breakdown"]:  # CATEGORIES, then hyper_connections where there are any
         if s["breakdown"][cat]:
             lines.append(f"    {cat:<18} {human(s['breakdown'][cat]):>10}  {human(s['active_breakdown'][cat]):>10}")
     lines += [
