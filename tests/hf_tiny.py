@@ -93,7 +93,8 @@ def deepseek_v2(lite: bool = False):
 def deepseek_v4():
     """Layers: HCA (windows of 4), CSA (windows of 2, the indexer keeping 3 of up to 10 entries),
     sliding only, CSA; layer 0 hash-routed; 2 hyper-connection streams; a swiglu_limit the random
-    activations cross; a sliding window shorter than SEQ. What transformers initializes to constants
+    activations cross; a sliding window shorter than SEQ; YaRN on the compress RoPE (beyond 16
+    positions). What transformers initializes to constants
     (the hyper-connection biases and scales, the hash table) is set at random here."""
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
@@ -103,7 +104,9 @@ def deepseek_v4():
                                      compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
                                      layer_types=["heavily_compressed_attention", "compressed_sparse_attention",
                                                   "sliding_attention", "compressed_sparse_attention"],
-                                     mlp_layer_types=["hash_moe", "moe", "moe", "moe"], hc_mult=2, swiglu_limit=1.0))
+                                     mlp_layer_types=["hash_moe", "moe", "moe", "moe"], hc_mult=2, swiglu_limit=1.0,
+                                     rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16,
+                                                          beta_fast=32.0, beta_slow=1.0)))
     model = DeepseekV4ForCausalLM(cfg)
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:

@@ -311,6 +311,11 @@ class CompressionConfig:
         for name in ("csa_ratio", "hca_ratio", "o_groups", "o_rank", "index_heads", "index_head_dim", "index_topk"):
             check_int(f"compression.{name}", getattr(self, name))
         check_float("compression.rope_theta", self.rope_theta, 0.0, strict=True)
+        rs = self.rope_scaling
+        if rs is not None and (not isinstance(rs, dict) or rs.get("rope_type") != "yarn"
+                               or not ROPE_SCALINGS["yarn"][0] <= set(rs) - {"rope_type"}
+                               or set(rs) - {"rope_type"} - ROPE_SCALINGS["yarn"][0] - ROPE_SCALINGS["yarn"][1]):
+            raise ConfigError(f"compression.rope_scaling must be None or YaRN's keys (DeepSeek-V4), got {rs!r}")
         if self.index_head_dim % 2:
             raise ConfigError(f"compression.index_head_dim ({self.index_head_dim}) must be even for rotary embeddings")
 

@@ -40,7 +40,7 @@ def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return torch.cat((keep, (rot * cos + turned * sin).to(x.dtype)), dim=-1)
 
 
-def window_pool(kv: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, m: int, overlap: bool) -> tuple:
+def window_pool(kv: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor, m: int, overlap: bool) -> torch.Tensor:
     """kv, gate [B, T, C'] (C' = 2C when ``overlap``) -> the pooled, unnormalized entries
     [B, W, C] for the W = T // m complete windows. ``bias`` [m, C'] is added to the gates."""
     B, T, _ = kv.shape
