@@ -10,6 +10,7 @@ import torch
 from hf_tiny import BUILDERS, SEQ, VOCAB, build, greedy, hf_logits, mk_logits
 
 import moekit
+from safetensors import safe_open
 
 transformers = pytest.importorskip("transformers")
 
@@ -138,3 +139,21 @@ def test_deepseek_v4_loads_the_release_names(tmp_path):
         want, got = ref(input_ids=ids).logits, model(ids).logits
         assert max_diff(back(input_ids=ids).logits, want) == 0  # transformers reads the release names too
     assert max_diff(got, want) <= ATOL
+
+
+def test_deepseek_v4_in_bf16_keeps_hyper_connections_in_fp32_as_transformers_does(tmp_path):
+    """transformers keeps V4's hyper-connection weights in fp32 in a bf16 model; so does moekit, on
+    load and on export; its bf16 logits stay near the fp32 model's."""
+    ref = build("deepseek_v4")
+    ref.save_pretrained(tmp_path / "hf")
+    model = moekit.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16)
+    assert model.blocks[0].attn_hc.fn.dtype == model.hc_head.fn.dtype == torch.float32
+    assert model.blocks[0].attn.wq_a.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    with torch.no_grad():
+        want, got = ref(input_ids=ids).logits, model(ids).logits.float()
+    assert torch.nn.functional.cosine_similarity(want.flatten(), got.flatten(), dim=0) > 0.995
+    model.save_pretrained(tmp_path / "out")
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.layers.0.hc_attn_fn").get_dtype() == "F32"
+        assert f.get_slice("model.layers.0.attn.wq_a.weight").get_dtype() == "BF16"

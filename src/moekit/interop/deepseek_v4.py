@@ -228,5 +228,5 @@ DEEPSEEK_V4 = Family(
     (ARCH,), "deepseek_v4", deepseek_v4_config, deepseek_v4_hf,
     Naming(moe="ffn", expert_proj=("w1", "w3", "w2"), shared="shared_experts"), tables=(GLOBAL, BLOCK),
     skipped=is_mtp_tensor, respell=release_name, skip_note="multi-token-prediction tensor(s) (mtp.*): they are not part of the language model",
-    fp32_router=True,
+    fp32_router=True, fp32_modules=("attn_hc", "ffn_hc", "hc_head"),
 )

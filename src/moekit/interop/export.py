@@ -116,7 +116,8 @@ def _plan_export(model, cfg, family: Family, hf: HFConfig, layout: str, out_dtyp
         except Unmapped:
             unmapped.append(name)
             continue
-        keep32 = family.fp32_router and ROUTER + "." in name
+        module = name.rsplit(".", 1)[0]
+        keep32 = (family.fp32_router and ROUTER + "." in name) or module.endswith(family.fp32_modules)
         dtype = (torch.float32 if keep32 else out_dtype) if t.is_floating_point() else t.dtype  # int: a hash table
         for p in pieces:
             outs.append(_Out(p.hf, name, p, hf_piece_shape(p, tuple(t.shape)), dtype))

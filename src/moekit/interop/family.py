@@ -51,6 +51,9 @@ class Family:
     skip_note: str = "multi-token-prediction tensor(s) (model.layers.{n_layers}.*): they are not part of the language model"
     prefix: str = ""  # before every checkpoint name (Llama 4's multimodal checkpoints: "language_model.")
     fp32_router: bool = False  # transformers keeps the router weight/bias in fp32 (DeepSeek-V3)
+    # moekit modules (name endings) kept float32 in a half-precision load and export, as transformers
+    # keeps them (DeepSeek-V4's hyper-connections); they compute in float32 whatever the input.
+    fp32_modules: tuple[str, ...] = ()
     # Optional own expert layout: (which of w_in/w_out/b_in/b_out, moekit shape, "...experts." prefix)
     # -> pieces (GPT-OSS's transposed, interleaved fused tensors with biases); None = names.py's.
     expert_pieces: Callable | None = None

@@ -92,7 +92,7 @@ def _load(folder: Path, dtype, device, check_memory: bool, check_finite: bool, r
         plan = _plan_load(_shapes(meta), cfg, family, hf, ckpt)
         dtype = dtype or DTYPES[ckpt.entries[plan["embed.weight"][0].hf].dtype]  # as the checkpoint spells it
         check_fits(cfg, str(device or "cpu"), dtype=str(dtype), force=not check_memory, what=str(folder))
-        model = _materialize(meta, dtype, torch.device(device or "cpu"))
+        model = _materialize(meta, dtype, torch.device(device or "cpu"), family.fp32_modules)
         _copy(model, plan, ckpt, check_finite)
     model.hf_config = hf
     return model.eval()
@@ -149,11 +149,13 @@ def _check_all_used(unused: set[str], cfg: ModelConfig, family: Family) -> None:
         warnings.warn(f"skipped {len(skipped)} {family.skip_note.format(n_layers=cfg.n_layers)}", stacklevel=4)
 
 
-def _materialize(meta: MoETransformer, dtype: torch.dtype, device: torch.device) -> MoETransformer:
-    """Allocate the meta model on ``device`` (uninitialized: the plan fills every tensor)."""
+def _materialize(meta: MoETransformer, dtype: torch.dtype, device: torch.device,
+                 fp32_modules: tuple[str, ...] = ()) -> MoETransformer:
+    """Allocate the meta model on ``device`` (uninitialized: the plan fills every tensor); routers
+    and the family's ``fp32_modules`` stay float32."""
     model = meta.to(dtype)  # still meta: free
     for name, module in model.named_modules():
-        if name.endswith(ROUTER):
+        if name.endswith((ROUTER, *fp32_modules)):
             module.float()
     materialize(model, device)
     if model.cfg.tie_embeddings:
