@@ -163,8 +163,9 @@ def run_experiment(name: str, out: str | Path, cfg: TrainConfig, *, steps: int |
     data = prepare_data(cfg.data, cfg.cache_dir, log=log)
     check_length(data, cfg.seq_len)
     if steps is None:
-        per_step = [v.steps * seeds * seconds_per_step(v.model, cfg, data, device) for v in variants]
-        log("seconds per step: " + ", ".join(f"{v.name} {s / v.steps / seeds:.3f}" for v, s in zip(variants, per_step)))
+        runs = seeds + (len(sweep.lrs) * sweep.fraction if sweep else 0)  # a sweep's runs count in the minutes
+        per_step = [v.steps * runs * seconds_per_step(v.model, cfg, data, device) for v in variants]
+        log("seconds per step: " + ", ".join(f"{v.name} {s / v.steps / runs:.3f}" for v, s in zip(variants, per_step)))
         spent = (time.perf_counter() - t_start) / 60
         steps = steps_for_minutes(per_step, max(minutes - spent, 0.1), cfg)
     steps = max(1, round(steps * scale))
