@@ -20,17 +20,30 @@ def clamped_swiglu(h, limit, alpha):
     return gate * (1 / (1 + torch.exp(-alpha * gate))) * (up + 1)
 
 
+def limited_swiglu(h, limit):
+    """DeepSeek-V4's activation as transformers' DeepseekV4Experts writes it (moekit's halves)."""
+    gate, up = h.chunk(2, dim=-1)
+    gate = torch.where(gate > limit, torch.full_like(gate, limit), gate)
+    up = torch.maximum(torch.minimum(up, torch.full_like(up, limit)), torch.full_like(up, -limit))
+    return gate * torch.sigmoid(gate) * up
+
+
+def ffn_activation(cfg, h):
+    """The expert activation of ``cfg``, from the definitions above where it is a clamped kind."""
+    if cfg.activation == "clamped_swiglu":
+        return clamped_swiglu(h, cfg.swiglu_limit, cfg.swiglu_alpha)
+    if cfg.activation == "limited_swiglu":
+        return limited_swiglu(h, cfg.swiglu_limit)
+    return activate(h, cfg.activation)
+
+
 def expert_ffn(layer, e, x):
     cfg, ex = layer.cfg, layer.experts
     w_in, w_out = ex.w_in[e].to(x.dtype), ex.w_out[e].to(x.dtype)  # [out, in]
     h = x @ w_in.t()
     if cfg.expert_proj_bias:
         h = h + ex.b_in[e].to(x.dtype)
-    if cfg.activation == "clamped_swiglu":
-        a = clamped_swiglu(h, cfg.swiglu_limit, cfg.swiglu_alpha)
-    else:
-        a = activate(h, cfg.activation)
-    y = a @ w_out.t()
+    y = ffn_activation(cfg, h) @ w_out.t()
     return y + ex.b_out[e].to(x.dtype) if cfg.expert_proj_bias else y
 
 
@@ -64,7 +77,7 @@ def reference_moe(layer, x, padding_mask=None):
                 out[t] += wt * expert_ffn(layer, e, x_TD[t : t + 1])[0].float()
     if cfg.num_shared_experts:
         sw_in, sw_out = layer.shared.w_in.weight.to(x.dtype), layer.shared.w_out.weight.to(x.dtype)
-        y = activate(x_TD @ sw_in.t(), cfg.activation) @ sw_out.t()
+        y = ffn_activation(cfg, x_TD @ sw_in.t()) @ sw_out.t()
         if cfg.shared_expert_gate:
             y = torch.sigmoid(x_TD @ layer.shared_gate.weight.to(x.dtype).t()) * y
         out = out + y.float()

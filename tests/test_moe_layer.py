@@ -27,13 +27,17 @@ CASES = {
                     expert_proj_bias=True, activation="clamped_swiglu", swiglu_limit=1.0),
     # DeepSeek-V4's router: sqrt(softplus) scores with a selection bias
     "sqrtsoftplus": dict(router="sqrtsoftplus", num_experts=8, top_k=2, routed_scaling_factor=1.5),
+    # DeepSeek-V4: sqrt(softplus) scores, the limited SwiGLU (a limit the activations cross) in routed and
+    # shared experts (hash routing, which needs token ids: test_moe_v4)
+    "deepseek-v4": dict(router="sqrtsoftplus", num_experts=8, top_k=2, routed_scaling_factor=1.5,
+                        activation="limited_swiglu", swiglu_limit=1.0, num_shared_experts=1),
     # Llama 4: top-1 sigmoid of the chosen logit scaling the expert's input, no selection bias, a shared expert
     "llama4": dict(router="sigmoid", num_experts=8, top_k=1, selection_bias=False, gate_input=True,
                    num_shared_experts=1),
 }
 # bf16 tests take a limit the activations do not reach: the clamp's gradient jumps at the limit,
 # so two bf16 roundings of one value on either side of it differ by a whole term (fp32 tests it).
-BF16_LIMIT = {"gpt-oss": dict(swiglu_limit=50.0)}
+BF16_LIMIT = {"gpt-oss": dict(swiglu_limit=50.0), "deepseek-v4": dict(swiglu_limit=50.0)}
 CAPACITIES = {"dropless": None, "cf1.0": 1.0, "cf0.5": 0.5}
 
 
@@ -99,7 +103,7 @@ def test_layer_matches_reference_fp32(case, capacity, training):
 
 
 @pytest.mark.parametrize("case", ["softmax-top2", "sigmoid-groups", "expert-choice", "fine-shared-gated", "gpt-oss",
-                                  "llama4"])
+                                  "llama4", "deepseek-v4"])
 def test_layer_matches_reference_bf16(case):
     layer = make_layer(case, 1.0 if case == "softmax-top2" else None, **BF16_LIMIT.get(case, {}))
     x = torch.randn(2, 16, D).bfloat16()
