@@ -44,6 +44,9 @@ def test_generate_json_reports_the_cache_and_matches_in_memory_tokens(folder, ca
     assert o["misses"] > 0 and o["hits"] + o["misses"] >= 2 * 2 * 12  # 2 layers x top-2 x tokens run
     assert 0 <= o["hit_rate"] <= 1 and o["bytes_per_token"] == o["bytes_moved"] / (len(ref["prompt_ids"]) + 12)
     assert o["cache_allocated_bytes"] <= 2 * 2 * 49152 + 4 * 64
+    d, steps = o["decode"], len(rec["output_ids"]) - 1  # the first token comes from the prefill
+    assert d["hits"] + d["misses"] == 2 * 2 * steps and d["bytes_per_token"] == d["bytes_moved"] / steps
+    assert d["bytes_moved"] < o["bytes_moved"] and d["misses"] <= o["misses"]
     if "--on-miss" in flags:
         assert o["computed_on_miss"] > 0 and o["store"] == "ram"
     else:

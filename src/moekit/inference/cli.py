@@ -165,17 +165,24 @@ def cmd_generate(args) -> int:
                     record_routing=args.show_routing, prefill_chunk=args.prefill_chunk or None)
     t0 = time.perf_counter()
     seq = engine.add(ids, params)
-    first = None
+    first = prefill_stats = None
+    rt = getattr(model, "offload", None)
     while not seq.finished:
         engine.step()
         first = first or time.perf_counter()
+        if args.json and rt is not None and prefill_stats is None and seq.output_ids:
+            rt.drain()  # the prefill's prefetch loads count as the prefill's
+            prefill_stats = rt.stats
         if not args.json and (piece := seq.take_text()):
             print(piece, end="", flush=True)
     if not args.json:
         print(seq.take_text(), flush=True)
     total = time.perf_counter() - t0
     if args.json:
-        print(json.dumps(_record(seq, tok, engine, total, first - t0, args.show_routing, model), ensure_ascii=False))
+        rec = _record(seq, tok, engine, total, first - t0, args.show_routing, model)
+        if prefill_stats is not None:  # the decode steps' own counters: bytes per decode token
+            rec["offload"]["decode"] = rt.stats.since(prefill_stats).to_dict(tokens=engine.stats.decode_tokens)
+        print(json.dumps(rec, ensure_ascii=False))
     elif args.show_routing:
         print(format_routing(seq, tok, model))
     return 0

@@ -55,6 +55,10 @@ class CacheStats:
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
         return self
 
+    def since(self, earlier: "CacheStats") -> "CacheStats":
+        """The counts after ``earlier`` (a snapshot of the same counters), e.g. a decode's alone."""
+        return CacheStats(**{f.name: getattr(self, f.name) - getattr(earlier, f.name) for f in fields(self)})
+
     def to_dict(self, tokens: int | None = None) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         asked = self.hits + self.misses
