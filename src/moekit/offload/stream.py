@@ -57,6 +57,7 @@ class _Source:
     meta: MoETransformer
     ckpt: Checkpoint
     plan: dict[str, list[Piece]]
+    expert_shapes: dict[str, tuple[int, ...]]  # "blocks.{i}.ffn.experts.w_in" -> [E, H, D], ...
     dtype: torch.dtype  # the experts' float dtype
     rest_dtype: torch.dtype  # the non-expert weights' (and so the KV cache's) dtype
     quantization: QuantConfig | None = None  # the folder's own (a `moekit quantize` folder)
@@ -75,11 +76,12 @@ class _Source:
     def materialize_rest(self, device: torch.device, check_finite: bool) -> MoETransformer:
         raise NotImplementedError
 
-    @property
-    def expert_shapes(self) -> dict[str, tuple[int, ...]]:
-        if not hasattr(self, "_expert_shapes"):  # read before the meta experts are swapped out
-            self._expert_shapes = {n: tuple(t.shape) for n, t in self.meta.state_dict().items() if _EXPERTS.fullmatch(n)}
-        return self._expert_shapes
+    def _build_meta(self, cfg) -> None:
+        """The model on the meta device (free), and its expert tensors' shapes (read now: the
+        meta experts leave the model before anything is allocated)."""
+        with torch.device("meta"):
+            self.meta = MoETransformer(cfg)
+        self.expert_shapes = {n: tuple(t.shape) for n, t in self.meta.state_dict().items() if _EXPERTS.fullmatch(n)}
 
 
 class _HFSource(_Source):
@@ -95,8 +97,7 @@ class _HFSource(_Source):
             method = self.hf["quantization_config"].get("quant_method", "?")
             raise ModelFolderError(f"{folder}: quantized checkpoints ({method}) are not supported; dequantize to bf16 first")
         self.cfg = family.to_config(self.hf)
-        with torch.device("meta"):
-            self.meta = MoETransformer(self.cfg)
+        self._build_meta(self.cfg)
         self.ckpt = Checkpoint(folder, pread=True)
         self.plan = _plan_load(_shapes(self.meta), self.cfg, family, self.hf, self.ckpt)
         embed = self.ckpt.entries[self.plan["embed.weight"][0].hf]  # as the checkpoint spells it
@@ -118,8 +119,7 @@ class _RunSource(_Source):
     def __init__(self, checkpoint: Path, model_cfg, dtype: torch.dtype | None):
         from moekit.training.checkpoint import check_shapes
 
-        with torch.device("meta"):
-            self.meta = MoETransformer(model_cfg)
+        self._build_meta(model_cfg)
         self.ckpt = Checkpoint(checkpoint, pread=True)
         want = {n: tuple(t.shape) for n, t in self.meta.state_dict().items()}
         have = {n: e.shape for n, e in self.ckpt.entries.items()}
@@ -154,8 +154,7 @@ class _QuantizedSource(_Source):
         qcfg.check_supported()
         self.quantization = qcfg
         check_complete(folder / SINGLE)
-        with torch.device("meta"):
-            self.meta = MoETransformer(model_config(self.data))
+        self._build_meta(model_config(self.data))
         self.ckpt = Checkpoint(folder, pread=True)
         self.qplan = _plan(self.meta, qcfg, self.ckpt)
         self.plan = {n: [Piece(n)] for n in self.qplan.floats}  # float experts when the scope left them out
@@ -202,11 +201,13 @@ def _rest(plan: dict[str, list[Piece]]) -> dict[str, list[Piece]]:
 def load_offloaded(folder: str | Path, kind: str, ocfg: OffloadConfig, dtype: torch.dtype | None = None,
                    device: str | torch.device | None = None, *, checkpoint: str | int = "last",
                    check_memory: bool = True, check_finite: bool = True, quantize=None,
-                   reference: bool = False) -> MoETransformer:
+                   reference: bool = False) -> MoETransformer | None:
     """The model of ``folder`` (``kind`` as ``inference.loading.folder_kind`` says: "hf", "run"
     or "quantized") with its experts streamed into the store of ``ocfg`` (module docstring);
     eval mode, runtime at ``model.offload``. ``quantize`` (8, 4 or a QuantConfig) quantizes at
-    load: the experts layer by layer as they are written, the rest of the scope after."""
+    load: the experts layer by layer as they are written, the rest of the scope after.
+    None (after a note on stderr) for a LoRA run or a sharded checkpoint, which the caller
+    loads whole and then offloads (``inference.loading.load_for_inference`` does)."""
     folder = Path(folder)
     qcfg = QuantConfig(bits=quantize, reference=reference) if isinstance(quantize, int) else quantize
     if qcfg is not None:
@@ -281,7 +282,7 @@ def _effective_quant(source: _Source, qcfg: QuantConfig | None, device: torch.de
 def _templates(source: _Source, qcfg: QuantConfig | None) -> dict[int, nn.Module]:
     """Layer -> a meta-device provider of the kind the store will hold (only its metadata is
     read: num_experts, widths, activation, dtype, int4 layout)."""
-    out, _ = {}, source.expert_shapes
+    out = {}
     for i, block in moe_blocks(source.meta).items():
         experts = block.ffn.experts.to(source.dtype)  # still meta
         if qcfg is not None and "experts" in qcfg.scope:
