@@ -192,13 +192,10 @@ _CHILD = textwrap.dedent("""
     def rss(field):
         return next(int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines()
                     if l.startswith(field + ":"))
-    from moekit import MoEConfig, ModelConfig, MoETransformer
     from moekit.interop import from_pretrained
     from moekit.offload.runtime import OffloadConfig
+    import moekit.offload.stream
     torch.set_num_threads(1)
-    with torch.device("meta"):  # the first meta model imports ~80 MB of torch modules: not the load's
-        MoETransformer(ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=1, d_ff=8,
-                                   moe=MoEConfig(d_model=8, d_expert=8, num_experts=2, top_k=1)))
     before = rss("VmRSS")
     budget = float(sys.argv[2])
     model = from_pretrained(sys.argv[1], offload=OffloadConfig(cache_gb=budget) if budget else None)

@@ -39,6 +39,7 @@ from torch import nn
 from moekit.errors import ConfigError
 from moekit.interop.checkpoint import Checkpoint
 from moekit.interop.names import Piece
+from moekit.meta import on_meta
 from moekit.model import MoETransformer
 from moekit.offload.budget import resident_bytes, resolve_budget
 from moekit.offload.runtime import OffloadConfig, attach, check_templates, moe_blocks, slots_per_layer
@@ -79,7 +80,7 @@ class _Source:
     def _build_meta(self, cfg) -> None:
         """The model on the meta device (free), and its expert tensors' shapes (read now: the
         meta experts leave the model before anything is allocated)."""
-        with torch.device("meta"):
+        with on_meta():
             self.meta = MoETransformer(cfg)
         self.expert_shapes = {n: tuple(t.shape) for n, t in self.meta.state_dict().items() if _EXPERTS.fullmatch(n)}
 
