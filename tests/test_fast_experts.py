@@ -62,16 +62,24 @@ def test_fast_path_matches_reference_bf16(impl, case, monkeypatch):
         assert_close_scaled(a.float(), b.float(), tol=2e-2)
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu"])
-def test_grouped_equals_loop_with_empty_experts(activation, dtype, monkeypatch):
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "relu", "clamped_swiglu", "limited_swiglu"])
+def test_grouped_equals_loop_with_empty_experts(activation, dtype, bias, monkeypatch):
     """Experts level, a hand-made plan: uneven slices with empty ones, tokens repeated across
     experts and one token with no slot. The grouped path, its loop fallback and autograd
     through the plain loop agree on outputs and all gradients (input, routing weights, expert
-    weights); idle experts get zero gradients. Both schedules of the grouped node run here
-    (one grouped_mm per projection, and one block per expert), whichever this machine picks."""
-    experts = Experts(6, 16, 16, activation).to(dtype)  # widths grouped_mm's 16-byte rule takes
+    weights and biases); idle experts get zero gradients. Both schedules of the grouped node
+    run here (one grouped_mm per projection, and one block per expert), whichever this machine
+    picks. The clamped SwiGLUs (GPT-OSS, DeepSeek-V4) clamp at 0.5 in fp32, where the
+    activations cross it; bf16 takes a limit they do not reach (see BF16_LIMIT)."""
+    limit = 0.5 if dtype == torch.float32 else 50.0
+    act_args = {"clamped_swiglu": (limit, 1.702), "limited_swiglu": (limit,)}.get(activation, ())
+    experts = Experts(6, 16, 16, activation, bias=bias, act_args=act_args).to(dtype)  # widths grouped_mm takes
     experts.reset_parameters(0.3, 0.3)
+    if bias:
+        with torch.no_grad():
+            experts.b_in.normal_(std=0.3), experts.b_out.normal_(std=0.3)
     counts = torch.tensor([5, 0, 9, 1, 0, 7])
     T = 10
     token_ids = torch.cat([torch.randperm(T - 1)[:n] for n in counts.tolist()])  # token T-1 unused
@@ -92,15 +100,16 @@ def test_grouped_equals_loop_with_empty_experts(activation, dtype, monkeypatch):
         y = experts(xi, dataclasses.replace(plan, weights=wi), impl)
         assert y.dtype == torch.float32 and y.shape == (T, 16)
         (y * d_out).sum().backward()
-        results.append([y, xi.grad, wi.grad, experts.w_in.grad, experts.w_out.grad])
+        results.append([y, xi.grad, wi.grad, experts.w_in.grad, experts.w_out.grad]
+                       + ([experts.b_in.grad, experts.b_out.grad] if bias else []))
         experts.zero_grad(set_to_none=True)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for other in results[1:]:
         for a, b in zip(other, results[0]):
             assert_close_scaled(a.float(), b.float(), tol=tol)
-    for y, x_grad, _, w_in_grad, w_out_grad in results[1:]:
+    for y, x_grad, _, *weight_grads in results[1:]:
         assert torch.count_nonzero(y[T - 1]) == 0 and torch.count_nonzero(x_grad[T - 1]) == 0
-        for g in (w_in_grad, w_out_grad):
+        for g in weight_grads:
             assert torch.count_nonzero(g[1]) == 0 and torch.count_nonzero(g[4]) == 0
             assert all(torch.count_nonzero(g[e]) > 0 for e in (0, 2, 3, 5))
 

@@ -52,11 +52,13 @@ def expert_rows(weights: ExpertWeights, x_MD: torch.Tensor, counts: torch.Tensor
     (zeros when it got no rows), never missing: data-parallel gradient reductions would
     otherwise wait for it forever."""
     if impl == "grouped" and not weights.grouped_ok:
-        impl = "loop"  # biases or the clamped SwiGLU: the grouped node has neither (see ExpertWeights.grouped_ok)
+        impl = "loop"  # an activation the grouped node lacks (see ExpertWeights.grouped_ok)
     if impl == "grouped":
         w_in, w_out = weights.stacked()
+        b_in, b_out = weights.stacked_biases()
         rows = torch.arange(x_MD.shape[0], device=x_MD.device)  # gather and scatter are identities
-        return grouped_moe(x_MD, rows, weights_M, w_in, w_out, counts, weights.activation, limit=weights.limit)
+        return grouped_moe(x_MD, rows, weights_M, w_in, w_out, counts, weights.activation,
+                           b_in=b_in, b_out=b_out, act_args=weights.act_args)
     if impl == "decode":
         return _decode_rows(weights, x_MD, counts, weights_M)
     if impl == "loop":
@@ -172,6 +174,9 @@ class Experts(ExpertWeights):
     def biases(self, ids: Sequence[int], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(self.b_in[e].to(dtype), self.b_out[e].to(dtype)) for e in ids]
 
+    def stacked_biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return (self.b_in, self.b_out) if self.has_bias else (None, None)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.w_in.dtype
@@ -210,11 +215,12 @@ def local_experts(weights: ExpertWeights, x_TD: torch.Tensor, plan: DispatchPlan
     """Local dispatch, experts, combine: x_TD [T, D] -> [T, D] fp32. With plain weights the
     grouped impl is the fused node (``grouped_mm.py``), which never materializes the rows."""
     if impl == "grouped" and not weights.grouped_ok:
-        impl = "loop"  # biases or the clamped SwiGLU: see ExpertWeights.grouped_ok
+        impl = "loop"  # an activation the grouped node lacks: see ExpertWeights.grouped_ok
     if impl == "grouped" and weights.plain:
         w_in, w_out = weights.stacked()
+        b_in, b_out = weights.stacked_biases()
         return grouped_moe(x_TD, plan.token_ids, plan.weights, w_in, w_out, plan.counts, weights.activation,
-                           limit=weights.limit)
+                           b_in=b_in, b_out=b_out, act_args=weights.act_args)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
     d = _LOCAL.dispatch(x_TD, plan)

@@ -7,13 +7,14 @@ int32 is the running end of each expert's slice (cumsum of the counts), the layo
 ``torch.nn.functional.grouped_mm`` takes. ``token_ids`` [M] and ``weights`` [M] say which
 token each slot came from and what its output is multiplied by (``dispatch.py``).
 
-Weights are [out, in] per expert (``experts.py``): w_in [E, H, D], w_out [E, D, F].
+Weights are [out, in] per expert (``experts.py``): w_in [E, H, D], w_out [E, D, F]; optional
+biases b_in [E, H], b_out [E, D] (GPT-OSS). The activations live in ``grouped_act.py``.
 
 Plan of ``grouped_moe``, per block of slots (forward, then backward of the autograd.Function):
     1. x = x_TD[token_ids]                                  [m, D]
-    2. h = x @ w_in[e]^T                                    [m, H]   (gate and up in one matmul)
+    2. h = x @ w_in[e]^T (+ b_in[e])                        [m, H]   (gate and up in one matmul)
     3. a = act(h) * w        the routing weight, on the narrow side  [m, F]
-    4. y = a @ w_out[e]^T                                   [m, D]
+    4. y = a @ w_out[e]^T (+ w * b_out[e], in fp32)         [m, D]
     5. out_TD += index_add(token_ids, y)                    [T, D] fp32
     backward, given d_out [T, D]; saves only h (x_TD, token_ids, weights are small or live anyway):
     6. dy = d_out[token_ids]; du = dy @ w_out[e]            [m, D], [m, F]
@@ -51,6 +52,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from moekit.layers.grouped_act import ARG_COUNTS, activate, activation_grad, weighted_activation
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 SCHEDULES = ("grouped", "blocked")
@@ -140,15 +142,23 @@ def _fast_layout(w: torch.Tensor) -> torch.Tensor:
     return w if w.stride(-1) == 1 or w.stride(-2) == 1 else w.contiguous()
 
 
-def _mm(a: torch.Tensor, w: torch.Tensor, blk: _Block, offs: torch.Tensor, out=None) -> torch.Tensor:
-    """a [m, K] (the block's slots), w [E, K, N] -> [m, N]: each slice times its expert's w."""
+def _mm(a: torch.Tensor, w: torch.Tensor, blk: _Block, offs: torch.Tensor, out=None,
+        bias: torch.Tensor | None = None, eid: torch.Tensor | None = None) -> torch.Tensor:
+    """a [m, K] (the block's slots), w [E, K, N] -> [m, N]: each slice times its expert's w,
+    plus its expert's row of ``bias`` [E, N] when given (``eid`` [m]: each slot's expert, for
+    the grouped schedule; per expert, addmm adds it as F.linear does)."""
     if blk.experts is None:
-        return _GROUPED_MM(a, w, offs=offs)
+        y = _GROUPED_MM(a, w, offs=offs)
+        return y if bias is None else y.add_(bias.index_select(0, eid))
     if len(blk.experts) == 1:
-        return torch.mm(a, w[blk.experts[0][0]], out=out)
+        e = blk.experts[0][0]
+        return torch.mm(a, w[e], out=out) if bias is None else torch.addmm(bias[e], a, w[e], out=out)
     out = a.new_empty(a.shape[0], w.shape[-1]) if out is None else out
     for e, s, t in blk.experts:
-        torch.mm(a[s:t], w[e], out=out[s:t])
+        if bias is None:
+            torch.mm(a[s:t], w[e], out=out[s:t])
+        else:
+            torch.addmm(bias[e], a[s:t], w[e], out=out[s:t])
     return out
 
 
@@ -171,124 +181,68 @@ def _into(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return buf.new_empty(rows, cols)
 
 
-def _activate(h: torch.Tensor, activation: str, out: torch.Tensor, limit: float | None = None) -> torch.Tensor:
-    """act(h) written into ``out`` [M, F] (SwiGLU: silu(gate), then times up in place).
-    limited_swiglu (DeepSeek-V4) clamps gate and up to ``limit`` first (two [M, F] temporaries)."""
-    if activation == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return torch.ops.aten.silu.out(gate, out=out).mul_(up)
-    if activation == "limited_swiglu":
-        gate, up = _clamped_halves(h, limit)
-        return torch.ops.aten.silu.out(gate, out=out).mul_(up)
-    if activation == "gelu":
-        return torch.ops.aten.gelu.out(h, out=out)
-    if activation == "relu":
-        return torch.clamp_min(h, 0, out=out)
-    raise ValueError(f"unknown activation {activation!r}")
-
-
-def _clamped_halves(h: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """limited_swiglu's inputs: min(gate, limit), clamp(up, -limit, limit), each [M, F]."""
-    gate, up = h.chunk(2, dim=-1)
-    return gate.clamp(max=limit), up.clamp(-limit, limit)
-
-
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[M, F], [M, F] -> [M] fp32 row-wise dot products. Large fp32 (the grouped schedule):
-    einsum, a batched matmul without an [M, F] temporary (4 ms against 16 ms for vecdot at
-    [32768, 256]). Blocks, and bf16 at any size: vecdot (at [512, 256]: 17 us against 63 us
-    in fp32, 40 us against 530 us in bf16, where einsum's batched matmul is slow)."""
-    if a.dtype == torch.float32 and a.numel() > 2**22:
-        return torch.einsum("mf,mf->m", a, b)
-    return torch.linalg.vecdot(a, b).float()
-
-
-def _weighted_activation(
-    h: torch.Tensor, du: torch.Tensor, w_M1: torch.Tensor, dh: torch.Tensor, activation: str,
-    limit: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward, first half: recompute u = act(h) * w [M, F] inside dh's (not yet written)
-    memory, and dL/dw = rowdot(act(h), du) [M] fp32. The SwiGLU kinds also leave silu(gate)
-    in the up half of dh, where ``_activation_grad`` finishes it."""
-    if activation in ("swiglu", "limited_swiglu"):
-        gate, up = h.chunk(2, dim=-1) if activation == "swiglu" else _clamped_halves(h, limit)
-        d_gate, d_up = dh.chunk(2, dim=-1)
-        s = torch.ops.aten.silu.out(gate, out=d_up)
-        a = torch.mul(s, up, out=d_gate)
-    else:
-        a = _activate(h, activation, out=dh)
-    dw = _rowdot(a, du)
-    return a.mul_(w_M1), dw
-
-
-def _activation_grad(h: torch.Tensor, du_w: torch.Tensor, dh: torch.Tensor, activation: str,
-                     limit: float | None = None) -> torch.Tensor:
-    """Backward, second half: dh = act'(h) applied to du * w, written over u in dh. The limited
-    kind's clamps pass the gradient where the value was kept (as autograd's clamp does)."""
-    if activation in ("swiglu", "limited_swiglu"):
-        gate, up = h.chunk(2, dim=-1)
-        d_gate, d_up = dh.chunk(2, dim=-1)
-        if activation == "limited_swiglu":
-            gate_c, up_c = _clamped_halves(h, limit)
-            d_up.mul_(du_w).mul_((up >= -limit) & (up <= limit))  # silu(gate_c) * du * w, where kept
-            torch.mul(du_w, up_c, out=d_gate)
-            torch.ops.aten.silu_backward.grad_input(d_gate, gate_c, grad_input=d_gate)
-            d_gate.mul_(gate <= limit)
-        else:
-            d_up.mul_(du_w)  # silu(gate) * du * w
-            torch.mul(du_w, up, out=d_gate)
-            torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)  # * silu'(gate)
-    elif activation == "gelu":
-        torch.ops.aten.gelu_backward.grad_input(du_w, h, grad_input=dh)
-    else:  # relu
-        torch.mul(du_w, h > 0, out=dh)
-    return dh
-
-
 def _row_bytes(x_TD: torch.Tensor, w_in: torch.Tensor) -> int:
     return max(w_in.shape[1], x_TD.shape[-1]) * x_TD.element_size()
 
 
+class _Extras(NamedTuple):
+    """What only some experts have: biases b_in [E, H] and b_out [E, D] (either may be None),
+    ``eid`` [M] each slot's expert (None without biases), ``act_args`` of the activation."""
+
+    b_in: torch.Tensor | None = None
+    b_out: torch.Tensor | None = None
+    eid: torch.Tensor | None = None
+    act_args: tuple = ()
+
+
 def _forward(x_TD, token_ids, weights, w_in, w_out, offs, activation: str, schedule: str, blocks, keep_h: bool,
-             limit: float | None = None):
+             extras: _Extras = _Extras()):
     """Steps 1-5 over every block: out_TD [T, D] fp32, and h [M, H] when ``keep_h``."""
     dtype = x_TD.dtype
     # .to(dtype): a no-op unless fp32 master weights meet half activations (autocast).
     w_T = w_in.to(dtype).mT, w_out.to(dtype).mT  # [E, D, H], [E, F, D] views
+    # b_in joins h in the compute dtype, as F.linear's bias; b_out is added to the fp32 sum.
+    b_in = None if extras.b_in is None else extras.b_in.to(dtype)
+    extras = extras._replace(b_in=b_in, b_out=None if extras.b_out is None else extras.b_out.float())
     h_all = x_TD.new_empty(token_ids.shape[0], w_in.shape[1]) if keep_h and schedule == "blocked" else None
     # Accumulate a token's k contributions in fp32, so bf16 outputs do not round against each other.
     out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
     for blk in blocks:
-        h = _forward_block(x_TD, token_ids, weights, w_T, offs, blk, activation, out_TD, h_all, limit)
+        h = _forward_block(x_TD, token_ids, weights, w_T, offs, blk, activation, out_TD, h_all, extras)
         if schedule == "grouped" and keep_h:
             h_all = h
     return out_TD, h_all
 
 
-def _forward_block(x_TD, token_ids, weights, w_T, offs, blk: _Block, activation: str, out_TD, h_all, limit=None):
+def _forward_block(x_TD, token_ids, weights, w_T, offs, blk: _Block, activation: str, out_TD, h_all,
+                   extras: _Extras):
     """Steps 1-5 for one block, adding into out_TD; returns its h (a view of h_all when given).
     A function per block, so a block's temporaries are freed before the next block's exist."""
     rows = slice(blk.start, blk.end)
     ids = token_ids[rows]
+    eid = None if extras.eid is None else extras.eid[rows]
     x = x_TD.index_select(0, ids)  # [m, D]; index_select beats x_TD[ids] on CPU
-    h = _mm(x, w_T[0], blk, offs, out=None if h_all is None else h_all[rows])  # [m, H]
+    h = _mm(x, w_T[0], blk, offs, out=None if h_all is None else h_all[rows], bias=extras.b_in, eid=eid)  # [m, H]
     # x is dead now (the backward gathers it again rather than keep k copies of the input
     # alive): act(h) goes into its memory.
-    a = _activate(h, activation, out=_into(x, h.shape[0], w_T[1].shape[1]), limit=limit)  # [m, F]
+    a = activate(h, activation, _into(x, h.shape[0], w_T[1].shape[1]), extras.act_args)  # [m, F]
     a.mul_(weights[rows].to(x.dtype)[:, None])
-    y = _mm(a, w_T[1], blk, offs)  # [m, D]
-    out_TD.index_add_(0, ids, y.float())
+    y = _mm(a, w_T[1], blk, offs).float()  # [m, D]
+    if extras.b_out is not None:  # the output bias is part of the expert: weighted like the rest
+        y.addcmul_(extras.b_out.index_select(0, eid), weights[rows].float()[:, None])
+    out_TD.index_add_(0, ids, y)
     return h
 
 
 class _GroupedMoE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, token_ids, weights, w_in, w_out, offs, activation: str, schedule: str, blocks, limit):
+    def forward(ctx, x_TD, token_ids, weights, w_in, w_out, offs, activation: str, schedule: str, blocks,
+                b_in, b_out, eid, act_args: tuple):
+        extras = _Extras(b_in, b_out, eid, act_args)
         with torch.autocast(x_TD.device.type, enabled=False):
-            out_TD, h = _forward(x_TD, token_ids, weights, w_in, w_out, offs, activation, schedule, blocks,
-                                 keep_h=True, limit=limit)
-        ctx.save_for_backward(x_TD, token_ids, weights, h, w_in, w_out, offs)
-        ctx.activation, ctx.schedule, ctx.blocks, ctx.limit = activation, schedule, blocks, limit
+            out_TD, h = _forward(x_TD, token_ids, weights, w_in, w_out, offs, activation, schedule, blocks, True, extras)
+        ctx.save_for_backward(x_TD, token_ids, weights, h, w_in, w_out, offs, b_in, b_out, eid)
+        ctx.activation, ctx.schedule, ctx.blocks, ctx.act_args = activation, schedule, blocks, act_args
         return out_TD
 
     @staticmethod
@@ -298,9 +252,10 @@ class _GroupedMoE(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, d_out):
-        x_TD, token_ids, weights, h_all, w_in, w_out, offs = ctx.saved_tensors
-        dtype, act = x_TD.dtype, ctx.activation
+        x_TD, token_ids, weights, h_all, w_in, w_out, offs, b_in, b_out, eid = ctx.saved_tensors
+        dtype, act = x_TD.dtype, (ctx.activation, ctx.act_args)
         need_x, need_w, need_in, need_out = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
+        need_b_in, need_b_out = ctx.needs_input_grad[9], ctx.needs_input_grad[10]
         blocks = ctx.blocks
         d_out = d_out.to(dtype)  # [T, D] once, rather than every gathered copy (k times as many rows)
         w_b = _fast_layout(w_in.to(dtype)) if need_x else None, _fast_layout(w_out.to(dtype))  # [E, H, D], [E, D, F]
@@ -308,33 +263,49 @@ class _GroupedMoE(torch.autograd.Function):
             "weights": torch.empty(token_ids.shape, dtype=torch.float32, device=x_TD.device),  # [M]
             "x": torch.zeros_like(x_TD) if need_x else None,
             "w_in": None, "w_out": None,
+            # bias gradients: sums over each expert's slots, in fp32 (index_add_ over eid)
+            "b_in": torch.zeros(b_in.shape, dtype=torch.float32, device=b_in.device) if need_b_in else None,
+            "b_out": torch.zeros(b_out.shape, dtype=torch.float32, device=b_out.device) if need_b_out else None,
         }
+        extras = _Extras(None, None if b_out is None else b_out.float(), eid)
         if ctx.schedule == "blocked":  # each expert's block writes its slice; idle experts get zeros
             idle = sorted(set(range(w_in.shape[0])) - {e for b in blocks for e, _, _ in b.experts})
             grads["w_in"] = _empty_grad(w_in, dtype, idle) if need_in else None
             grads["w_out"] = _empty_grad(w_out, dtype, idle) if need_out else None
         for blk in blocks:
             _backward_block(x_TD, token_ids, weights, h_all, w_b, offs, blk, act, d_out, grads, need_in, need_out,
-                            ctx.limit)
+                            extras)
         d_w_in = grads["w_in"].to(w_in.dtype) if need_in else None
         d_w_out = grads["w_out"].to(w_out.dtype) if need_out else None
         d_weights = grads["weights"].to(weights.dtype) if need_w else None
-        return grads["x"], None, d_weights, d_w_in, d_w_out, None, None, None, None, None
+        d_b_in = grads["b_in"].to(b_in.dtype) if need_b_in else None
+        d_b_out = grads["b_out"].to(b_out.dtype) if need_b_out else None
+        return grads["x"], None, d_weights, d_w_in, d_w_out, None, None, None, None, d_b_in, d_b_out, None, None
 
 
-def _backward_block(x_TD, token_ids, weights, h_all, w_b, offs, blk: _Block, act: str, d_out, grads: dict,
-                    need_in: bool, need_out: bool, limit: float | None = None) -> None:
+def _backward_block(x_TD, token_ids, weights, h_all, w_b, offs, blk: _Block, act: tuple, d_out, grads: dict,
+                    need_in: bool, need_out: bool, extras: _Extras) -> None:
     """Steps 6-10 for one block, writing into ``grads`` (the grouped schedule's weight
-    gradients are new tensors, stored there)."""
+    gradients are new tensors, stored there). ``act``: (activation, act_args). With biases,
+    y = w * (act(h) @ w_out^T + b_out): dL/dw gains dy . b_out, dL/db_out = sum of w * dy
+    and dL/db_in = sum of dh, each over the expert's slots."""
     rows = slice(blk.start, blk.end)
     ids, h, w_M1 = token_ids[rows], h_all[rows], weights[rows].to(x_TD.dtype)[:, None]
+    eid = None if extras.eid is None else extras.eid[rows]
     dy = d_out.index_select(0, ids)  # [m, D]
     du = _mm(dy, w_b[1], blk, offs)  # [m, F]
     dh = torch.empty_like(h)
-    u, grads["weights"][rows] = _weighted_activation(h, du, w_M1, dh, act, limit)  # u lives in dh's memory
+    u, grads["weights"][rows] = weighted_activation(h, du, w_M1, dh, *act)  # u lives in dh's memory
+    if extras.b_out is not None:
+        dy32 = dy.float()
+        grads["weights"][rows] += torch.linalg.vecdot(dy32, extras.b_out.index_select(0, eid))
+        if grads["b_out"] is not None:
+            grads["b_out"].index_add_(0, eid, dy32 * weights[rows].float()[:, None])  # dy32 may be dy itself
     if need_out:
         grads["w_out"] = _wgrad(dy, u, blk, offs, out=grads["w_out"])  # [E, D, F]
-    dh = _activation_grad(h, du.mul_(w_M1), dh, act, limit)  # [m, H], over u
+    dh = activation_grad(h, du.mul_(w_M1), dh, *act)  # [m, H], over u
+    if grads["b_in"] is not None:
+        grads["b_in"].index_add_(0, eid, dh.float())
     if grads["x"] is None and not need_in:
         return
     x = torch.index_select(x_TD, 0, ids, out=dy)  # gathered again, into dy's memory
@@ -362,6 +333,9 @@ def grouped_moe(
     activation: str,
     schedule: str | None = None,
     limit: float | None = None,
+    b_in: torch.Tensor | None = None,
+    b_out: torch.Tensor | None = None,
+    act_args: tuple = (),
 ) -> torch.Tensor:
     """sum over slots m of token t: weights[m] * expert_e(m)(x_TD[t]), as [T, D] fp32.
 
@@ -369,10 +343,15 @@ def grouped_moe(
     in another dtype than x (fp32 master weights, bf16 activations) are cast once per call;
     their gradients come back in the weights' dtype. Every expert gets a gradient, zeros when
     its slice is empty. ``schedule`` (default: ``pick_schedule``) forces "grouped" or "blocked".
-    ``limit``: limited_swiglu's clamp (DeepSeek-V4), required by that activation only.
+    Experts with biases (GPT-OSS) pass b_in [E, H] and b_out [E, D]: expert e is then
+    act(x @ w_in[e]^T + b_in[e]) @ w_out[e]^T + b_out[e]. ``act_args``: the activation's
+    parameters (clamped_swiglu: limit, alpha; limited_swiglu: limit; see ``grouped_act.py``);
+    ``limit`` is the same as act_args=(limit,), for limited_swiglu (DeepSeek-V4).
     """
-    if (activation == "limited_swiglu") != (limit is not None):
-        raise ValueError(f"limit is needed by activation='limited_swiglu' only; got {activation!r}, limit={limit}")
+    act_args = tuple(act_args) if limit is None else (*act_args, limit)
+    if len(act_args) != ARG_COUNTS.get(activation, 0):
+        raise ValueError(f"activation {activation!r} takes {ARG_COUNTS.get(activation, 0)} argument(s) (act_args, "
+                         f"or limit for limited_swiglu); got {act_args}")
     if torch.is_autocast_enabled(x_TD.device.type):
         # The Function runs with autocast off; take autocast's compute dtype here instead.
         x_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
@@ -382,8 +361,12 @@ def grouped_moe(
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
     offs = torch.cumsum(counts, 0).to(torch.int32)  # [E]
     blocks = _blocks(offs, token_ids.shape[0], schedule, _row_bytes(x_TD, w_in))  # backward reuses them
+    eid = None
+    if b_in is not None or b_out is not None:  # [M]: each slot's expert, to find its bias rows
+        eid = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts)
     args = (x_TD, token_ids, weights, w_in, w_out, offs, activation, schedule, blocks)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, weights, w_in, w_out)):
-        return _GroupedMoE.apply(*args, limit)
+    trained = (x_TD, weights, w_in, w_out, b_in, b_out)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in trained):
+        return _GroupedMoE.apply(*args, b_in, b_out, eid, act_args)
     with torch.autocast(x_TD.device.type, enabled=False):
-        return _forward(*args, keep_h=False, limit=limit)[0]
+        return _forward(*args, keep_h=False, extras=_Extras(b_in, b_out, eid, act_args))[0]

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from moekit.errors import ConfigError
+from moekit.layers.grouped_act import ACTIVATIONS
 
 
 
@@ -60,9 +61,17 @@ class ExpertWeights(nn.Module):
 
     @property
     def grouped_ok(self) -> bool:
-        """Whether the grouped node (``grouped_mm.py``) computes these experts: it knows the plain
-        activations and no biases; other experts take the per-expert loop for "grouped"."""
-        return self.activation in ("swiglu", "limited_swiglu", "gelu", "relu") and not self.has_bias
+        """Whether the grouped node (``grouped_mm.py``) computes these experts: every activation
+        of ``grouped_act.py``, with or without biases; others take the per-expert loop."""
+        return self.activation in ACTIVATIONS
+
+    def stacked_biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Every expert's biases, b_in [E, H] and b_out [E, D], or (None, None) without
+        (``has_bias`` False). The default stacks ``biases``."""
+        if not self.has_bias:
+            return None, None
+        pairs = self.biases(range(self.num_experts), self.dtype)
+        return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
 
     @property
     def limit(self) -> float | None:
