@@ -90,7 +90,7 @@ def deepseek_v2(lite: bool = False):
     return DeepseekV2ForCausalLM(cfg)
 
 
-def deepseek_v4():
+def deepseek_v4(moe_intermediate_size: int = 16):
     """Layers: HCA (windows of 4), CSA (windows of 2, the indexer keeping 3 of up to 10 entries),
     sliding only, CSA; layer 0 hash-routed; 2 hyper-connection streams; a swiglu_limit the random
     activations cross; a sliding window shorter than SEQ; YaRN on the compress RoPE (beyond 16
@@ -98,7 +98,7 @@ def deepseek_v4():
     (the hyper-connection biases and scales, the hash table) is set at random here."""
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
-    cfg = DeepseekV4Config(**_common(moe_intermediate_size=16, num_hidden_layers=4, head_dim=16, q_lora_rank=12,
+    cfg = DeepseekV4Config(**_common(moe_intermediate_size=moe_intermediate_size, num_hidden_layers=4, head_dim=16, q_lora_rank=12,
                                      partial_rotary_factor=0.5, num_experts_per_tok=2, n_routed_experts=4, o_groups=2,
                                      o_lora_rank=8, index_n_heads=2, index_head_dim=8, index_topk=3, sliding_window=6,
                                      compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
@@ -119,13 +119,13 @@ def deepseek_v4():
     return model
 
 
-def gpt_oss():
+def gpt_oss(intermediate_size: int = 16):
     from transformers import GptOssConfig, GptOssForCausalLM
 
     # A swiglu_limit small enough that the clamp binds on these random activations.
     yarn = dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, original_max_position_embeddings=16,
                 beta_fast=32.0, beta_slow=1.0, truncate=False)
-    cfg = GptOssConfig(**_common(intermediate_size=16, num_hidden_layers=3, num_key_value_heads=2, head_dim=12,
+    cfg = GptOssConfig(**_common(intermediate_size=intermediate_size, num_hidden_layers=3, num_key_value_heads=2, head_dim=12,
                                  num_local_experts=6, num_experts_per_tok=2, sliding_window=6, swiglu_limit=1.5,
                                  layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                  rope_parameters=yarn))
@@ -216,8 +216,10 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def build(arch: str) -> torch.nn.Module:
-    return randomize(BUILDERS[arch]())
+def build(arch: str, **kw) -> torch.nn.Module:
+    """``kw``: the builder's own widths (gpt_oss's ``intermediate_size``, deepseek_v4's
+    ``moe_intermediate_size``: 32 makes every expert projection int4-quantizable)."""
+    return randomize(BUILDERS[arch](**kw))
 
 
 @torch.no_grad()

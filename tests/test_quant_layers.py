@@ -21,6 +21,11 @@ LAYERS = {
     "expert-choice": dict(router="expert_choice", num_experts=8, top_k=2),
     "fine-shared-gated": dict(router="softmax", num_experts=16, top_k=4, num_shared_experts=2, shared_expert_gate=True),
     "gelu-cf0.5": dict(router="softmax", num_experts=4, top_k=2, activation="gelu", capacity_factor=0.5),
+    # GPT-OSS's experts (biases, clamped SwiGLU) and DeepSeek-V4's (limited SwiGLU), with limits
+    # small enough that the clamps bind on these activations
+    "gpt-oss": dict(router="softmax", num_experts=8, top_k=2, router_bias=True, expert_proj_bias=True,
+                    activation="clamped_swiglu", swiglu_limit=0.5),
+    "v4-limited": dict(router="sigmoid", num_experts=8, top_k=2, activation="limited_swiglu", swiglu_limit=0.5),
 }
 BITS = [8, 4]
 needs_int4 = pytest.mark.skipif(not kernels.int4_available(), reason="this torch lacks the CPU int4 kernel")
@@ -30,6 +35,10 @@ def _layer(case: str, seed: int) -> MoELayer:
     torch.manual_seed(seed)
     layer = MoELayer(MoEConfig(d_model=D, d_expert=F, **LAYERS[case]))
     layer.reset_parameters(std=0.3, out_std=0.3)  # a spread-out router, so choices differ per token
+    if layer.experts.has_bias:  # zeros after reset: random, so a dropped bias shows
+        with torch.no_grad():
+            layer.experts.b_in.normal_(std=0.3)
+            layer.experts.b_out.normal_(std=0.3)
     return layer.eval()
 
 
@@ -66,7 +75,7 @@ def test_quantized_layer_equals_dequantized_float_layer(case, bits, impl, dtype)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits", [8, pytest.param(4, marks=needs_int4)])
-@pytest.mark.parametrize("case", ["softmax-top2", "sigmoid-groups", "fine-shared-gated"])
+@pytest.mark.parametrize("case", ["softmax-top2", "sigmoid-groups", "fine-shared-gated", "gpt-oss", "v4-limited"])
 def test_quantized_single_token_decode(case, bits, dtype):
     """Batch-1 decode skips the dispatch plan (``single_token``); it must agree too."""
     q, fp = quantized_and_dequantized(case, bits)
@@ -185,11 +194,19 @@ def test_quantized_provider_rows_and_get_at_the_seam(bits, impl):
         assert torch.equal(a, c) and torch.equal(b, d)
 
 
-def test_experts_with_biases_or_clamped_swiglu_are_refused_before_any_swap():
-    """GPT-OSS experts carry biases the quantized twin has no place for: refused, nothing swapped."""
-    moe = MoEConfig(d_model=32, d_expert=16, num_experts=4, top_k=2, router_bias=True, expert_proj_bias=True,
+@pytest.mark.parametrize("bits", [8, pytest.param(4, marks=needs_int4)])
+def test_expert_biases_stay_float_by_design_and_the_activation_is_kept(bits):
+    """GPT-OSS experts: the twin keeps the biases (float, under the float names) and the clamped
+    SwiGLU's limit and alpha; the coverage lists the biases as float by design, not as left over."""
+    q, _ = quantized_and_dequantized("gpt-oss", bits)
+    orig = _layer("gpt-oss", 0).experts
+    assert q.experts.has_bias and q.experts.act_args == orig.act_args == (0.5, 1.702)
+    assert torch.equal(q.experts.b_in, orig.b_in) and torch.equal(q.experts.b_out, orig.b_out)
+    moe = MoEConfig(d_model=D, d_expert=F, num_experts=4, top_k=2, router_bias=True, expert_proj_bias=True,
                     activation="clamped_swiglu")
-    model = MoETransformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, moe=moe))
-    with pytest.raises(ValueError, match="quantizing experts does not support experts with biases"):
-        quantize_model(model, QuantConfig(bits=8, group_size=16, scope=("attention", "experts")))
-    assert not any(isinstance(m, (QuantizedExperts, QuantizedLinear)) for m in model.modules())
+    model = MoETransformer(ModelConfig(vocab_size=64, d_model=D, n_layers=2, n_heads=4, d_ff=48, moe=moe))
+    cov = quantize_model(model, QuantConfig(bits=bits, group_size=32, scope=("attention", "experts")))
+    assert cov.float_in_scope == []
+    assert cov.float_by_design == [f"blocks.{i}.ffn.experts.{b}" for i in (0, 1) for b in ("b_in", "b_out")]
+    assert "kept float by design: 4 expert bias tensor(s)" in cov.format()
+    assert all(isinstance(l.experts, QuantizedExperts) for l in model.moe_layers())

@@ -99,9 +99,10 @@ class ExpertWeights(nn.Module):
 
 
 def require_plain_ffn(weights: ExpertWeights, what: str) -> None:
-    """Refuse a tool that rewrites expert weights (quantization, LoRA, offload, expert
-    parallelism) on experts with biases or a parametrized activation (GPT-OSS): their twins hold
-    w_in and w_out only, and dropping the rest would change the model without a word."""
+    """Refuse a tool that rewrites expert weights (LoRA, offload, expert parallelism) on
+    experts with biases or a parametrized activation (GPT-OSS, DeepSeek-V4): their twins hold
+    w_in and w_out only, and dropping the rest would change the model without a word.
+    (Quantized twins carry both: ``quant/modules.py``.)"""
     if weights.has_bias or weights.act_args:
         raise ConfigError(f"{what} does not support experts with biases or activation={weights.activation!r} "
                           "(GPT-OSS)")

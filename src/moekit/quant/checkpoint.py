@@ -35,7 +35,9 @@ from moekit.quant.weights import weight_class
 
 FORMAT = "moekit-weight-only"  # the ``quantization.format`` this module writes and reads
 ROUTER = ".ffn.router"  # routers stay fp32 whatever dtype is asked for (as in from_pretrained)
-_SAFETENSORS_DTYPES = {"int8": {"I8"}, "uint8": {"U8"}, "float": {"F32", "BF16", "F16"}}
+_FLOAT_BIASES = (".bias", ".b_in", ".b_out")  # twins' tensors stored in float, read by ``_build_twin``
+_SAFETENSORS_DTYPES = {"int8": {"I8"}, "uint8": {"U8"}, "float": {"F32", "BF16", "F16"},
+                       "int64": {"I64"}, "int32": {"I32"}, "bool": {"BOOL"}}  # integer buffers: V4's hash table
 
 
 class QuantizedCheckpointError(ModelFolderError):
@@ -150,8 +152,8 @@ def check_complete(path: Path) -> None:
 
 class _Plan:
     def __init__(self):
-        # module path -> (kind, quantized weight path -> float shape, activation)
-        self.twins: dict[str, tuple[str, dict[str, tuple[int, ...]], str | None]] = {}
+        # module path -> (kind, quantized weight path -> float shape, activation, act_args)
+        self.twins: dict[str, tuple[str, dict[str, tuple[int, ...]], str | None, tuple]] = {}
         self.floats: dict[str, tuple[int, ...]] = {}  # float tensor -> shape
 
 
@@ -171,17 +173,18 @@ def _plan(model: MoETransformer, qcfg: QuantConfig, ckpt: Checkpoint) -> _Plan:
     for name, kind in targets(model, qcfg.scope):
         module = model.get_submodule(name)
         weights = _float_weights(module, kind)
-        plan.twins[name] = (kind, weights, getattr(module, "activation", None))
+        plan.twins[name] = (kind, weights, getattr(module, "activation", None), getattr(module, "act_args", ()))
         for wpath, shape in weights.items():
             for k, (s, dt) in wcls.export_shapes(shape, qcfg.group_size).items():
                 expected[f"{name}.{wpath}.{k}"] = (s, dt)
     owned = tuple(f"{n}." for n in plan.twins)
     for name, t in model.state_dict().items():
-        keep_bias = name.endswith(".bias") and name.rpartition(".")[0] in plan.twins  # QuantizedLinear's float bias
+        # QuantizedLinear's float bias, QuantizedExperts' (GPT-OSS), under the float model's names
+        keep_bias = name.endswith(_FLOAT_BIASES) and name.rpartition(".")[0] in plan.twins
         if (name.startswith(owned) and not keep_bias) or (model.cfg.tie_embeddings and name == "lm_head.weight"):
             continue
         plan.floats[name] = tuple(t.shape)
-        expected[name] = (tuple(t.shape), "float")
+        expected[name] = (tuple(t.shape), "float" if t.is_floating_point() else str(t.dtype).removeprefix("torch."))
     for name, (shape, kind) in expected.items():
         entry = ckpt.entries.get(name)
         if entry is None:
@@ -207,7 +210,7 @@ def _materialize_float(model: MoETransformer, plan: _Plan, ckpt: Checkpoint) -> 
         model.lm_head.weight = model.embed.weight
 
 
-def _build_twin(name: str, kind: str, weights: dict, activation: str | None, qcfg: QuantConfig,
+def _build_twin(name: str, kind: str, weights: dict, activation: str | None, act_args: tuple, qcfg: QuantConfig,
                 ckpt: Checkpoint) -> nn.Module:
     wcls = weight_class(qcfg.bits)
 
@@ -216,13 +219,14 @@ def _build_twin(name: str, kind: str, weights: dict, activation: str | None, qcf
         shapes = wcls.export_shapes(weights[wpath], qcfg.group_size)
         return wcls.from_export({k: ckpt.get(prefix + k) for k in shapes}, qcfg.group_size, qcfg.kernel)
 
-    if kind == "experts":
-        return QuantizedExperts(load("w_in"), load("w_out"), activation)
+    if kind == "experts":  # biases: present in the file exactly when the model has them (``_plan`` checked)
+        b_in, b_out = (ckpt.get(f"{name}.{b}") if f"{name}.{b}" in ckpt.entries else None for b in ("b_in", "b_out"))
+        return QuantizedExperts(load("w_in"), load("w_out"), activation, act_args, b_in, b_out)
     if kind == "attention":
         bias = ckpt.get(f"{name}.bias") if f"{name}.bias" in ckpt.entries else None
         return QuantizedLinear(load("weight_q"), bias)
     return QuantizedMLP(QuantizedLinear(load("w_in.weight_q"), None), QuantizedLinear(load("w_out.weight_q"), None),
-                        activation)
+                        activation, act_args)
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:

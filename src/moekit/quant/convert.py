@@ -9,7 +9,9 @@ is listed by name, and ``moekit quantize`` exits 2 on it.
 
 Kept float on purpose, whatever the scope: embeddings, the output head, norms, routers (moekit
 routes in fp32: a quantized router changes which experts run) and Qwen2-MoE's [1, D] shared
-gate; biases and per-head norms inside attention.
+gate; biases and per-head norms inside attention; the routed experts' biases (GPT-OSS's
+``b_in`` [E, H], ``b_out`` [E, D]: a few values per row, added after the int matmul), which
+the report lists as float by design, not as matrices left in scope.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from torch import nn
 from moekit.errors import ConfigError
 from moekit.layers.experts import Experts
 from moekit.layers.mlp import MLP
-from moekit.layers.weights import require_plain_ffn
 from moekit.quant import kernels
 from moekit.quant.modules import QuantizedExperts, QuantizedLinear, QuantizedMLP
 from moekit.quant.weights import BITS, Int4Weight, Int8Weight
@@ -115,9 +116,6 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, progress=None) -> "Covera
     cfg.check_supported()
     before = tally(model)
     todo = targets(model, cfg.scope)
-    for name, kind in todo:  # checked before any swap: nothing is half converted
-        if kind == "experts":
-            require_plain_ffn(model.get_submodule(name), "quantizing experts")
     for i, (name, kind) in enumerate(todo):
         parent, attr = _parent(model, name)
         old = getattr(parent, attr)
@@ -126,7 +124,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, progress=None) -> "Covera
         if progress is not None:
             progress(i + 1, len(todo), name)
     model.quantization = cfg
-    return Coverage(cfg, before, tally(model), float_left(model, cfg.scope))
+    return Coverage(cfg, before, tally(model), float_left(model, cfg.scope), float_by_design(model, cfg.scope))
 
 
 def quantize_at_load(model: nn.Module, cfg: "QuantConfig | int") -> "Coverage | None":
@@ -196,11 +194,20 @@ def tally(model: nn.Module) -> dict[str, KindTally]:
 
 def float_left(model: nn.Module, scope: tuple[str, ...]) -> list[str]:
     """Float matrices (2-D and up, not owned by a quantized weight) inside the scope's kinds,
-    apart from those kept float on purpose (attention's per-head norms are 1-D)."""
-    q = quantized_weights(model)
+    apart from those kept float on purpose (attention's per-head norms are 1-D; expert biases
+    are ``float_by_design``)."""
+    q, kept = quantized_weights(model), set(float_by_design(model, scope))
     return [name for name, t in _tensors(model)
             if module_kind(name) in scope and t.is_floating_point() and t.dim() >= 2
-            and name.rpartition(".")[0] not in q]
+            and name.rpartition(".")[0] not in q and name not in kept]
+
+
+def float_by_design(model: nn.Module, scope: tuple[str, ...]) -> list[str]:
+    """The biases of quantized routed experts ([E, H] and [E, D]: 2-D, yet vectors per expert)."""
+    if "experts" not in scope:
+        return []
+    twins = [n for n, m in model.named_modules() if isinstance(m, QuantizedExperts) and m.has_bias]
+    return [f"{n}.{b}" for n in twins for b in ("b_in", "b_out")]
 
 
 @dataclass
@@ -209,6 +216,7 @@ class Coverage:
     before: dict[str, KindTally]
     after: dict[str, KindTally]
     float_in_scope: list[str] = field(default_factory=list)  # must be empty
+    float_by_design: list[str] = field(default_factory=list)  # expert biases, kept float on purpose
 
     def rows(self) -> list[dict]:
         rows = []
@@ -222,6 +230,7 @@ class Coverage:
 
     def to_dict(self) -> dict:
         return dict(quantization=self.cfg.to_dict(), modules=self.rows(), float_in_scope=self.float_in_scope,
+                    float_by_design=self.float_by_design,
                     bytes_before=sum(t.bytes for t in self.before.values()),
                     bytes_after=sum(t.bytes for t in self.after.values()))
 
@@ -238,6 +247,8 @@ class Coverage:
         d = self.to_dict()
         lines.append(f"  {'total':<10} {'':>9} {'':>10} {human(d['bytes_before'], 'B'):>10} "
                      f"{human(d['bytes_after'], 'B'):>10}  (* = in scope)")
+        if self.float_by_design:
+            lines.append(f"  kept float by design: {len(self.float_by_design)} expert bias tensor(s)")
         if self.float_in_scope:
             lines.append(f"  NOT quantized in scope: {', '.join(self.float_in_scope[:8])}"
                          + (f" ... ({len(self.float_in_scope)} in all)" if len(self.float_in_scope) > 8 else ""))

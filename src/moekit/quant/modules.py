@@ -39,21 +39,34 @@ class QuantizedExperts(ExpertWeights):
     the quantized tensors itself (``rows``, ``forward``, ``single_token``: one kernel call per
     expert that got rows, for every impl); ``get`` dequantizes the asked-for experts, for
     callers that want float matrices. ``impl="loop"`` dequantizes each expert and multiplies in
-    floating point: the plain reference the kernels are tested against."""
+    floating point: the plain reference the kernels are tested against. Experts with biases
+    (GPT-OSS) keep ``b_in`` [E, H] and ``b_out`` [E, D] in floating point under the float
+    model's names, and a parametrized activation (the clamped SwiGLUs) keeps its ``act_args``:
+    the twin computes the same function, only its matrices are rounded."""
 
-    def __init__(self, w_in: QuantWeight, w_out: QuantWeight, activation: str):
+    def __init__(self, w_in: QuantWeight, w_out: QuantWeight, activation: str, act_args: tuple = (),
+                 b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None):
         num_experts, _, d_model = w_in.shape
         super().__init__(num_experts, d_model, w_out.shape[-1], activation)
+        self.act_args = tuple(act_args)  # the clamped SwiGLUs' limit (and alpha): the expert's function, kept as is
         self.w_in, self.w_out = w_in, w_out
+        self.has_bias = b_in is not None
+        if self.has_bias:  # b_in [E, H], b_out [E, D]: float by design (a few values per row; GPT-OSS)
+            self.b_in = nn.Parameter(b_in.detach().clone(), requires_grad=False)
+            self.b_out = nn.Parameter(b_out.detach().clone(), requires_grad=False)
 
     @classmethod
     def from_float(cls, experts: Experts, bits: int, group_size: int, kernel: bool = True) -> "QuantizedExperts":
         w_in = quantize_weight(experts.w_in, bits, group_size, kernel)
         w_out = quantize_weight(experts.w_out, bits, group_size, kernel)
-        return cls(w_in, w_out, experts.activation)
+        b_in, b_out = (experts.b_in, experts.b_out) if experts.has_bias else (None, None)
+        return cls(w_in, w_out, experts.activation, experts.act_args, b_in, b_out)
 
     def get(self, ids: Sequence[int], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(self.w_in.dequantize(dtype, e), self.w_out.dequantize(dtype, e)) for e in ids]
+
+    def biases(self, ids: Sequence[int], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.b_in[e].to(dtype), self.b_out[e].to(dtype)) for e in ids]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -82,10 +95,15 @@ class QuantizedExperts(ExpertWeights):
         return torch.stack(ys).sum(0)
 
     def _expert(self, e: int, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
-        """Expert e on rows [n, D] -> [n, D] in x's dtype."""
-        if reference:
-            return self.w_out.linear_reference(activate(self.w_in.linear_reference(x, e), self.activation), e)
-        return self.w_out.linear(activate(self.w_in.linear(x, e), self.activation), e)
+        """Expert e on rows [n, D] -> [n, D] in x's dtype (its biases, if any, added in float
+        after each projection, as ``F.linear`` adds them)."""
+        w_in, w_out = (self.w_in.linear_reference, self.w_out.linear_reference) if reference \
+            else (self.w_in.linear, self.w_out.linear)
+        h = w_in(x, e)  # [n, H]
+        if self.has_bias:
+            h = h + self.b_in[e].to(h.dtype)
+        y = w_out(activate(h, self.activation, *self.act_args), e)  # [n, D]
+        return y + self.b_out[e].to(y.dtype) if self.has_bias else y
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on any [.., D] input (the reference form, for tools and tests)."""
@@ -119,18 +137,18 @@ class QuantizedLinear(nn.Module):
 class QuantizedMLP(nn.Module):
     """``MLP`` (dense FFN or shared experts) with quantized ``w_in`` and ``w_out``."""
 
-    def __init__(self, w_in: QuantizedLinear, w_out: QuantizedLinear, activation: str):
+    def __init__(self, w_in: QuantizedLinear, w_out: QuantizedLinear, activation: str, act_args: tuple = ()):
         super().__init__()
-        self.activation = activation
+        self.activation, self.act_args = activation, tuple(act_args)  # DeepSeek-V4's shared experts clamp too
         self.w_in, self.w_out = w_in, w_out
 
     @classmethod
     def from_float(cls, mlp: MLP, bits: int, group_size: int, kernel: bool = True) -> "QuantizedMLP":
         return cls(QuantizedLinear.from_float(mlp.w_in, bits, group_size, kernel),
-                   QuantizedLinear.from_float(mlp.w_out, bits, group_size, kernel), mlp.activation)
+                   QuantizedLinear.from_float(mlp.w_out, bits, group_size, kernel), mlp.activation, mlp.act_args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_out(activate(self.w_in(x), self.activation))
+        return self.w_out(activate(self.w_in(x), self.activation, *self.act_args))
 
 
 __all__ = ["QuantizedExperts", "QuantizedLinear", "QuantizedMLP", "quantize_weight"]
