@@ -244,3 +244,24 @@ def test_max_memory_gives_the_same_cache_streamed_and_in_memory(tmp_path):
     finally:
         rt.close()
         streamed.offload.close()
+
+
+@pytest.mark.parametrize("arch, width", [("gpt_oss", "intermediate_size"), ("deepseek_v4", "moe_intermediate_size")])
+def test_experts_with_biases_and_clamped_swiglus_stream_bit_identically(tmp_path, arch, width):
+    """GPT-OSS (expert biases, clamped SwiGLU) and DeepSeek-V4 (limited SwiGLU; F = 32, see
+    test_offload.py's WIDE): float, int8 at load and an int8 `moekit quantize` folder stream
+    into the store with the biases beside each expert's matrices."""
+    torch.manual_seed(0)
+    folder = tmp_path / arch
+    hf_tiny.build(arch, **{width: 32}).save_pretrained(folder)
+    ref = from_pretrained(folder, dtype=torch.float32)
+    budget = _one_slot(ref) + 1e-9  # + 1 byte: the GB value rounds back down otherwise
+    prompts = [torch.randint(0, hf_tiny.VOCAB, (n,)).tolist() for n in (9, 5)]
+    _check_stream(ref, from_pretrained(folder, dtype=torch.float32, offload=OffloadConfig(cache_gb=budget)), prompts)
+    qcfg = QuantConfig(bits=8)
+    quantize_model(ref, qcfg)
+    budget = _one_slot(ref) + 1e-9
+    _check_stream(ref, from_pretrained(folder, dtype=torch.float32, quantize=qcfg,
+                                       offload=OffloadConfig(cache_gb=budget)), prompts)
+    save_quantized(ref, tmp_path / "q")
+    _check_stream(ref, from_pretrained(tmp_path / "q", offload=OffloadConfig(cache_gb=budget, store="ram")), prompts)

@@ -46,11 +46,15 @@ class _Scratch:
 
 class ResidentExperts(ExpertWeights):
     """Float experts over tensors someone else owns (a cache slot): ``w_in`` [E, H, D],
-    ``w_out`` [E, D, F], here with E = 1. Computes exactly as ``Experts``."""
+    ``w_out`` [E, D, F] and, with biases (GPT-OSS), ``b_in`` [E, H] and ``b_out`` [E, D], here
+    with E = 1. Computes exactly as ``Experts``."""
 
-    def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor, activation: str, scratch: _Scratch):
+    def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor, activation: str, scratch: _Scratch,
+                 act_args: tuple = (), b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None):
         super().__init__(w_in.shape[0], w_in.shape[-1], w_out.shape[-1], activation)
         self.w_in, self.w_out, self._scratch = w_in, w_out, scratch
+        self.act_args, self.has_bias = tuple(act_args), b_in is not None
+        self.b_in, self.b_out = b_in, b_out
 
     @property
     def _gemv_scratch(self) -> torch.Tensor | None:
@@ -62,6 +66,8 @@ class ResidentExperts(ExpertWeights):
 
     get = Experts.get
     stacked = Experts.stacked
+    biases = Experts.biases
+    stacked_biases = Experts.stacked_biases
     dtype = Experts.dtype
     expert_forward = Experts.expert_forward
 
@@ -74,13 +80,14 @@ class ResidentExperts(ExpertWeights):
 
 def view_builder(template: ExpertWeights, scratch: _Scratch) -> Callable[[dict[str, torch.Tensor]], ExpertWeights]:
     """A function from one expert's tensors (``store.ExpertLayout.views``) to a provider of
-    the template's kind. Keeps the template's metadata, never its tensors."""
-    act = template.activation
+    the template's kind. Keeps the template's metadata (activation and its arguments), never
+    its tensors; biases, when the experts have them, are parts of the slot like the matrices."""
+    act, args = template.activation, template.act_args
     if type(template) is Experts:
-        return lambda t: ResidentExperts(t["w_in"], t["w_out"], act, scratch)
+        return lambda t: ResidentExperts(t["w_in"], t["w_out"], act, scratch, args, t.get("b_in"), t.get("b_out"))
     if type(template) is QuantizedExperts:
         make_in, make_out = _quant_builder(template.w_in, "w_in"), _quant_builder(template.w_out, "w_out")
-        return lambda t: QuantizedExperts(make_in(t), make_out(t), act)
+        return lambda t: QuantizedExperts(make_in(t), make_out(t), act, args, t.get("b_in"), t.get("b_out"))
     raise ValueError(f"cannot offload experts of type {type(template).__name__}; "
                      "offloading takes Experts and QuantizedExperts")
 
@@ -98,6 +105,7 @@ class OffloadedExperts(ExpertWeights):
     def __init__(self, template: ExpertWeights, cache: LayerCache):
         super().__init__(template.num_experts, template.d_model, template.d_expert, template.activation)
         self.cache, self.first_expert = cache, template.first_expert
+        self.has_bias, self.act_args = template.has_bias, template.act_args
         self.quantized = isinstance(template, QuantizedExperts)
         self._dtype = template.dtype
         self.scratch = _Scratch()
@@ -113,6 +121,15 @@ class OffloadedExperts(ExpertWeights):
             with self.cache.use(e) as (v, _):
                 (w_in, w_out), = v.get([0], dtype)
                 out.append((w_in.clone(), w_out.clone()))
+        return out
+
+    def biases(self, ids: Sequence[int], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies, as ``get``."""
+        out = []
+        for e in ids:
+            with self.cache.use(e) as (v, _):
+                (b_in, b_out), = v.biases([0], dtype)
+                out.append((b_in.clone(), b_out.clone()))
         return out
 
     def single_token(self, x_1D: torch.Tensor, ids_1K: torch.Tensor, weights_1K: torch.Tensor) -> torch.Tensor:
@@ -142,8 +159,10 @@ class OffloadedExperts(ExpertWeights):
         if self.quantized:
             y_MD = self._quant_rows(x_TD.index_select(0, plan.token_ids), plan.counts, impl)
             return combine(y_MD, plan, x_TD.shape[0])
-        if impl == "grouped":
+        if impl == "grouped" and self.grouped_ok:
             return self._grouped(x_TD, plan)
+        if impl == "grouped":
+            impl = "loop"  # as the in-memory provider does (``experts.local_experts``)
         d = _LOCAL.dispatch(x_TD, plan)
         return _LOCAL.combine(self.rows(d.x_MD, d.counts, d.weights_M, impl), d)
 
@@ -152,7 +171,9 @@ class OffloadedExperts(ExpertWeights):
         out_TD = x_TD.new_zeros(x_TD.shape, dtype=torch.float32)
         for e, ids_e, w_e in self._slices(plan.counts, plan.token_ids, plan.weights):
             def run(v, x, w, n, ids=ids_e):
-                return grouped_moe(x, ids.to(x.device), w, v.w_in, v.w_out, n, v.activation, limit=v.limit)
+                b_in, b_out = v.stacked_biases()
+                return grouped_moe(x, ids.to(x.device), w, v.w_in, v.w_out, n, v.activation,
+                                   b_in=b_in, b_out=b_out, act_args=v.act_args)
             out_TD += self._on_expert(e, run, x_TD, w_e)
         return out_TD
 

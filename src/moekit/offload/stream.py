@@ -64,12 +64,16 @@ class _Source:
     quantization: QuantConfig | None = None  # the folder's own (a `moekit quantize` folder)
 
     def expert_state(self, layer: int, check_finite: bool) -> dict[str, torch.Tensor]:
-        """Layer ``layer``'s experts as the provider's state dict (``w_in``, ``w_out``)."""
+        """Layer ``layer``'s experts as the provider's state dict (``w_in``, ``w_out``, and
+        ``b_in``, ``b_out`` for experts with biases), in the provider's order."""
         from moekit.interop.hf import copy_pieces
 
         state = {}
-        for part in ("w_in", "w_out"):
-            name = f"blocks.{layer}.ffn.experts.{part}"
+        prefix = f"blocks.{layer}.ffn.experts."
+        for name in self.expert_shapes:
+            if not name.startswith(prefix):
+                continue
+            part = name.removeprefix(prefix)
             state[part] = torch.empty(self.expert_shapes[name], dtype=self.dtype)
             copy_pieces(state[part], self.plan[name], self.ckpt, check_finite)
         return state
@@ -315,7 +319,7 @@ def _write_store(source: _Source, templates: dict, layouts: dict[int, ExpertLayo
         for n, i in enumerate(layouts):
             state = source.expert_state(i, check_finite)
             if qcfg is not None and "experts" in qcfg.scope and source.quantization is None:
-                state = _quantize_layer(state, templates[i].activation, qcfg)
+                state = _quantize_layer(state, templates[i], qcfg)
             if ExpertLayout.of(state) != layouts[i]:  # internal invariant: what attach will read
                 raise AssertionError(f"layer {i}'s experts do not have the planned layout")
             if folder is None:
@@ -334,11 +338,14 @@ def _write_store(source: _Source, templates: dict, layouts: dict[int, ExpertLayo
         raise
 
 
-def _quantize_layer(state: dict[str, torch.Tensor], activation: str, qcfg: QuantConfig) -> dict[str, torch.Tensor]:
-    """One layer's float experts -> the state of their ``QuantizedExperts`` twin (as ``from_float``)."""
+def _quantize_layer(state: dict[str, torch.Tensor], template: QuantizedExperts, qcfg: QuantConfig) -> dict[str, torch.Tensor]:
+    """One layer's float experts -> the state of their ``QuantizedExperts`` twin (as ``from_float``:
+    the biases, if any, stay float; the activation and its arguments are the template's)."""
     w_in = quantize_weight(state.pop("w_in"), qcfg.bits, qcfg.group_size, qcfg.kernel)
     w_out = quantize_weight(state.pop("w_out"), qcfg.bits, qcfg.group_size, qcfg.kernel)
-    return dict(QuantizedExperts(w_in, w_out, activation).state_dict())
+    twin = QuantizedExperts(w_in, w_out, template.activation, template.act_args, state.pop("b_in", None),
+                            state.pop("b_out", None))
+    return dict(twin.state_dict())
 
 
 def _quantize_rest(model: MoETransformer, qcfg: QuantConfig | None, source: _Source) -> None:

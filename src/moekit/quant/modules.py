@@ -52,14 +52,15 @@ class QuantizedExperts(ExpertWeights):
         self.w_in, self.w_out = w_in, w_out
         self.has_bias = b_in is not None
         if self.has_bias:  # b_in [E, H], b_out [E, D]: float by design (a few values per row; GPT-OSS)
-            self.b_in = nn.Parameter(b_in.detach().clone(), requires_grad=False)
-            self.b_out = nn.Parameter(b_out.detach().clone(), requires_grad=False)
+            # not copied here: an offload cache builds twins over its slot's tensors
+            self.b_in = nn.Parameter(b_in.detach(), requires_grad=False)
+            self.b_out = nn.Parameter(b_out.detach(), requires_grad=False)
 
     @classmethod
     def from_float(cls, experts: Experts, bits: int, group_size: int, kernel: bool = True) -> "QuantizedExperts":
         w_in = quantize_weight(experts.w_in, bits, group_size, kernel)
         w_out = quantize_weight(experts.w_out, bits, group_size, kernel)
-        b_in, b_out = (experts.b_in, experts.b_out) if experts.has_bias else (None, None)
+        b_in, b_out = (experts.b_in.detach().clone(), experts.b_out.detach().clone()) if experts.has_bias else (None, None)
         return cls(w_in, w_out, experts.activation, experts.act_args, b_in, b_out)
 
     def get(self, ids: Sequence[int], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
