@@ -231,15 +231,23 @@ def test_lora_config_validation():
 
 
 def test_lora_and_expert_dropout_refuse_experts_with_biases():
-    """GPT-OSS experts carry biases LoRAExperts has no place for: refused before any swap."""
+    """GPT-OSS experts carry biases LoRAExperts has no place for, DeepSeek-V4's a clamped SwiGLU
+    it does not compute: refused before any swap, the message naming what and whose."""
     moe = MoEConfig(d_model=32, d_expert=16, num_experts=4, top_k=2, router_bias=True, expert_proj_bias=True,
                     activation="clamped_swiglu")
     model = MoETransformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, moe=moe))
-    with pytest.raises(ValueError, match="LoRA does not support experts with biases"):
+    with pytest.raises(ValueError, match=r"LoRA does not support experts with projection biases \(b_in, b_out\) and "
+                                         r"activation='clamped_swiglu' with arguments \(7.0, 1.702\) \(GPT-OSS's experts\)"):
         apply_lora(model, LoRAConfig(rank=4, targets=["all"]))
-    with pytest.raises(ValueError, match="expert dropout does not support experts with biases"):
+    with pytest.raises(ValueError, match="expert dropout does not support experts with projection biases"):
         apply_expert_dropout(model, 0.1)
     assert not any(isinstance(m, (LoRAExperts, LoRALinear)) for m in model.modules())
+    moe = MoEConfig(d_model=32, d_expert=16, num_experts=4, top_k=2, activation="limited_swiglu", swiglu_limit=10.0)
+    model = MoETransformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, moe=moe))
+    with pytest.raises(ValueError, match=r"LoRA does not support experts with activation='limited_swiglu' with "
+                                         r"arguments \(10.0,\) \(DeepSeek-V4's experts\); quantization and expert "
+                                         r"offloading do$"):
+        apply_lora(model, LoRAConfig(rank=4, targets=["experts"]))
 
 
 def test_freezing_half_of_an_expert_layers_adapters_is_an_error():
