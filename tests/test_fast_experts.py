@@ -253,3 +253,21 @@ def test_torch_compile_does_not_break_the_grouped_path(dtype):
     g_c = x1.grad.clone()
     y_e.sum().backward()
     torch.testing.assert_close(g_c, x2.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation, act_args", [("swiglu", ()), ("clamped_swiglu", (0.5, 1.702)),
+                                                  ("limited_swiglu", (0.5,))])
+def test_a_row_rounds_the_same_wherever_it_sits(activation, act_args, dtype):
+    """Offloaded experts run one expert's rows where memory runs a block of several: a row's
+    activation must not depend on its neighbours, bit for bit (F = 16: no multiple of the
+    CPU kernels' vector width, so a contiguous tensor would end in their scalar tail)."""
+    from moekit.layers import grouped_act, mlp
+
+    h = torch.randn(13, 32, generator=torch.Generator().manual_seed(0)).mul(2).to(dtype)  # [M, 2F]
+    splits = (3, 5, 1, 4)
+    whole = mlp.activate(h, activation, *act_args)
+    assert torch.equal(whole, torch.cat([mlp.activate(p, activation, *act_args) for p in h.split(splits)]))
+    node = grouped_act.activate(h, activation, torch.empty(13, 16, dtype=dtype), act_args)
+    parts = [grouped_act.activate(p, activation, torch.empty(len(p), 16, dtype=dtype), act_args) for p in h.split(splits)]
+    assert torch.equal(node, torch.cat(parts)) and torch.equal(node, whole)

@@ -23,14 +23,10 @@ def folders(tmp_path_factory):
     return tmp_path_factory.mktemp("hf")
 
 
-# GPT-OSS and DeepSeek-V4 with expert widths F = 32 (hf_tiny's are 16). Why: their clamped
-# SwiGLUs run sigmoid/silu on contiguous [M, F] tensors, and PyTorch's CPU kernels take the last
-# (M F mod 32) elements of such a tensor through a scalar path that rounds differently from the
-# vector one; a row then rounds by where it sits in the tensor, so one expert's rows (offload)
-# and a whole block's (memory) can differ in the last bit. With F a multiple of 32 (GPT-OSS: 2880,
-# DeepSeek-V4: 2048 and up) no row falls in a tail. int4's group (32) divides these widths too.
+# GPT-OSS and DeepSeek-V4 with expert widths F = 32 (hf_tiny's are 16), which int4's group divides
 WIDE = {"gpt_oss32": ("gpt_oss", "intermediate_size"), "deepseek_v432": ("deepseek_v4", "moe_intermediate_size")}
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "llama4", *WIDE]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "llama4", "gpt_oss",
+            "deepseek_v4"]
 
 
 def _olmoe_int4_sized():

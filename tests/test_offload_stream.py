@@ -246,14 +246,14 @@ def test_max_memory_gives_the_same_cache_streamed_and_in_memory(tmp_path):
         streamed.offload.close()
 
 
-@pytest.mark.parametrize("arch, width", [("gpt_oss", "intermediate_size"), ("deepseek_v4", "moe_intermediate_size")])
-def test_experts_with_biases_and_clamped_swiglus_stream_bit_identically(tmp_path, arch, width):
-    """GPT-OSS (expert biases, clamped SwiGLU) and DeepSeek-V4 (limited SwiGLU; F = 32, see
-    test_offload.py's WIDE): float, int8 at load and an int8 `moekit quantize` folder stream
-    into the store with the biases beside each expert's matrices."""
+@pytest.mark.parametrize("arch", ["gpt_oss", "deepseek_v4"])
+def test_experts_with_biases_and_clamped_swiglus_stream_bit_identically(tmp_path, arch):
+    """GPT-OSS (expert biases, clamped SwiGLU) and DeepSeek-V4 (limited SwiGLU): float, int8 at
+    load and an int8 `moekit quantize` folder stream into the store with the biases beside each
+    expert's matrices."""
     torch.manual_seed(0)
     folder = tmp_path / arch
-    hf_tiny.build(arch, **{width: 32}).save_pretrained(folder)
+    hf_tiny.build(arch).save_pretrained(folder)
     ref = from_pretrained(folder, dtype=torch.float32)
     budget = _one_slot(ref) + 1e-9  # + 1 byte: the GB value rounds back down otherwise
     prompts = [torch.randint(0, hf_tiny.VOCAB, (n,)).tolist() for n in (9, 5)]

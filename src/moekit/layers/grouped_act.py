@@ -22,9 +22,15 @@ ARG_COUNTS = {"clamped_swiglu": 2, "limited_swiglu": 1}  # len(act_args); 0 for 
 
 
 def _clamped_halves(h: torch.Tensor, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clamped SwiGLUs' inputs: min(gate, limit), clamp(up, -limit, limit), each [M, F]."""
+    """The clamped SwiGLUs' inputs: min(gate, limit), clamp(up, -limit, limit), each [M, F], as
+    the halves of one [M, 2F] tensor: strided views, so that sigmoid/silu round each row alike
+    wherever it sits (``mlp._clamped`` says why)."""
     gate, up = h.chunk(2, dim=-1)
-    return gate.clamp(max=limit), up.clamp(-limit, limit)
+    c = torch.empty_like(h)
+    c_gate, c_up = c.chunk(2, dim=-1)
+    torch.clamp(gate, max=limit, out=c_gate)
+    torch.clamp(up, -limit, limit, out=c_up)
+    return c_gate, c_up
 
 
 def activate(h: torch.Tensor, activation: str, out: torch.Tensor, act_args: tuple = ()) -> torch.Tensor:
@@ -38,8 +44,9 @@ def activate(h: torch.Tensor, activation: str, out: torch.Tensor, act_args: tupl
     if activation == "clamped_swiglu":
         limit, alpha = act_args
         g, up = _clamped_halves(h, limit)
-        torch.mul(g, torch.sigmoid(alpha * g), out=out)
-        return out.mul_(up + 1)
+        torch.add(up, 1, out=out)  # up + 1; up's (strided) memory is free after this
+        s = torch.sigmoid(torch.mul(g, alpha, out=up))  # a strided input: rows round alike (above)
+        return out.mul_(s.mul_(g))  # (g s)(up + 1), the products mlp.activate takes
     if activation == "gelu":
         return torch.ops.aten.gelu.out(h, out=out)
     if activation == "relu":

@@ -20,18 +20,29 @@ def activate(h: torch.Tensor, activation: str, limit: float = 7.0, alpha: float 
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up
     if activation == "clamped_swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
-        return gate * torch.sigmoid(alpha * gate) * (up + 1)
+        c = _clamped(h, limit)
+        gate, up = c.chunk(2, dim=-1)
+        return gate * torch.sigmoid(c.mul(alpha).chunk(2, dim=-1)[0]) * (up + 1)
     if activation == "limited_swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+        gate, up = _clamped(h, limit).chunk(2, dim=-1)
+        return F.silu(gate) * up
     if activation == "gelu":
         return F.gelu(h)
     if activation == "relu":
         return F.relu(h)
     raise ValueError(f"unknown activation {activation!r}")
 
+
+
+def _clamped(h: torch.Tensor, limit: float) -> torch.Tensor:
+    """[min(gate, limit) | clamp(up, -limit, limit)], as wide as h. The clamped SwiGLUs take
+    sigmoid/silu of the gate half as a strided view of this, never as a tensor of its own:
+    PyTorch's CPU kernels run the last (numel mod 2 vector widths) elements of a contiguous
+    tensor through a scalar path that rounds differently, so a row's bits would depend on
+    where it sits (one expert's rows against a block of several: offload against memory);
+    over a strided view every row is its own loop and rounds the same anywhere."""
+    gate, up = h.chunk(2, dim=-1)
+    return torch.cat([gate.clamp(max=limit), up.clamp(-limit, limit)], dim=-1)
 
 
 class MLP(nn.Module):
