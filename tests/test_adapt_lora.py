@@ -230,24 +230,79 @@ def test_lora_config_validation():
             LoRAConfig(**bad)
 
 
-def test_lora_and_expert_dropout_refuse_experts_with_biases():
-    """GPT-OSS experts carry biases LoRAExperts has no place for, DeepSeek-V4's a clamped SwiGLU
-    it does not compute: refused before any swap, the message naming what and whose."""
-    moe = MoEConfig(d_model=32, d_expert=16, num_experts=4, top_k=2, router_bias=True, expert_proj_bias=True,
-                    activation="clamped_swiglu")
-    model = MoETransformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, moe=moe))
-    with pytest.raises(ValueError, match=r"LoRA does not support experts with projection biases \(b_in, b_out\) and "
-                                         r"activation='clamped_swiglu' with arguments \(7.0, 1.702\) \(GPT-OSS's experts\)"):
-        apply_lora(model, LoRAConfig(rank=4, targets=["all"]))
-    with pytest.raises(ValueError, match="expert dropout does not support experts with projection biases"):
-        apply_expert_dropout(model, 0.1)
-    assert not any(isinstance(m, (LoRAExperts, LoRALinear)) for m in model.modules())
-    moe = MoEConfig(d_model=32, d_expert=16, num_experts=4, top_k=2, activation="limited_swiglu", swiglu_limit=10.0)
-    model = MoETransformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, moe=moe))
-    with pytest.raises(ValueError, match=r"LoRA does not support experts with activation='limited_swiglu' with "
-                                         r"arguments \(10.0,\) \(DeepSeek-V4's experts\); quantization and expert "
-                                         r"offloading do$"):
-        apply_lora(model, LoRAConfig(rank=4, targets=["experts"]))
+TWIN_EXPERTS = {  # GPT-OSS's experts (biases, clamped SwiGLU) and DeepSeek-V4's (limited SwiGLU), limits that bind
+    "gpt-oss": dict(router_bias=True, expert_proj_bias=True, activation="clamped_swiglu", swiglu_limit=0.5),
+    "v4": dict(activation="limited_swiglu", swiglu_limit=0.5),
+}
+
+
+def _twin_model(kind: str) -> MoETransformer:
+    torch.manual_seed(0)
+    moe = MoEConfig(d_model=32, d_expert=16, num_experts=4, top_k=2, **TWIN_EXPERTS[kind])
+    model = MoETransformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, moe=moe)).eval()
+    with torch.no_grad():  # biases start at zero: random, so a dropped one shows
+        for layer in model.moe_layers():
+            for b in ("b_in", "b_out") if layer.experts.has_bias else ():
+                getattr(layer.experts, b).normal_(std=0.3)
+    return model
+
+
+@pytest.mark.parametrize("kind", list(TWIN_EXPERTS))
+def test_lora_on_experts_with_biases_and_clamped_swiglus(kind):
+    """The adapters leave the biases and the activation's arguments alone: B = 0 keeps the
+    function, the factored paths equal the merged loop (forward and the adapters' gradients),
+    merging gives the adapted logits in plain experts with the same biases; expert dropout applies."""
+    model = _twin_model(kind)
+    ids = torch.randint(0, 64, (2, 12))
+    before = model(ids).logits
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0, targets=["experts"]))
+    le = model.moe_layers()[0].experts
+    assert isinstance(le, LoRAExperts) and le.act_args != () and le.has_bias == (kind == "gpt-oss")
+    torch.testing.assert_close(model(ids).logits, before)
+    randomize_adapters(model)
+    model.train()  # the trainer's mode; no dropout is configured
+    outs = {}
+    for impl in ("loop", "grouped", "decode"):
+        for layer in model.moe_layers():
+            layer.impl = impl
+        model.zero_grad()
+        logits = model(ids).logits
+        logits.square().mean().backward()
+        outs[impl] = logits.detach(), le.w_in_lora_B.grad.clone()
+    for impl in ("grouped", "decode"):
+        torch.testing.assert_close(outs[impl][0], outs["loop"][0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(outs[impl][1], outs["loop"][1], atol=1e-5, rtol=1e-4)
+    model.eval()
+    adapted = model(ids).logits
+    assert (adapted - before).abs().max() > 1e-3
+    merge_lora(model)
+    plain = model.moe_layers()[0].experts
+    assert type(plain) is Experts and plain.act_args == le.act_args and plain.has_bias == le.has_bias
+    torch.testing.assert_close(model(ids).logits, adapted, atol=1e-4, rtol=1e-4)
+    assert apply_expert_dropout(model, 0.1) == 2
+
+
+def test_peft_export_refuses_adapters_on_experts_with_biases_or_clamped_swiglus(tmp_path):
+    from moekit.adapt.lora_peft import export_peft
+
+    model = _twin_model("gpt-oss")
+    cfg = LoRAConfig(rank=4, targets=["experts"])
+    apply_lora(model, cfg)
+    with pytest.raises(UsageError, match=r"cannot export adapters of experts with biases or "
+                                         r"activation='clamped_swiglu' .*merge them instead"):
+        export_peft(model, cfg, tmp_path / "peft", architecture="GptOssForCausalLM")
+    assert not (tmp_path / "peft").exists()
+
+
+def test_expert_parallelism_refusal_names_what_the_experts_have():
+    from moekit.layers.weights import require_plain_ffn
+
+    with pytest.raises(ValueError, match=r"expert parallelism does not support experts with projection biases "
+                                         r"\(b_in, b_out\) and activation='clamped_swiglu' with arguments "
+                                         r"\(0.5, 1.702\) \(GPT-OSS's experts\)"):
+        require_plain_ffn(_twin_model("gpt-oss").moe_layers()[0].experts, "expert parallelism")
+    with pytest.raises(ValueError, match=r"activation='limited_swiglu' with arguments \(0.5,\) \(DeepSeek-V4's"):
+        require_plain_ffn(_twin_model("v4").moe_layers()[0].experts, "expert parallelism")
 
 
 def test_freezing_half_of_an_expert_layers_adapters_is_an_error():

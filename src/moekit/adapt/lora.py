@@ -28,7 +28,6 @@ from torch import nn
 from moekit.adapt.lora_experts import LoRAExperts
 from moekit.config import check_float, check_int
 from moekit.errors import ConfigError, UsageError
-from moekit.layers.weights import ExpertWeights, require_plain_ffn
 from moekit.layers.experts import Experts
 from moekit.layers.mlp import MLP, activate
 from moekit.layers.moe import MoELayer
@@ -196,9 +195,6 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
     model's outputs are unchanged until they train)."""
     chosen = resolve_targets(model, cfg.targets)
     report = LoRAReport(cfg.rank, {k: [] for k in KIND_TARGETS})
-    for owner in dict.fromkeys(o for _, o, _ in chosen.values()):  # checked before any swap
-        if isinstance(module := model.get_submodule(owner), ExpertWeights):
-            require_plain_ffn(module, "LoRA")
     for owner in dict.fromkeys(o for _, o, _ in chosen.values()):  # in model order, once each
         parent_path, _, attr = owner.rpartition(".")
         parent, module = model.get_submodule(parent_path), model.get_submodule(owner)
@@ -222,8 +218,6 @@ def apply_expert_dropout(model: nn.Module, p: float) -> int:
     """Dropout ``p`` on every routed expert's hidden activations in training (Switch: 0.4 when
     fine-tuning) -> the number of MoE layers it applies to. Eval mode is unchanged."""
     layers = model.moe_layers()
-    for layer in layers:
-        require_plain_ffn(layer.experts, "expert dropout")
     for layer in layers:
         if isinstance(layer.experts, LoRAExperts):
             layer.experts.expert_dropout = p

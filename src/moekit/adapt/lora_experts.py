@@ -38,7 +38,8 @@ LORA_MATRICES = ("w_in", "w_out")
 
 class LoRAExperts(ExpertWeights):
     """``Experts``' frozen ``w_in`` [E, H, D] and ``w_out`` [E, D, F] (the same parameters, so
-    the state-dict names stay), plus, when ``rank`` > 0, ``w_in_lora_A`` [E, r, D],
+    the state-dict names stay; with them GPT-OSS's ``b_in`` [E, H] and ``b_out`` [E, D], not
+    adapted, and the clamped SwiGLUs' ``act_args``), plus, when ``rank`` > 0, ``w_in_lora_A`` [E, r, D],
     ``w_in_lora_B`` [E, H, r], ``w_out_lora_A`` [E, r, F], ``w_out_lora_B`` [E, D, r]."""
 
     def __init__(self, base: Experts, rank: int = 0, alpha: float = 16.0, lora_dropout: float = 0.0,
@@ -46,6 +47,9 @@ class LoRAExperts(ExpertWeights):
         super().__init__(base.num_experts, base.d_model, base.d_expert, base.activation)
         self.first_expert = base.first_expert
         self.w_in, self.w_out = base.w_in, base.w_out
+        self.has_bias, self.act_args = base.has_bias, base.act_args
+        if self.has_bias:
+            self.b_in, self.b_out = base.b_in, base.b_out
         self.rank, self.alpha = rank, alpha
         self.scale = alpha / rank if rank else 0.0
         self.lora_dropout, self.expert_dropout = lora_dropout, expert_dropout
@@ -67,6 +71,9 @@ class LoRAExperts(ExpertWeights):
     def get(self, ids: Sequence[int], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The merged matrices W + s * B A of the listed experts (for tools and the reference)."""
         return [(self.merged("w_in", e).to(dtype), self.merged("w_out", e).to(dtype)) for e in ids]
+
+    def biases(self, ids: Sequence[int], dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.b_in[e].to(dtype), self.b_out[e].to(dtype)) for e in ids]
 
     def merged(self, name: str, e: int) -> torch.Tensor:
         """Expert e's ``name`` matrix with its adapter folded in, in the weights' dtype."""
@@ -114,12 +121,16 @@ class LoRAExperts(ExpertWeights):
         """Expert e on rows [m, D] -> [m, D] in x's dtype. The reference multiplies by the
         merged matrices; otherwise the low-rank term is a separate, factored product."""
         dtype = x.dtype
+        b_in, b_out = self.biases([e], dtype)[0] if self.has_bias else (None, None)
         if reference:
-            h = F.linear(x, self.merged("w_in", e).to(dtype))
-            return F.linear(self._drop_hidden(activate(h, self.activation)), self.merged("w_out", e).to(dtype))
-        h = F.linear(x, self.w_in[e].to(dtype)) + self._low_rank("w_in", e, x)  # [m, H]
-        a = self._drop_hidden(activate(h, self.activation))  # [m, F]
-        return F.linear(a, self.w_out[e].to(dtype)) + self._low_rank("w_out", e, a)  # [m, D]
+            h = F.linear(x, self.merged("w_in", e).to(dtype), b_in)
+            return F.linear(self._drop_hidden(self._act(h)), self.merged("w_out", e).to(dtype), b_out)
+        h = F.linear(x, self.w_in[e].to(dtype), b_in) + self._low_rank("w_in", e, x)  # [m, H]
+        a = self._drop_hidden(self._act(h))  # [m, F]
+        return F.linear(a, self.w_out[e].to(dtype), b_out) + self._low_rank("w_out", e, a)  # [m, D]
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        return activate(h, self.activation, *self.act_args)
 
     def _low_rank(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor | float:
         """s * B_e (A_e x) for rows x [m, in] -> [m, out] (0 without adapters)."""
@@ -139,8 +150,10 @@ class LoRAExperts(ExpertWeights):
     @torch.no_grad()
     def to_plain(self) -> Experts:
         """An ``Experts`` holding W + s * B A (``merge``): the same outputs, no adapter."""
-        plain = Experts(self.num_experts, self.d_model, self.d_expert, self.activation)
+        plain = Experts(self.num_experts, self.d_model, self.d_expert, self.activation, self.has_bias, self.act_args)
         plain.first_expert = self.first_expert
+        if self.has_bias:  # not adapted: the same parameters
+            plain.b_in, plain.b_out = self.b_in, self.b_out
         for name in LORA_MATRICES:
             merged = torch.stack([self.merged(name, e) for e in range(self.num_experts)])
             setattr(plain, name, nn.Parameter(merged, requires_grad=getattr(self, name).requires_grad))

@@ -91,6 +91,7 @@ def export_peft(model: nn.Module, cfg: LoRAConfig, folder: str | Path, architect
     if not any(isinstance(m, (LoRALinear, LoRAMLP, LoRAExperts)) for m in model.modules()):
         raise UsageError("the model has no LoRA adapter to export")
     _check_peft_can_load(model, arch)
+    _check_plain_experts(model)
     try:
         tensors, modules, parameters = peft_tensors(model, arch)
     except (KeyError, ValueError) as e:
@@ -104,6 +105,15 @@ def export_peft(model: nn.Module, cfg: LoRAConfig, folder: str | Path, architect
         lora_alpha=cfg.alpha, lora_dropout=0.0, bias="none", fan_in_fan_out=False, use_rslora=False,
         target_modules=modules or None, target_parameters=parameters or None, inference_mode=True))
     return folder
+
+
+def _check_plain_experts(model: nn.Module) -> None:
+    """GPT-OSS's and DeepSeek-V4's routed experts (biases, clamped SwiGLUs; GPT-OSS's gate and
+    up interleaved in its checkpoint) have no tested PEFT mapping here: refused, not guessed."""
+    odd = [n for n, m in model.named_modules() if isinstance(m, LoRAExperts) and m.rank and (m.has_bias or m.act_args)]
+    if odd:
+        raise UsageError(f"cannot export adapters of experts with biases or activation={model.get_submodule(odd[0]).activation!r} "
+                         f"(GPT-OSS, DeepSeek-V4; {odd[0]}) in PEFT's layout; merge them instead (moekit lora merge)")
 
 
 def _check_peft_can_load(model: nn.Module, arch: str) -> None:

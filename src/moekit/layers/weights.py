@@ -99,19 +99,19 @@ class ExpertWeights(nn.Module):
 
 
 def require_plain_ffn(weights: ExpertWeights, what: str) -> None:
-    """Refuse a tool that rewrites expert weights (LoRA, expert dropout, expert parallelism)
-    on experts with biases or a parametrized activation (GPT-OSS, DeepSeek-V4): their twins
-    hold w_in and w_out and compute the plain activations only, and dropping the rest would
-    change the model without a word. The message names what these experts have and whose
-    experts those are. (Quantized and offloaded twins carry both: ``quant/modules.py``,
-    ``offload/experts.py``.)"""
+    """Refuse a tool that rewrites expert weights (expert parallelism) on experts with biases
+    or a parametrized activation (GPT-OSS, DeepSeek-V4): its twin holds w_in and w_out and
+    computes the plain activations only, and dropping the rest would change the model without
+    a word. The message names what these experts have and whose experts those are. (Quantized,
+    offloaded and LoRA twins carry both: ``quant/modules.py``, ``offload/experts.py``,
+    ``adapt/lora_experts.py``.)"""
     if not (weights.has_bias or weights.act_args):
         return
     have = (["projection biases (b_in, b_out)"] if weights.has_bias else []) + (
         [f"activation={weights.activation!r} with arguments {tuple(weights.act_args)}"] if weights.act_args else [])
     family = _FAMILIES.get((weights.has_bias, weights.activation), "")
-    raise ConfigError(f"{what} does not support experts with {' and '.join(have)}{family}; quantization and "
-                      "expert offloading do")
+    raise ConfigError(f"{what} does not support experts with {' and '.join(have)}{family}; quantization, "
+                      "expert offloading and LoRA do")
 
 
 # which published experts have these features (for the refusal's message)
