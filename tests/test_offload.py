@@ -4,18 +4,19 @@ evictions; the counters; the budget's bad input."""
 
 import copy
 
+import hf_tiny
 import pytest
 import torch
+from offload_helpers import generate_with_logits as _generate
+from offload_helpers import same_run as _same
 
-import hf_tiny
 from moekit.errors import UsageError
-from moekit.inference.engine import Engine
-from moekit.inference.sampling import SamplingParams
 from moekit.interop import from_pretrained
-from moekit.offload.store import ExpertLayout
 from moekit.offload.runtime import OffloadConfig, offload_model
+from moekit.offload.store import ExpertLayout
 from moekit.quant import kernels
 from moekit.quant.convert import QuantConfig, quantize_model
+
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
@@ -56,20 +57,6 @@ def _slot_bytes(model) -> int:
     return ExpertLayout.of(model.moe_layers()[0].experts.state_dict()).slot_bytes
 
 
-def _generate(model, prompts, n=8):
-    """Greedy continuations with the KV-cache engine, and every logits tensor it computed
-    (prefill and each decode step), so equality is of the numbers, not just the argmax."""
-    logits = []
-    hook = model.lm_head.register_forward_hook(lambda _m, _a, out: logits.append(out.detach().clone()))
-    try:
-        seqs = Engine(model, max_batch=len(prompts)).generate(prompts, SamplingParams(max_new_tokens=n, temperature=0))
-    finally:
-        hook.remove()
-    return [s.output_ids for s in seqs], logits
-
-
-def _same(a, b) -> bool:
-    return a[0] == b[0] and len(a[1]) == len(b[1]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
 
 
 def _logits(model, ids):

@@ -8,17 +8,17 @@ import subprocess
 import sys
 import textwrap
 
+import hf_tiny
 import pytest
 import torch
+from offload_helpers import generate_with_logits as _generate
+from offload_helpers import same_run as _same
 
-import hf_tiny
-from moekit import MoEConfig, ModelConfig, MoETransformer
+from moekit import ModelConfig, MoEConfig, MoETransformer
 from moekit.data import DataConfig
 from moekit.data.tokenizer import bytes_tokenizer
 from moekit.errors import UsageError
-from moekit.inference.engine import Engine
 from moekit.inference.loading import load_for_inference
-from moekit.inference.sampling import SamplingParams
 from moekit.interop import from_pretrained
 from moekit.offload.runtime import OffloadConfig, offload_model
 from moekit.offload.stream import load_offloaded
@@ -31,19 +31,6 @@ from moekit.training.run import write_run_files
 pytest.importorskip("transformers")
 
 
-def _generate(model, prompts, n=8):
-    """Greedy tokens and every logits tensor computed (prefill and each decode step)."""
-    logits = []
-    hook = model.lm_head.register_forward_hook(lambda _m, _a, out: logits.append(out.detach().clone()))
-    try:
-        seqs = Engine(model, max_batch=len(prompts)).generate(prompts, SamplingParams(max_new_tokens=n, temperature=0))
-    finally:
-        hook.remove()
-    return [s.output_ids for s in seqs], logits
-
-
-def _same(a, b) -> bool:
-    return a[0] == b[0] and len(a[1]) == len(b[1]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
 
 
 def _one_slot(model) -> float:
