@@ -14,6 +14,7 @@ from moekit.quant.convert import QuantConfig, quantize_model
 from moekit.quant.modules import QuantizedExperts
 
 import hf_tiny
+from cli_helpers import assert_usage_error
 
 ALL = "experts,shared,attention,dense"
 
@@ -98,20 +99,13 @@ def _quantized(tmp_path, capsys):
     return out
 
 
-def _one_line_exit_2(argv, capsys, match: str):
-    capsys.readouterr()  # drop what came before (transformers' progress bars)
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err and match in err, err
-
-
 def test_truncated_checkpoint_names_the_tensor(tmp_path, capsys):
     out = _quantized(tmp_path, capsys)
     path = out / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"is truncated: tensor '.*' needs bytes up to"):
         from_pretrained(out)
-    _one_line_exit_2(["quantize", str(out), "--bits", "8", "--out", str(tmp_path / "again")], capsys, "already quantized")
+    assert_usage_error(["quantize", str(out), "--bits", "8", "--out", str(tmp_path / "again")], capsys, "already quantized")
 
 
 def test_mismatched_missing_and_extra_tensors_are_named(tmp_path, capsys):
@@ -135,7 +129,7 @@ def test_mismatched_missing_and_extra_tensors_are_named(tmp_path, capsys):
 def test_int4_without_the_kernel_says_so_and_uses_the_reference_only_when_asked(tmp_path, capsys, monkeypatch):
     src = _tiny_mixtral_int4_folder(tmp_path)
     monkeypatch.setattr(kernels, "int4_available", lambda: False)  # a torch without the op
-    _one_line_exit_2(["quantize", str(src), "--bits", "4", "--group-size", "32", "--out", str(tmp_path / "a")],
+    assert_usage_error(["quantize", str(src), "--bits", "4", "--group-size", "32", "--out", str(tmp_path / "a")],
                      capsys, "lacks a working CPU int4 kernel")
     assert not (tmp_path / "a").exists()
     assert main(["quantize", str(src), "--bits", "4", "--group-size", "32", "--reference", "--out", str(tmp_path / "b")]) == 0
@@ -147,11 +141,11 @@ def test_int4_without_the_kernel_says_so_and_uses_the_reference_only_when_asked(
 
 def test_bad_flags_are_one_line_errors(tmp_path, capsys):
     src = _hf_folder(tmp_path, "mixtral")  # widths 32 and 24: int4 groups of 32 do not divide 24
-    _one_line_exit_2(["quantize", str(src), "--bits", "4", "--group-size", "32", "--out", str(tmp_path / "x")],
+    assert_usage_error(["quantize", str(src), "--bits", "4", "--group-size", "32", "--out", str(tmp_path / "x")],
                      capsys, "needs input widths divisible by it")
-    _one_line_exit_2(["quantize", str(src), "--bits", "8", "--quantize-scope", "experts,routers", "--out",
+    assert_usage_error(["quantize", str(src), "--bits", "8", "--quantize-scope", "experts,routers", "--out",
                       str(tmp_path / "x")], capsys, "scope must be a non-empty subset")
-    _one_line_exit_2(["quantize", str(tmp_path / "nope"), "--bits", "8", "--out", str(tmp_path / "x")], capsys,
+    assert_usage_error(["quantize", str(tmp_path / "nope"), "--bits", "8", "--out", str(tmp_path / "x")], capsys,
                      "not a model folder")
     assert not (tmp_path / "x").exists()
 

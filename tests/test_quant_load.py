@@ -20,6 +20,7 @@ from moekit.quant.convert import QuantConfig, quantize_model
 from moekit.quant.modules import QuantizedExperts
 
 import hf_tiny
+from cli_helpers import assert_usage_error
 
 
 @pytest.fixture(scope="module")
@@ -98,25 +99,18 @@ def test_from_pretrained_quantizes_at_load(tmp_path):
         from_pretrained(tmp_path / "q", quantize=QuantConfig(bits=4, group_size=32))
 
 
-def _one_line_exit_2(argv, capsys, match: str):
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err and match in err, err
-
-
 def test_generate_on_a_truncated_quantized_folder_names_the_tensor(run, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", str(run), "--bits", "8", "--out", str(out)]) == 0
     path = out / "model.safetensors"
     good = path.read_bytes()
     path.write_bytes(good[:-64])
-    _one_line_exit_2(["generate", str(out), "--prompt", "x"], capsys, "is truncated: tensor '")
+    assert_usage_error(["generate", str(out), "--prompt", "x"], capsys, "is truncated: tensor '")
     path.write_bytes(good)
     t = load_file(path)
     t["blocks.0.ffn.experts.w_in.scale"] = t["blocks.0.ffn.experts.w_in.scale"][:, :-1].contiguous()
     save_file(t, path)
-    _one_line_exit_2(["generate", str(out), "--prompt", "x"], capsys, "tensor 'blocks.0.ffn.experts.w_in.scale'")
+    assert_usage_error(["generate", str(out), "--prompt", "x"], capsys, "tensor 'blocks.0.ffn.experts.w_in.scale'")
 
 
 def test_int4_without_the_kernel_is_one_line_and_the_reference_only_when_asked(run, tmp_path, capsys, monkeypatch):
@@ -127,7 +121,7 @@ def test_int4_without_the_kernel_is_one_line_and_the_reference_only_when_asked(r
     for argv in (["generate", str(run), "--quantize", "4", "--group-size", "32"], ["generate", str(q4)],
                  ["trace", str(run), "--data", str(run.parent / "corpus"), "--out", str(tmp_path / "t"),
                   "--quantize", "4", "--group-size", "32"]):
-        _one_line_exit_2([*argv, "--prompt", "x"] if argv[0] == "generate" else argv, capsys,
+        assert_usage_error([*argv, "--prompt", "x"] if argv[0] == "generate" else argv, capsys,
                          "lacks a working CPU int4 kernel")
     assert not (tmp_path / "t").exists()
     at_load = _generate([str(run), "--quantize", "4", "--group-size", "32", "--reference"], capsys)
