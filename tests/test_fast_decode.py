@@ -135,3 +135,27 @@ def test_unsupported_dtype_is_one_clear_error(dtype):
 def test_unsupported_device_is_one_clear_error():
     with pytest.raises(UsageError, match="on cuda"):
         fast_decode.check_supported(torch.device("cuda"), torch.float32)
+
+
+def test_generate_cli_with_fast_decode_prints_the_plain_text(tmp_path, capsys):
+    """`moekit generate --fast-decode` (fp32) streams the same greedy text as without it, and
+    --dtype fp16 with it is one line, exit status 2."""
+    from hf_tokenizers import qwen_like
+
+    from moekit.cli import main
+    from moekit.inference.tokenization import load_tokenizer
+
+    qwen_like(tmp_path)
+    cfg = moekit.ModelConfig(vocab_size=load_tokenizer(tmp_path).vocab_size, d_model=32, n_layers=2, n_heads=4,
+                             n_kv_heads=2, d_ff=40, max_seq_len=128, init_std=0.3,
+                             moe=moekit.MoEConfig(d_model=32, d_expert=16, num_experts=4, top_k=2))
+    torch.manual_seed(0)
+    moekit.MoETransformer(cfg).save_pretrained(tmp_path, architecture="MixtralForCausalLM")
+    args = ["generate", str(tmp_path), "--prompt", "the router learns", "--max-new-tokens", "8", "--temperature", "0"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--fast-decode"]) == 0
+    assert capsys.readouterr().out == plain
+    assert main(args + ["--fast-decode", "--dtype", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "fast decode runs on CPU in fp32 or bf16" in err and len(err.strip().splitlines()) == 1
