@@ -14,6 +14,14 @@ from moekit.inference.engine import Engine
 from moekit.inference.sampling import SamplingParams
 from moekit.layers.experts import Experts
 
+
+
+@pytest.fixture(autouse=True)
+def kernel_on_tiny_matrices(monkeypatch):
+    """The compiled kernel for every size, so these tiny models exercise it."""
+    monkeypatch.setattr(fast_decode, "MIN_KERNEL_BYTES", 0)
+
+
 # bf16 keeps 8 mantissa bits: outputs of O(1) agree to a few ulps (sum order, one rounding)
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 

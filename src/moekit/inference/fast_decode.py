@@ -39,6 +39,10 @@ from moekit.layers.mlp import MLP, activate
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 MAX_ROWS = 8  # above this a decode matmul is a GEMM, and BLAS is already at its best
 MM_T_MAX_ROWS = 4  # fp32 rows up to which mm(w, x.T).T beats MKL's F.linear (~2x at M = 2..4)
+# A compiled call costs ~30 us more than F.linear's ~2 us (dynamo's guards and wrapper), which
+# a matrix must take ~60 us to read to earn back: below this size M = 1 keeps F.linear (on the
+# 49M quick bench model, all of whose fp32 matrices are 1-3 MB, the kernel everywhere was 0.98x).
+MIN_KERNEL_BYTES = 2 << 20
 
 
 def _gemv(x_1K: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
@@ -67,7 +71,8 @@ def small_linear(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     """x_MK [M, K] @ w_NK.T -> [M, N] in x's dtype (no bias), by the path that measured fastest
     for that M and dtype on CPU (module docstring)."""
     M = x_MK.shape[0]
-    if M == 1:  # detach: dynamo keeps a Parameter's shape static, and would compile once per shape
+    if M == 1 and w_NK.numel() * w_NK.element_size() >= MIN_KERNEL_BYTES:
+        # detach: dynamo keeps a Parameter's shape static, and would compile once per shape
         return _kernel()(x_MK.contiguous(), w_NK.detach())
     if M <= MM_T_MAX_ROWS and x_MK.dtype == torch.float32:
         return torch.mm(w_NK, x_MK.t()).t().contiguous()  # [N, M] -> [M, N]; the copy is M*N, tiny
