@@ -64,6 +64,9 @@ def _add_generate_parser(bsub) -> None:
     s.add_argument("--repeats", type=positive_int, default=3, help="interleaved timed repeats, median reported (default: 3)")
     s.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
     s.add_argument("--no-hf", action="store_true", help="skip transformers (engine figures only)")
+    s.add_argument("--fast-decode", action="store_true",
+                   help="also time the engine with fast decode (decode steps through a kernel compiled with "
+                        "torch.compile; needs a C++ compiler), interleaved with the plain engine and transformers")
     s.add_argument("--json", dest="json_path", default="bench_generate.json", help="where to write the JSON results")
     s.add_argument("--quick", action="store_true",
                    help="a fast smoke run: a ~50M model, prompts of 32, 8 new tokens, fp32, 3 repeats")

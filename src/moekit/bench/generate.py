@@ -6,6 +6,8 @@ Plan:
   2. Per dtype and batch size, time interleaved repeats of: the engine generating N tokens
      after P-token prompts (its own prefill and decode clocks), and transformers' generate for
      1 token (prefill) and for N tokens (decode = the difference over N - 1 steps). Medians.
+     With --fast-decode the engine also runs with ``inference/fast_decode.py`` in the same
+     interleaving (its kernel compiled in the warm-up, outside the clocks).
   3. Measure the machine's copy bandwidth (a large tensor copy, read + write bytes) and turn
      batch-1 decode into a fraction of the bandwidth bound: bytes a decode step must read
      (active weights + the KV cache at the mean context) / bandwidth = the fastest possible step.
@@ -71,13 +73,13 @@ class Timing:
     decode_tps: float  # generated tokens per second (all rows), prefill excluded
 
 
-def time_moekit(model, prompts: list[list[int]], new_tokens: int) -> Timing:
+def time_moekit(model, prompts: list[list[int]], new_tokens: int, fast_decode: bool = False) -> Timing:
     from moekit.inference.engine import Engine
     from moekit.inference.sampling import SamplingParams
 
     # Whole-prompt prefill, like transformers' generate: every row then decodes in lockstep, so
     # "batch 8 decode" is eight rows in every step (chunks would stagger their starts).
-    engine = Engine(model, max_batch=len(prompts), max_len=len(prompts[0]) + new_tokens)
+    engine = Engine(model, max_batch=len(prompts), max_len=len(prompts[0]) + new_tokens, fast_decode=fast_decode)
     engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, temperature=0))
     st = engine.stats
     return Timing(st.prefill_tokens / st.prefill_seconds, st.decode_tokens / st.decode_seconds)
@@ -99,16 +101,22 @@ def time_hf(model, prompts: list[list[int]], new_tokens: int) -> Timing:
     return Timing(B * P / prefill, B * (new_tokens - 1) / decode)
 
 
-def run_case(mk, hf, cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    """Interleaved repeats (moekit, transformers, moekit, ...) on the same prompts; medians."""
+def run_case(mk, hf, cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+             fast_decode: bool = False) -> dict:
+    """Interleaved repeats (moekit, [moekit with fast decode,] transformers, moekit, ...) on the
+    same prompts; medians."""
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
-    runs = {"moekit": [], "transformers": []}
+    runs = {"moekit": [], "moekit_fast": [], "transformers": []}
     time_moekit(mk, prompts, 2)  # warm-up: first-call allocations and kernel selection
+    if fast_decode:
+        time_moekit(mk, prompts, 2, fast_decode=True)  # and the kernel's compilation
     if hf is not None:
         time_hf(hf, prompts, 2)
     for _ in range(repeats):
         runs["moekit"].append(time_moekit(mk, prompts, new_tokens))
+        if fast_decode:
+            runs["moekit_fast"].append(time_moekit(mk, prompts, new_tokens, fast_decode=True))
         if hf is not None:
             runs["transformers"].append(time_hf(hf, prompts, new_tokens))
     out = {}
@@ -191,16 +199,23 @@ def build_export(cfg: ModelConfig, folder: str) -> None:
 
 
 def fmt_row(dtype: str, batch: int, res: dict) -> str:
-    mk, hf = res["moekit"], res.get("transformers")
+    mk, fast, hf = res["moekit"], res.get("moekit_fast"), res.get("transformers")
     cells = [f"{dtype:<5}", f"{batch:>5}", f"{mk['prefill_tps']:>10,.0f}", f"{mk['decode_tps']:>9,.1f}"]
+    if fast:
+        cells.append(f"{fast['decode_tps']:>9,.1f}")
     if hf:
         cells += [f"{hf['prefill_tps']:>10,.0f}", f"{hf['decode_tps']:>9,.1f}",
                   f"{mk['prefill_tps'] / hf['prefill_tps']:>6.2f}x", f"{mk['decode_tps'] / hf['decode_tps']:>6.2f}x"]
+        if fast:
+            cells.append(f"{fast['decode_tps'] / hf['decode_tps']:>6.2f}x")
     return " ".join(cells)
 
 
 HEADER = (f"{'dtype':<5} {'batch':>5} {'mk pre/s':>10} {'mk dec/s':>9} {'hf pre/s':>10} {'hf dec/s':>9} "
           f"{'pre':>7} {'dec':>7}")
+# with --fast-decode: the fast engine's decode tokens/s and its ratio to transformers' (fd dec)
+HEADER_FAST = (f"{'dtype':<5} {'batch':>5} {'mk pre/s':>10} {'mk dec/s':>9} {'fd dec/s':>9} {'hf pre/s':>10} "
+               f"{'hf dec/s':>9} {'pre':>7} {'dec':>7} {'fd dec':>7}")
 
 
 def tmpdir() -> tempfile.TemporaryDirectory:
@@ -249,14 +264,15 @@ def _run(args, dtypes: list[str], batches: list[int]) -> int:
           f"prompts {args.prompt_len}, {args.new_tokens} new tokens, greedy; load avg {load_start[0]:.1f} "
           f"on {os.cpu_count()} CPUs; copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
     rows, memory = [], {}
+    fast = getattr(args, "fast_decode", False)
     with tmpdir() as folder:
         build_export(cfg, folder)
         for dtype in dtypes:
             mk, hf = export_and_load(cfg, DTYPES[dtype], folder, not args.no_hf)
             if dtype == dtypes[0]:
-                print(HEADER, flush=True)
+                print(HEADER_FAST if fast else HEADER, flush=True)
             for batch in batches:
-                res = run_case(mk, hf, cfg, batch, args.prompt_len, args.new_tokens, args.repeats)
+                res = run_case(mk, hf, cfg, batch, args.prompt_len, args.new_tokens, args.repeats, fast)
                 print(fmt_row(dtype, batch, res), flush=True)
                 rows.append(dict(dtype=dtype, batch=batch, **res))
             del mk, hf
@@ -290,6 +306,12 @@ def _summary(cfg: ModelConfig, rows: list[dict], memory: dict, bandwidth: float,
                          f"{bound:.1f} tok/s ({human_bytes(active_weight_bytes(cfg, size))} active weights per token)")
             if "transformers" in by_batch[1]:
                 t["decode_b1_vs_transformers"] = mk1 / by_batch[1]["transformers"]["decode_tps"]
+            if fast1 := by_batch[1].get("moekit_fast", {}).get("decode_tps"):
+                t["fast_decode_b1_fraction_of_bandwidth_bound"] = fast1 / bound
+                lines.append(f"{dtype}: batch-1 decode with --fast-decode {fast1:.1f} tok/s = {100 * fast1 / bound:.0f}% "
+                             f"of the bound ({fast1 / mk1:.2f}x the plain engine)")
+                if "transformers" in by_batch[1]:
+                    t["fast_decode_b1_vs_transformers"] = fast1 / by_batch[1]["transformers"]["decode_tps"]
         if 1 in by_batch and 8 in by_batch:
             t["decode_b8_vs_b1"] = by_batch[8]["moekit"]["decode_tps"] / by_batch[1]["moekit"]["decode_tps"]
         pre = [r["moekit"]["prefill_tps"] / r["transformers"]["prefill_tps"] for r in by_batch.values() if "transformers" in r]
@@ -302,8 +324,9 @@ def _summary(cfg: ModelConfig, rows: list[dict], memory: dict, bandwidth: float,
                          f"{human_bytes(m['kv'])}: {100 * m['overhead']:+.0f}% (loading peaked at "
                          f"{human_bytes(m['load_peak'])})")
         targets[dtype] = t
-        goals = dict(decode_b1_vs_transformers=2.0, decode_b1_fraction_of_bandwidth_bound=0.5, decode_b8_vs_b1=4.0,
-                     prefill_vs_transformers_min=2.0)
+        goals = dict(decode_b1_vs_transformers=2.0, decode_b1_fraction_of_bandwidth_bound=0.5,
+                     fast_decode_b1_vs_transformers=2.0, fast_decode_b1_fraction_of_bandwidth_bound=0.5,
+                     decode_b8_vs_b1=4.0, prefill_vs_transformers_min=2.0)
         for k, goal in goals.items():
             if k in t:
                 lines.append(f"  {k} {t[k]:.2f} (target >= {goal}): {'met' if t[k] >= goal else 'NOT met'}")
@@ -314,4 +337,4 @@ def _summary(cfg: ModelConfig, rows: list[dict], memory: dict, bandwidth: float,
 
 
 __all__ = ["bench_config", "copy_bandwidth", "run_case", "peak_memory", "bandwidth_bound_tps", "export_and_load",
-           "build_export", "fmt_row", "HEADER", "DTYPES", "cmd_bench_generate"]
+           "build_export", "fmt_row", "HEADER", "HEADER_FAST", "DTYPES", "cmd_bench_generate"]

@@ -20,6 +20,7 @@ A row's result does not depend on the other rows: positions, masks and sampling 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections import deque
@@ -28,6 +29,7 @@ from typing import Iterable, Iterator, Sequence as Seq
 
 import torch
 
+from moekit.inference.fast_decode import install as fast_decode_install
 from moekit.inference.sampling import SamplingParams, make_generator, sample_token
 from moekit.layers.kv_cache import KVCache
 from moekit.model import MoETransformer
@@ -105,7 +107,7 @@ class Engine:
     from ``load_tokenizer``) is needed for text and stop strings; without it sequences carry ids only."""
 
     def __init__(self, model: MoETransformer, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
-                 record_routing: bool = False, prefill_chunk: int | None = None):
+                 record_routing: bool = False, prefill_chunk: int | None = None, fast_decode: bool = False):
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 (or None for whole prompts), got {prefill_chunk}")
         p = next(model.parameters())
@@ -123,6 +125,8 @@ class Engine:
         self._ids = itertools.count()
         self._routing: dict[int, torch.Tensor] = {}
         self._hooks = self._record_routing() if record_routing else []
+        # fast_decode: decode steps use a compiled small-M matmul (inference/fast_decode.py); CPU fp32/bf16
+        self._decoding = fast_decode_install(model).decoding if fast_decode else contextlib.nullcontext
 
     # -- the server-facing surface -------------------------------------------------------------
 
@@ -263,7 +267,8 @@ class Engine:
             return []
         ids = torch.tensor([[s.output_ids[-1]] for s in live], device=self.device)  # [B, 1]
         view = self.cache.view([s.slot for s in live], [1] * len(live), 1)
-        logits = self.model(ids, cache=view).logits[:, -1]  # [B, V]
+        with self._decoding():
+            logits = self.model(ids, cache=view).logits[:, -1]  # [B, V]
         self.cache.commit(view)
         self._advance(live, logits, self._take_routing(list(range(len(live)))))
         self.stats.decode_tokens += len(live)

@@ -79,11 +79,12 @@ def _decode_rows(weights: ExpertWeights, x_MD: torch.Tensor, counts: torch.Tenso
     ids = [e for e, _ in active]
     pairs = weights.get(ids, dtype)
     b = weights.biases(ids, dtype) if weights.has_bias else [(None, None)] * len(ids)
-    h = torch.cat([F.linear(x_e, w_in, b_in) for (w_in, _), (b_in, _), x_e
+    linear = _linear_for(weights)
+    h = torch.cat([linear(x_e, w_in, b_in) for (w_in, _), (b_in, _), x_e
                    in zip(pairs, b, x_MD.split_with_sizes(sizes))])  # [M, H]
     w_M1 = weights_M.to(dtype)[:, None]
     a = activate(h, weights.activation, *weights.act_args) * w_M1  # [M, F]
-    y = torch.cat([F.linear(a_e, w_out) for (_, w_out), a_e in zip(pairs, a.split_with_sizes(sizes))])  # [M, D]
+    y = torch.cat([linear(a_e, w_out) for (_, w_out), a_e in zip(pairs, a.split_with_sizes(sizes))])  # [M, D]
     if weights.has_bias:  # the output bias is part of the expert, so it is weighted too
         y = y + torch.cat([b_out.expand(n, -1) for (_, b_out), n in zip(b, sizes)]) * w_M1
     return y.float()
@@ -129,7 +130,10 @@ def _gemv_for(weights: ExpertWeights, v: torch.Tensor):
     """The matrix-vector product for these expert matrices and vectors like v:
     ``_StreamGemv`` for fp32 on CPU without grad, for matrices of at most
     STREAM_GEMV_MAX_BYTES; else BLAS. bf16 keeps BLAS: in the layer the streaming
-    product measured no faster there, and BLAS accumulates exact products."""
+    product measured no faster there, and BLAS accumulates exact products. A decode hook
+    (``_linear_for``) comes first."""
+    if (fast := _linear_for(weights)) is not F.linear:
+        return lambda w, v: fast(v[None], w)[0]
     n = first_proj_width(weights.d_expert, weights.activation) * weights.d_model  # the larger matrix
     small = n * v.element_size() <= STREAM_GEMV_MAX_BYTES
     if torch.is_grad_enabled() or v.device.type != "cpu" or v.dtype != torch.float32 or not small:
@@ -143,11 +147,19 @@ def _gemv_for(weights: ExpertWeights, v: torch.Tensor):
     return _StreamGemv(s)
 
 
+def _linear_for(weights: ExpertWeights):
+    """F.linear, or the provider's ``decode_linear`` (same contract), which an engine's fast
+    decode (``inference/fast_decode.py``) sets for its decode steps only; never under grad."""
+    fast = getattr(weights, "decode_linear", None)
+    return F.linear if fast is None or torch.is_grad_enabled() else fast
+
+
 class Experts(ExpertWeights):
     """E dense experts as two stacked parameters, ``w_in`` [E, H, D] and ``w_out`` [E, D, F]:
     the default weights provider, with the token-level entry for a local dispatch."""
 
     plain = True
+    decode_linear = None  # set by inference/fast_decode.py during decode steps: see _linear_for
 
     def __init__(self, num_experts: int, d_model: int, d_expert: int, activation: str = "swiglu",
                  bias: bool = False, act_args: tuple = ()):
