@@ -48,11 +48,14 @@ def test_pad_slices_layout():
     assert pad_slices(ids, torch.rand(48), on_buckets)[0] is ids  # nothing to pad: unchanged
 
 
-def test_padding_only_where_onednn_multiplies_each_slice():
+def test_padding_only_where_onednn_multiplies_each_slice(monkeypatch):
     x = torch.randn(4, 8)
-    assert wants_padding(x.bfloat16(), "blocked") and wants_padding(x.half(), "blocked")
-    assert not wants_padding(x, "blocked")  # fp32: MKL, no primitive cache
-    assert not wants_padding(x.bfloat16(), "grouped")  # one grouped_mm per projection
+    for half in (torch.bfloat16, torch.float16):  # bf16 on AVX-512; fp16 needs AVX512-FP16 / AMX-FP16
+        assert wants_padding(x.to(half), "blocked") == (half in row_padding.ONEDNN_HALF)
+        assert not wants_padding(x.to(half), "grouped")  # one grouped_mm per projection
+    assert not wants_padding(x, "blocked")  # fp32: MKL
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # half matmuls off oneDNN: no primitive cache
+    assert not wants_padding(x.bfloat16(), "blocked")
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])

@@ -34,6 +34,9 @@ Two schedules run the same steps (``pick_schedule``):
   ``mm`` over the slices). Fine-grained fwd+bwd went from 1.5x to about 1.1x the dense FFN's
   time with it (docs/benchmarks.md). It is also the fallback wherever ``grouped_mm`` is
   missing (older torch, CUDA fp32, odd widths).
+On CPU in half precision the blocked schedule's slices are first padded to bucketed lengths
+(``row_padding.py``: pad slots with routing weight 0, laid out by the same gather), so that
+oneDNN builds a bounded number of matmul primitives.
 
 Why one node: autograd of the separate steps keeps the gathered x [M, D] alive until backward
 (k copies of the input; re-gathering costs one pass), multiplies the routing weight on the

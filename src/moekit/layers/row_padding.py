@@ -48,10 +48,26 @@ def padded_rows(n: int) -> int:
     return -(-n // step) * step
 
 
+def _onednn_half_dtypes() -> tuple[torch.dtype, ...]:
+    """The half dtypes whose CPU matmuls this torch build sends to oneDNN: bf16 on x86 with
+    AVX-512 (and Arm with bf16), fp16 only with AVX512-FP16 or AMX-FP16; elsewhere they take
+    a GEMM without a primitive cache, where padding would only add rows."""
+    try:
+        ops = torch.ops.mkldnn
+        checks = ((torch.bfloat16, ops._is_mkldnn_bf16_supported), (torch.float16, ops._is_mkldnn_fp16_supported))
+        return tuple(dtype for dtype, supported in checks if supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return ()
+
+
+ONEDNN_HALF = _onednn_half_dtypes()  # read once: torch.compile traces plain constants
+
+
 def wants_padding(x: torch.Tensor, schedule: str) -> bool:
-    """Pad where oneDNN multiplies the slices one expert at a time: CPU, half precision, the
-    blocked schedule (see the module docstring)."""
-    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and schedule == "blocked"
+    """Pad where oneDNN multiplies the slices one expert at a time: the blocked schedule, on
+    CPU, in a half dtype oneDNN takes, unless oneDNN is switched off (see the module docstring)."""
+    return (schedule == "blocked" and x.device.type == "cpu" and x.dtype in ONEDNN_HALF
+            and torch.backends.mkldnn.enabled)
 
 
 def pad_slices(token_ids: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor
