@@ -24,7 +24,7 @@ def test_padded_rows_bounds_the_waste_and_the_number_of_shapes():
         assert p >= n and p - n < max(row_padding.MIN_BUCKET, n / row_padding.STEPS_PER_OCTAVE)
         assert padded_rows(p) == p  # a bucket is its own bucket
     assert sizes == sorted(sizes)
-    assert len(set(sizes) - {0}) == 40  # 16..256 by 16, then 8 per doubling up to 2048
+    assert len(set(sizes) - {0}) == 24  # 16..128 by 16, then 4 per doubling up to 2048
 
 
 def test_pad_slices_layout():

@@ -5,8 +5,8 @@ Shape legend: M dispatched slots (grouped by expert), P slots after padding (P >
 
 Why: on CPU, half-precision matmuls run through oneDNN, which builds a primitive for every new
 shape and keeps it (an LRU cache of up to 1,024 entries, ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``;
-0.3-0.7 MB each for the [n, 1024] x [1024, 3072] products of ``bench generate``'s model,
-measured). The blocked schedule multiplies each expert's slice alone, and its row count
+~0.65 MB each for the [n, 1024] x [1024, 3072] products of ``bench generate``'s model,
+whatever n, measured). The blocked schedule multiplies each expert's slice alone, and its row count
 differs per expert, per layer and per batch, so every prefill adds new primitives: about
 50-60 MB of the bf16 peak in ``bench generate``, and towards the cache's 1,024 entries in a
 process that sees many prompts (docs/benchmarks.md). MKL's fp32 GEMM keeps no such cache, and
@@ -31,13 +31,17 @@ from __future__ import annotations
 import torch
 
 # Bucket rule: a slice of n rows grows to a multiple of max(MIN_BUCKET, 2^floor(log2 n) /
-# STEPS_PER_OCTAVE). The extra rows stay under 1 / STEPS_PER_OCTAVE of n for n >= 128 (and
+# STEPS_PER_OCTAVE). The extra rows stay under 1 / STEPS_PER_OCTAVE of n for n >= 64 (and
 # under MIN_BUCKET rows below), while every doubling of n adds at most STEPS_PER_OCTAVE
-# shapes: up to 2,048 rows, 40 row counts in all. A fixed multiple of 64 (the first
-# prototype) gives fewer shapes but pads small experts by up to 63 rows: ~40 % extra work for
-# a fine-grained model's 64-row slices.
+# shapes: up to 2,048 rows, 24 row counts in all. Each distinct shape costs ~0.65 MB of
+# primitive whatever its row count, so fewer buckets save memory and more save work. On
+# ``bench generate``'s bf16 prefill (slices of 128-576 rows), two pairs of runs on the same
+# prompts gave peaks over weights + KV of +23.3 / +19.8 % unpadded, +16.5 / +17.9 % with 8
+# steps per octave, +15.7 / +15.5 % with 4, +15.9 / +13.8 % with a fixed multiple of 64 (runs
+# of one rule differ by ~10 MB). The fixed 64 pads a fine-grained model's ~64-row slices by
+# up to 63 rows, where 4 steps per octave pads them by at most 15.
 MIN_BUCKET = 16
-STEPS_PER_OCTAVE = 8
+STEPS_PER_OCTAVE = 4
 
 
 def padded_rows(n: int) -> int:
