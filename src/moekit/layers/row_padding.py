@@ -6,10 +6,11 @@ Shape legend: M dispatched slots (grouped by expert), P slots after padding (P >
 Why: on CPU, half-precision matmuls run through oneDNN, which builds a primitive for every new
 shape and keeps it (an LRU cache of up to 1,024 entries, ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``;
 ~0.65 MB each for the [n, 1024] x [1024, 3072] products of ``bench generate``'s model,
-whatever n, measured). The blocked schedule multiplies each expert's slice alone, and its row count
-differs per expert, per layer and per batch, so every prefill adds new primitives: about
-50-60 MB of the bf16 peak in ``bench generate``, and towards the cache's 1,024 entries in a
-process that sees many prompts (docs/benchmarks.md). MKL's fp32 GEMM keeps no such cache, and
+whatever n, measured). The blocked schedule multiplies each expert's slice alone, and its
+row count differs per expert, per layer and per batch, so every prefill adds new primitives:
+in ``bench generate`` (bf16) one generate left 93 MB of them and heap behind unpadded, 38 MB
+padded, and a process that saw 50 prompt lengths held 617 MB unpadded (the cache full), 97 MB
+padded (docs/benchmarks.md). MKL's fp32 GEMM keeps no such cache, and
 CUDA takes the grouped schedule (one ``grouped_mm`` per projection), so both stay unpadded.
 
 How, without a copy: the padding is done by the gather the node does anyway. ``pad_slices``
