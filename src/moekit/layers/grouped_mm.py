@@ -34,6 +34,9 @@ Two schedules run the same steps (``pick_schedule``):
   ``mm`` over the slices). Fine-grained fwd+bwd went from 1.5x to about 1.1x the dense FFN's
   time with it (docs/benchmarks.md). It is also the fallback wherever ``grouped_mm`` is
   missing (older torch, CUDA fp32, odd widths).
+On CPU in half precision the blocked schedule's slices are first padded to bucketed lengths
+(``row_padding.py``: pad slots with routing weight 0, laid out by the same gather), so that
+oneDNN builds a bounded number of matmul primitives.
 
 Why one node: autograd of the separate steps keeps the gathered x [M, D] alive until backward
 (k copies of the input; re-gathering costs one pass), multiplies the routing weight on the
@@ -53,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.layers.grouped_act import ARG_COUNTS, activate, activation_grad, weighted_activation
+from moekit.layers.row_padding import pad_slices, wants_padding
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 SCHEDULES = ("grouped", "blocked")
@@ -336,6 +340,7 @@ def grouped_moe(
     b_in: torch.Tensor | None = None,
     b_out: torch.Tensor | None = None,
     act_args: tuple = (),
+    pad: bool | None = None,
 ) -> torch.Tensor:
     """sum over slots m of token t: weights[m] * expert_e(m)(x_TD[t]), as [T, D] fp32.
 
@@ -346,7 +351,9 @@ def grouped_moe(
     Experts with biases (GPT-OSS) pass b_in [E, H] and b_out [E, D]: expert e is then
     act(x @ w_in[e]^T + b_in[e]) @ w_out[e]^T + b_out[e]. ``act_args``: the activation's
     parameters (clamped_swiglu: limit, alpha; limited_swiglu: limit; see ``grouped_act.py``);
-    ``limit`` is the same as act_args=(limit,), for limited_swiglu (DeepSeek-V4).
+    ``limit`` is the same as act_args=(limit,), for limited_swiglu (DeepSeek-V4). ``pad``
+    (default: ``row_padding.wants_padding``, CPU half precision) grows each expert's slice to a
+    bucketed length, bounding the number of matmul shapes; the result is the same.
     """
     act_args = tuple(act_args) if limit is None else (*act_args, limit)
     if len(act_args) != ARG_COUNTS.get(activation, 0):
@@ -359,6 +366,8 @@ def grouped_moe(
         schedule = pick_schedule(x_TD, (x_TD.shape[-1], w_in.shape[1], w_out.shape[-1]))
     elif schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
+    if wants_padding(x_TD, schedule) if pad is None else pad:
+        token_ids, weights, counts = pad_slices(token_ids, weights, counts)  # [P], [P], [E]
     offs = torch.cumsum(counts, 0).to(torch.int32)  # [E]
     blocks = _blocks(offs, token_ids.shape[0], schedule, _row_bytes(x_TD, w_in))  # backward reuses them
     eid = None
