@@ -53,15 +53,18 @@ def finish(proc, sent: float) -> str:
 
 @pytest.mark.parametrize("phase, needle, tokenizer", [
     ("bpe training", "training a byte-level BPE tokenizer", "bpe"),
-    ("tokenizing", "tokenizing", "bytes"),
+    # BPE, not bytes: the bytes tokenizer encodes these 12 MB in well under the 0.3 s the
+    # interrupt waits on a quiet machine, so the phase finished (and was cached, correctly) first.
+    ("tokenizing", "tokenizing", "bpe"),
 ])
 def test_ctrl_c_while_preparing_data_exits_130_and_caches_nothing(big_corpus, tmp_path, phase, needle, tokenizer):
     cache, run = tmp_path / "cache", tmp_path / "run"
     proc = start(["train", "--data", str(big_corpus), "--tokenizer", tokenizer, "--vocab-size", "4000",
                   "--cache-dir", str(cache), "--out", str(run), "--max-steps", "1"], tmp_path)
     finish(proc, interrupt_when(proc, needle))
-    assert not list(cache.glob("tokenizers/*.json")), f"a tokenizer from an interrupted {phase} was cached"
-    assert not (cache / "data").exists() or not any((cache / "data").iterdir())
+    if phase == "bpe training":  # (a tokenizer trained before the tokenizing phase is rightly cached)
+        assert not list(cache.glob("tokenizers/*.json")), "a tokenizer from an interrupted training was cached"
+    assert not (cache / "data").exists() or not any((cache / "data").iterdir()), "interrupted data was cached"
     assert not (run / "checkpoints").exists()
 
 
