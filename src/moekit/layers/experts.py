@@ -79,14 +79,28 @@ def _decode_rows(weights: ExpertWeights, x_MD: torch.Tensor, counts: torch.Tenso
     ids = [e for e, _ in active]
     pairs = weights.get(ids, dtype)
     b = weights.biases(ids, dtype) if weights.has_bias else [(None, None)] * len(ids)
-    h = torch.cat([F.linear(x_e, w_in, b_in) for (w_in, _), (b_in, _), x_e
+    h = torch.cat([_few_rows_linear(x_e, w_in, b_in) for (w_in, _), (b_in, _), x_e
                    in zip(pairs, b, x_MD.split_with_sizes(sizes))])  # [M, H]
     w_M1 = weights_M.to(dtype)[:, None]
     a = activate(h, weights.activation, *weights.act_args) * w_M1  # [M, F]
-    y = torch.cat([F.linear(a_e, w_out) for (_, w_out), a_e in zip(pairs, a.split_with_sizes(sizes))])  # [M, D]
+    y = torch.cat([_few_rows_linear(a_e, w_out) for (_, w_out), a_e in zip(pairs, a.split_with_sizes(sizes))])  # [M, D]
     if weights.has_bias:  # the output bias is part of the expert, so it is weighted too
         y = y + torch.cat([b_out.expand(n, -1) for (_, b_out), n in zip(b, sizes)]) * w_M1
     return y.float()
+
+
+def _few_rows_linear(x_RK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, w, b)`` for the few rows (R = 1-64) one expert gets in a decode step.
+
+    fp32 on CPU computes it as (w @ x^T)^T: the same products, but MKL's SGEMM takes the
+    weight-major orientation 1.4-2.6x faster at these shapes (one [2048, 512] expert matrix,
+    4 rows, one thread: 0.18-0.35 ms against 0.48 ms; x @ w^T reads the weight through its
+    slow transposed-B path on this AMD EPYC). bf16 goes to oneDNN, where F.linear is the
+    faster one (0.12 ms against 0.41 ms), so it keeps F.linear."""
+    if x_RK.dtype != torch.float32 or x_RK.device.type != "cpu":
+        return F.linear(x_RK, w_NK, b_N)
+    y_RN = torch.mm(w_NK, x_RK.t()).t()  # [R, N], a transposed view: torch.cat makes it contiguous
+    return y_RN if b_N is None else y_RN + b_N
 
 
 def _loop_rows(weights: ExpertWeights, x_MD: torch.Tensor, counts: torch.Tensor,
