@@ -119,9 +119,11 @@ def ceilings(args, levels: list[int]) -> dict:
     """Per client count c (batch b = min(c, --max-batch)): the best throughput ratio over one at a
     time that batching could reach if a decode step cost the bytes it reads (``bytes``: b * bytes
     at batch 1 / bytes at batch b; a MoE reads more experts as b grows), and the ratio this
-    engine's own decode steps give (``steps``: b * best step time at 1 / best step time at b). Prefill and
-    HTTP are left out of both: they are what the measured ratio adds on top. Context: the
-    workload's mean prompt plus half its mean output."""
+    engine's own decode steps give (``steps``: b * best step time at 1 / best step time at b);
+    both leave prefill and HTTP out. ``+ prefill`` adds the workload's prompts, which cost the
+    same in both modes (prefill is compute-bound, batched or not): for the mean request (88
+    prompt tokens at the measured prefill speed, 52 outputs at the measured batch-1 step),
+    (prompt + outputs) / (prompt + outputs / ceiling). Context: mean prompt + half the output."""
     import torch
 
     from moekit.bench.generate import batching_ceiling, copy_bandwidth, decode_step_bytes
@@ -133,20 +135,46 @@ def ceilings(args, levels: list[int]) -> dict:
     bandwidth = max(copy_bandwidth() for _ in range(3))
     engine = Engine(model, max_batch=max(min(c, args.max_batch) for c in levels))
     one_ms = decode_step_ms(engine, 1, context)
-    out = {"copy_bandwidth_gb_s": bandwidth / 1e9, "context": context, "levels": {}}
+    prompt_ms = prefill_ms_per_token(engine, 128)
+    out = {"copy_bandwidth_gb_s": bandwidth / 1e9, "context": context, "prefill_ms_per_token": prompt_ms,
+           "levels": {}}
     for c in levels:
         b = min(c, args.max_batch)
         nbytes = decode_step_bytes(model.cfg, b, context, 4)
         step_ms = one_ms if b == 1 else decode_step_ms(engine, b, context)
+        # A request's prompt costs the same in both modes (prefill is compute-bound, batched or
+        # not); only its outputs get cheaper: Amdahl over the workload's mean request.
+        prompt, output = 88 * prompt_ms, 52 * one_ms
+        bytes_ceiling = batching_ceiling(model.cfg, b, context, 4)
         out["levels"][c] = {"batch": b, "step_mb": nbytes / 1e6, "floor_ms": 1000 * nbytes / bandwidth,
-                            "step_ms": step_ms, "bytes_ceiling": batching_ceiling(model.cfg, b, context, 4),
-                            "steps_ceiling": b * one_ms / step_ms}
+                            "step_ms": step_ms, "bytes_ceiling": bytes_ceiling, "steps_ceiling": b * one_ms / step_ms,
+                            "bytes_prefill_ceiling": (prompt + output) / (prompt + output / bytes_ceiling),
+                            "steps_prefill_ceiling": (prompt + output) / (prompt + 52 * step_ms / b)}
     return out
+
+
+def prefill_ms_per_token(engine, tokens: int, repeats: int = 3) -> float:
+    """Best time per prompt token of a ``tokens``-token prompt prefilled in one step."""
+    import torch
+
+    from moekit.inference.sampling import SamplingParams
+
+    best = float("inf")
+    for r in range(repeats):
+        prompt = torch.randint(0, engine.model.cfg.vocab_size, (tokens,), generator=torch.Generator().manual_seed(r))
+        seq = engine.add(prompt.tolist(), SamplingParams(max_new_tokens=2, temperature=0))
+        t0 = time.perf_counter()
+        while seq.prefilling:
+            engine.step()
+        best = min(best, time.perf_counter() - t0)
+        engine.cancel(seq)
+    return 1000 * best / tokens
 
 
 def fmt_ceiling(c: int, r: dict) -> str:
     return (f"| {c:>3} | {r['batch']:>3} | {r['step_mb']:>6.0f} | {r['floor_ms']:>5.1f} | {r['step_ms']:>6.1f} | "
-            f"{r['bytes_ceiling']:>5.1f}x | {r['steps_ceiling']:>5.1f}x |")
+            f"{r['bytes_ceiling']:>5.1f}x | {r['steps_ceiling']:>5.1f}x | {r['bytes_prefill_ceiling']:>5.1f}x | "
+            f"{r['steps_prefill_ceiling']:>5.1f}x |")
 
 
 # ---- the client side -----------------------------------------------------------------------
@@ -359,9 +387,10 @@ def main(argv=None) -> int:
     rows, record = [], {"args": vars(args), "results": []}
     if not args.no_ceiling:
         record["ceiling"] = ceil = ceilings(args, levels)
-        print(f"ceiling (fp32, copy bandwidth {ceil['copy_bandwidth_gb_s']:.0f} GB/s, context {ceil['context']}):")
+        print(f"ceiling (fp32, copy bandwidth {ceil['copy_bandwidth_gb_s']:.0f} GB/s, context {ceil['context']}, "
+              f"prefill {ceil['prefill_ms_per_token']:.2f} ms per prompt token):")
         print("| clients | batch | MB per decode step | bandwidth floor ms | measured step ms | "
-              "bytes ceiling | steps ceiling |")
+              "bytes ceiling | steps ceiling | bytes + prefill | steps + prefill |")
         for c, r in ceil["levels"].items():
             print(fmt_ceiling(c, r), flush=True)
     for mode in modes:
