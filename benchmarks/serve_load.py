@@ -16,13 +16,16 @@ streaming completions one after another with mixed prompt and output lengths; we
 and first, in this process, the ceiling at each client count: bytes a decode step of that
 batch must read (the experts its tokens touch, the rest of the weights, the KV cache) and the
 best ratio over one at a time that gives if a step cost its bytes, next to the ratio the
-engine's own decode steps give (no HTTP, no prefill).
+engine's own decode steps give (no HTTP, no prefill), and both again with the workload's
+prompts counted (they cost the same batched or not).
 
 Usage:
     python benchmarks/serve_load.py                      # the table, ~10 minutes on 2 cores
     python benchmarks/serve_load.py --clients 1,16 --requests 2 --quick
     python benchmarks/serve_load.py --soak-minutes 10    # + memory across a soak at 16 clients
     python benchmarks/serve_load.py --modes batching,unchunked --clients 16   # chunked prefill's effect
+    python benchmarks/serve_load.py --modes engine,batching --no-ceiling     # what HTTP costs
+    python benchmarks/serve_load.py --modes batching --clients 16 --prefill-chunk 64   # a chunk size
 """
 
 from __future__ import annotations
