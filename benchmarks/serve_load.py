@@ -21,7 +21,7 @@ prompts counted (they cost the same batched or not).
 
 Usage:
     python benchmarks/serve_load.py                      # the table, ~10 minutes on 2 cores
-    python benchmarks/serve_load.py --clients 1,16 --requests 2           
+    python benchmarks/serve_load.py --clients 1,16 --requests 2
     python benchmarks/serve_load.py --soak-minutes 10    # + memory across a soak at 16 clients
     python benchmarks/serve_load.py --modes batching,unchunked --clients 16   # chunked prefill's effect
     python benchmarks/serve_load.py --modes engine,batching --no-ceiling     # what HTTP costs
