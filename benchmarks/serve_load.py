@@ -345,11 +345,17 @@ def engine_levels(args, mode: str, max_batch: int, prefill_chunk: int, levels: l
     run_engine_level(engine, 1, 1, args.vocab, seed=99)  # warm-up
     rows = []
     for c in levels:
+        engine.stats = type(engine.stats)()
         r = run_engine_level(engine, c, args.requests, args.vocab, seed=c)
-        r["mode"] = mode
+        st = engine.stats
+        # How many streams a decode step really carried: clients whose requests are short
+        # leave early, so a level's tail runs with fewer than ``c``.
+        r["mode"], r["mean_decode_batch"] = mode, st.decode_tokens / max(st.decode_steps, 1)
+        r["prefill_s"], r["decode_s"] = st.prefill_seconds, st.decode_seconds
         rows.append(fmt(r, mode))
         record["results"].append(r)
-        print(rows[-1], f"(load {os.getloadavg()[0]:.1f})", flush=True)
+        print(rows[-1], f"(load {os.getloadavg()[0]:.1f}; mean decode batch {r['mean_decode_batch']:.1f}, "
+              f"prefill {st.prefill_seconds:.1f} s, decode {st.decode_seconds:.1f} s)", flush=True)
     return rows
 
 
