@@ -17,9 +17,13 @@ from moekit.quant.cli import add_load_args, quant_config
 
 
 # Prompt tokens prefilled per step over all newcomers: the running streams wait at most one
-# chunk's forward per token (benchmarks/serve_load.py --modes batching,unchunked measures it),
-# while each expert of a top-2-of-8 layer still gets ~64 rows of a chunk: grouped matmuls.
-SERVE_PREFILL_CHUNK = 256
+# chunk's forward per token, while each expert of a top-2-of-8 layer still gets ~32 rows of a
+# chunk. Chosen by a sweep at 16 clients (benchmarks/serve_load.py --prefill-chunk N,
+# docs/benchmarks.md): 128 halves the p99 inter-token latency of 256 at the same or better
+# throughput; 64 and 32 cut the p99 further but lost a quarter of the throughput and doubled
+# TTFT there (every step that prefills also runs the decode rows as a forward of their own);
+# one engine-only run on 1 thread favoured 64, so it is worth a quiet re-run.
+SERVE_PREFILL_CHUNK = 128
 
 
 def _require_server_stack() -> None:
