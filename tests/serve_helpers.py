@@ -34,6 +34,8 @@ def model_folder(folder: Path) -> Path:
     return folder
 
 
-def make_state(folder: Path, max_batch: int = 4, max_waiting: int = 16, api_key: str | None = None) -> ServeState:
+def make_state(folder: Path, max_batch: int = 4, max_waiting: int = 16, api_key: str | None = None,
+               fast_decode: bool = False) -> ServeState:
     model, tokenizer, defaults = load_for_inference(folder, dtype="fp32")
-    return build_state(model, tokenizer, defaults, MODEL, max_batch, max_waiting, api_key=api_key)
+    return build_state(model, tokenizer, defaults, MODEL, max_batch, max_waiting, api_key=api_key,
+                       fast_decode=fast_decode)

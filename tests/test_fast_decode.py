@@ -167,3 +167,34 @@ def test_generate_cli_with_fast_decode_prints_the_plain_text(tmp_path, capsys):
     assert main(args + ["--fast-decode", "--dtype", "fp16"]) == 2
     err = capsys.readouterr().err
     assert "fast decode runs on CPU in fp32 or bf16" in err and len(err.strip().splitlines()) == 1
+
+
+def test_server_with_fast_decode_answers_as_the_plain_server(tmp_path, monkeypatch):
+    """`moekit serve --fast-decode`: concurrent greedy requests through a real server on
+    127.0.0.1 (the official client) give the plain server's texts, fp32, steps of 1-4 rows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from moekit.serve.server import BackgroundServer
+    from serve_helpers import MODEL, make_state, model_folder
+
+    folder = model_folder(tmp_path / "tiny-serve")
+    calls = []
+    small_linear = fast_decode.small_linear
+    monkeypatch.setattr(fast_decode, "small_linear", lambda x, w: calls.append(len(x)) or small_linear(x, w))
+    prompts = [("The quick", 12), ("Experts route tokens; routers", 5), ("café", 9), ("Mixture of", 7)]
+
+    def answers(fast: bool) -> list[str]:
+        state = make_state(folder, max_batch=4, fast_decode=fast)
+        with BackgroundServer(state) as url:
+            c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                return list(pool.map(lambda p: c.completions.create(
+                    model=MODEL, prompt=p[0], max_tokens=p[1], temperature=0).choices[0].text, prompts))
+
+    plain = answers(False)
+    assert not calls
+    fast = answers(True)
+    assert all(plain) and fast == plain
+    assert 1 in calls and max(calls) > 1, calls  # the kernel and the few-row path both ran

@@ -36,7 +36,7 @@ def _require_server_stack() -> None:
 
 
 def build_state(model, tokenizer, defaults, name: str, max_batch: int, max_waiting: int,
-                max_tokens_per_step: int | None = None, api_key: str | None = None):
+                max_tokens_per_step: int | None = None, api_key: str | None = None, fast_decode: bool = False):
     """The server's shared state for a loaded (model, tokenizer, generation defaults)."""
     from moekit.inference.engine import Engine
     from moekit.serve.app import ServeState
@@ -44,7 +44,7 @@ def build_state(model, tokenizer, defaults, name: str, max_batch: int, max_waiti
 
     token_choice = all(layer.cfg.router != "expert_choice" for layer in model.moe_layers())
     engine = Engine(model, tokenizer, max_batch=max_batch, record_routing=token_choice,  # routing: usage.moe, the page
-                    prefill_chunk=max_tokens_per_step)
+                    prefill_chunk=max_tokens_per_step, fast_decode=fast_decode)
     scheduler = Scheduler(engine, max_waiting)
     sampling = {}
     if defaults.source is not None:  # the folder's generation_config.json, for fields a request leaves out
@@ -97,7 +97,7 @@ def cmd_serve(args) -> int:
                 print(cov.format(), file=sys.stderr)
     name = args.served_model_name or Path(args.model).resolve().name
     state = build_state(model, tokenizer, defaults, name, args.max_batch, args.max_waiting,
-                        args.max_tokens_per_step, args.api_key)
+                        args.max_tokens_per_step, args.api_key, args.fast_decode)
     print(f"moekit serve: {name}, up to {args.max_batch} sequences per step; the routing viewer is at /", flush=True)
     run(state, args.host, args.port, args.log_level)
     return 0
@@ -117,6 +117,11 @@ def add_parser(sub) -> None:
                    help="prompt tokens prefilled per engine step over all newcomers; longer prompts go in "
                         "chunks over several steps while running requests keep decoding in between "
                         f"(chunked prefill; default: {SERVE_PREFILL_CHUNK})")
+    s.add_argument("--fast-decode", action="store_true",
+                   help="decode steps take a matrix-vector kernel compiled with torch.compile for their "
+                        "one-row matmuls (CPU, fp32 or bf16; needs a C++ compiler; compiles for ~5-20 s at "
+                        "start). It speeds batch-1 decode most; a busy server's steps carry many rows "
+                        "(default: off)")
     s.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's)")
     s.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
     add_load_args(s)  # --quantize, --group-size, --quantize-scope, --reference
