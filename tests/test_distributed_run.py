@@ -225,3 +225,27 @@ def test_torchrun_nccl_on_one_gpu(corpus, tmp_path):
     r = _torchrun([*args, "--max-steps", "2"], nproc=1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "on cuda" in r.stdout and [m["step"] for m in read_metrics(out, "train")] == [1, 2]
+
+
+_LEAVE_SCRIPT = """
+import torch.distributed as dist
+from moekit.distributed.mesh import ParallelConfig, init_mesh, leave_process_group
+if {own}:
+    dist.init_process_group("gloo")
+init_mesh(ParallelConfig(), 4, "cpu")
+leave_process_group()
+print("initialized after leaving:", dist.is_initialized())
+"""
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["joined-by-moekit", "callers-group"])
+def test_moekit_closes_only_the_process_group_it_joined(own):
+    """A rank exiting with its gloo group alive can die with SIGABRT after its work is done
+    (gloo threads outliving interpreter teardown): the CLI closes the group init_mesh joined;
+    a group the caller created is the caller's to close."""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", _LEAVE_SCRIPT.format(own=own)], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == f"initialized after leaving: {own}"

@@ -214,3 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         # interpreter's final flush does not raise a second time (Python docs' recipe).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # what a shell reports for SIGPIPE
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Close the torchrun process group a command joined (see ``leave_process_group``)."""
+    if "moekit.distributed.mesh" in sys.modules:  # loaded only by commands that may join one
+        sys.modules["moekit.distributed.mesh"].leave_process_group()

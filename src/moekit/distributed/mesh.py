@@ -120,6 +120,21 @@ class DistContext:
         return batch[self.rank * per:(self.rank + 1) * per]
 
 
+_joined_by_moekit: list[bool] = []  # the process group init_mesh created (a caller's own is left alone)
+
+
+def leave_process_group() -> None:
+    """Destroy the process group ``init_mesh`` joined, before the interpreter tears down.
+
+    Left to finalization, gloo's worker threads can outlive the objects they hold and the
+    rank dies with SIGABRT ("terminate called without an active exception") after its work
+    is done, failing the whole torchrun job. A group the caller set up stays theirs to close.
+    """
+    if _joined_by_moekit and dist.is_initialized():
+        dist.destroy_process_group()
+    _joined_by_moekit.clear()
+
+
 def backend_for(device_type: str) -> str:
     """NCCL between GPUs (``--device auto`` picks cuda when torch sees one), gloo between CPU processes."""
     return "nccl" if device_type == "cuda" else "gloo"
@@ -148,6 +163,7 @@ def init_mesh(pcfg: ParallelConfig, num_experts: int | None, device_type: str | 
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend_for(device_type))
+        _joined_by_moekit.append(True)
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     mesh = init_device_mesh(device_type, (dp, pcfg.ep), mesh_dim_names=("dp", "ep"))
@@ -156,4 +172,4 @@ def init_mesh(pcfg: ParallelConfig, num_experts: int | None, device_type: str | 
 
 
 __all__ = ["ParallelConfig", "DistContext", "BALANCE_STATS", "CKPT_FORMATS", "backend_for", "check_layout", "init_mesh", "launched_by_torchrun",
-           "single_process"]
+           "leave_process_group", "single_process"]
