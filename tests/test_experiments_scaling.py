@@ -49,6 +49,21 @@ def test_init_scale_pairs_differ_in_the_routed_scaling_factor_alone():
     assert dataclasses.replace(x2, moe=dataclasses.replace(x2.moe, routed_scaling_factor=1.0)) == base
 
 
+def test_moe_knobs_each_change_one_default_of_tiny_moe():
+    """Each variant is tiny-moe with one knob turned; the baseline is the preset itself."""
+    from moekit.training.config import TrainConfig
+
+    base = get_preset("tiny-moe")
+    variants = EXPERIMENTS["moe-knobs"].variants()
+    assert variants[0].name == "tiny-moe" and variants[0].model == base and not variants[0].train
+    for v in variants[1:]:
+        model_diff = {k for k, val in v.model.moe.to_dict().items() if base.moe.to_dict()[k] != val}
+        train_diff = set(v.train)
+        assert len(model_diff) + len(train_diff) == 1, (v.name, model_diff, train_diff)
+        assert dataclasses.replace(v.model, moe=base.moe) == base
+        TrainConfig.from_dict({**TrainConfig().to_dict(), **v.train})  # a valid change
+
+
 def test_pick_lr_takes_the_lowest_finite_loss():
     assert pick_lr({1e-3: 5.0, 3e-3: 4.5, 1e-2: 4.7}) == 3e-3
     assert pick_lr({1e-3: 5.0, 3e-3: math.nan, 1e-2: math.inf, 3e-2: None}) == 1e-3  # diverged or missing

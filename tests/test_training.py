@@ -226,6 +226,54 @@ def test_weight_decay_skips_norms_biases_and_the_balancing_bias():
     assert "blocks.0.ffn.router.expert_bias" in dict(model.named_buffers())
 
 
+def _one_step_deltas(corpus, cache, router_lr_mult: float) -> dict[str, torch.Tensor]:
+    from moekit.training.loop import train_step
+    from moekit.training.optim import build_optimizer, set_lr
+
+    torch.manual_seed(0)
+    model = MoETransformer(tiny_model(router="softmax", router_jitter=0.0, bias_update_rate=0.0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = tiny_train(corpus, cache, router_lr_mult=router_lr_mult)
+    opt = build_optimizer(model, cfg)
+    set_lr(opt, 3e-3)
+    batch = torch.randint(0, 257, (4, 33), generator=torch.Generator().manual_seed(1))
+    assert train_step(model, opt, [batch], cfg, 3e-3, torch.device("cpu")).finite
+    return {n: p.detach() - before[n] for n, p in model.named_parameters()}
+
+
+def test_router_lr_mult_scales_the_routers_update_and_nothing_else(corpus, cache):
+    """Adam's first step is lr x (normalized gradient + decay): with router_lr_mult 0.1 the
+    routers move a tenth as far; every other parameter moves exactly as before."""
+    plain, slow = _one_step_deltas(corpus, cache, 1.0), _one_step_deltas(corpus, cache, 0.1)
+    routers = [n for n in plain if n.endswith("router.weight")]
+    assert len(routers) == 2
+    for n in plain:
+        if n in routers:
+            assert plain[n].abs().mean() > 1e-4
+            torch.testing.assert_close(slow[n], 0.1 * plain[n], rtol=1e-3, atol=1e-9)
+        else:
+            torch.testing.assert_close(slow[n], plain[n], rtol=0, atol=0)
+
+
+def test_router_lr_mult_groups_and_exact_resume(corpus, cache, tmp_path):
+    model = MoETransformer(tiny_model(router="softmax", router_jitter=0.0, router_bias=True))
+    groups = param_groups(model, 0.1, router_lr_mult=0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    routed = [g for g in groups if g.get("lr_mult") == 0.5]
+    assert sorted(names[id(p)] for g in routed for p in g["params"]) == sorted(
+        n for n in names.values() if ".router." in n)
+    assert [g["weight_decay"] for g in routed] == [0.1, 0.0]  # router weight decays, its bias not
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="router_lr_mult must be > 0"):
+        TrainConfig(router_lr_mult=0.0)
+    cfg = tiny_train(corpus, cache, router_lr_mult=0.5, max_steps=8, eval_every=4, ckpt_every=4)
+    straight = train(cfg, tiny_model(), tmp_path / "straight", console=quiet())
+    first = train(cfg, tiny_model(), tmp_path / "split", console=quiet(), stop_after=4)
+    assert straight.status == "done" and first.status == "interrupted"
+    assert resume_run(tmp_path / "split", console=quiet()).status == "done"
+    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "straight")
+
+
 def test_schedule_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert lr_at(0, 0, cfg) == pytest.approx(0.1) and lr_at(9, 0, cfg) == pytest.approx(1.0)

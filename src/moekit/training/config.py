@@ -43,6 +43,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95  # GPT-3 / LLaMA: steadier than 0.999 at high learning rates
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    # The routers' learning rate relative to everything else's (their own optimizer groups).
+    # Fixed for a run: a resume cannot change the optimizer's group layout.
+    router_lr_mult: float = 1.0
     precision: str = "fp32"  # fp32 | bf16 (autocast; the router computes in fp32 regardless)
     seed: int = 0  # initialization, batches and router noise: the same seed gives the same run
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
@@ -85,6 +88,7 @@ class TrainConfig:
         if self.time_budget is not None:
             check_float("time_budget", self.time_budget, 0.0, strict=True)
         check_float("lr", self.lr, 0.0, strict=True)
+        check_float("router_lr_mult", self.router_lr_mult, 0.0, strict=True)
         check_float("min_lr_ratio", self.min_lr_ratio)
         if self.min_lr_ratio > 1:
             raise ConfigError(f"min_lr_ratio must be <= 1, got {self.min_lr_ratio}")

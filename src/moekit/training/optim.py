@@ -14,21 +14,32 @@ from torch import nn
 from moekit.training.config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, router_lr_mult: float = 1.0) -> list[dict]:
     """Matrices (linear and expert weights, embeddings) decay; vectors do not.
 
     Norm gains and biases are 1-D: decaying them pulls them towards 0, which is not a prior
     anyone wants (GPT-2/nanoGPT convention). The routers' balancing bias is a buffer, not a
     parameter, so the optimizer never sees it: only ``update_expert_bias`` moves it.
+
+    With ``router_lr_mult`` != 1 the routers' parameters get groups of their own whose
+    learning rate is the schedule's times that factor (``set_lr``). Otherwise there are just
+    the two groups, so checkpoints of runs without it keep their optimizer layout.
     """
-    decay, no_decay = [], []
+    from moekit.layers.routers import Router
+
+    routers = {id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()} \
+        if router_lr_mult != 1.0 else set()
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for p in model.parameters():  # parameters() yields a tied weight once
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+            groups.setdefault((id(p) in routers, p.dim() >= 2), []).append(p)
+    out = [{"params": groups.get((False, True), []), "weight_decay": weight_decay, "decays": True},
+           {"params": groups.get((False, False), []), "weight_decay": 0.0, "decays": False}]
+    for decays in (True, False):
+        if (True, decays) in groups:
+            out.append({"params": groups[(True, decays)], "weight_decay": weight_decay if decays else 0.0,
+                        "decays": decays, "lr_mult": router_lr_mult})
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -37,7 +48,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     # step; an MoE has more parameters per FLOP than a dense model, so this matters more here.
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused
+        param_groups(model, cfg.weight_decay, cfg.router_lr_mult), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+        fused=fused,
     )
 
 
@@ -64,16 +76,19 @@ def lr_at(step: int, elapsed_s: float, cfg: TrainConfig) -> float:
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
     """Put ``cfg``'s betas and weight decay into an optimizer restored from a checkpoint
-    (``load_state_dict`` brings back the saved ones). Group 0 decays, group 1 never does
-    (``param_groups``); the learning rate is set every step from the schedule."""
-    for group in optimizer.param_groups:
+    (``load_state_dict`` brings back the saved ones). The groups that decay are marked
+    (``param_groups``; in checkpoints from before the mark, group 0); the learning rate is
+    set every step from the schedule."""
+    for i, group in enumerate(optimizer.param_groups):
         group["betas"] = (cfg.beta1, cfg.beta2)
-    optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
+        if group.get("decays", i == 0):
+            group["weight_decay"] = cfg.weight_decay
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's learning rate, times a group's ``lr_mult`` (the routers' own factor)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 __all__ = ["param_groups", "build_optimizer", "apply_hyperparameters", "lr_at", "schedule_progress", "set_lr"]
