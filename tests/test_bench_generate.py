@@ -45,3 +45,23 @@ def test_touched_experts_match_random_top_k_draws():
         assert decode_step_bytes(cfg, B, 0, 1) - no_experts == pytest.approx(touched * one_expert, rel=0.02)
     assert batching_ceiling(cfg, 1, 10, 4) == pytest.approx(1.0)
     assert 1 < batching_ceiling(cfg, 16, 10, 4) < 16
+
+
+def test_peak_memory_measures_whole_and_chunked_prefill_in_a_fresh_process(tmp_path):
+    """The memory phase of `bench generate`: a child process loads the exported model, generates,
+    and reports its peak over weights + KV; with a prefill chunk the prompts go in several forwards."""
+    from moekit.bench.generate import build_export, peak_memory
+
+    cfg = _model().cfg
+    build_export(cfg, str(tmp_path))
+    whole = peak_memory(str(tmp_path), cfg, "fp32", 2, 24, 4)
+    chunked = peak_memory(str(tmp_path), cfg, "fp32", 2, 24, 4, prefill_chunk=8)
+    weights = sum(p.numel() * 4 for p in _model().parameters())
+    for m in (whole, chunked):
+        assert m.get("peak") is not None, m
+        assert m["weights"] == weights and m["peak"] > 0 and m["kv"] > 0
+        assert m["overhead"] == pytest.approx(m["peak"] / (m["weights"] + m["kv"]) - 1)
+    # Whole prompts: one prefill forward, then 3 decode steps for both rows together. Chunks of
+    # 8: 3 forwards per prompt, one row after the other, and the first row's 3 decode steps run
+    # beside the second's prefill (their own forwards) instead of with the second row's.
+    assert (whole["forwards"], chunked["forwards"]) == (1 + 3, 2 * 3 + 3 + 3)

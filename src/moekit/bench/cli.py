@@ -53,7 +53,7 @@ def add_parser(sub) -> None:
 
 
 def _add_generate_parser(bsub) -> None:
-    from moekit.argtypes import IntArg, positive_int
+    from moekit.argtypes import IntArg, nonneg_int, positive_int
 
     s = bsub.add_parser("generate", help="prefill/decode tokens/s of the engine vs transformers' generate, "
                                          "bandwidth bound and peak memory")
@@ -67,6 +67,9 @@ def _add_generate_parser(bsub) -> None:
     s.add_argument("--fast-decode", action="store_true",
                    help="also time the engine with fast decode (decode steps through a kernel compiled with "
                         "torch.compile; needs a C++ compiler), interleaved with the plain engine and transformers")
+    s.add_argument("--memory-prefill-chunk", type=nonneg_int, default=256, metavar="N",
+                   help="also measure peak memory with prompts prefilled N tokens per forward, as "
+                        "`moekit generate --prefill-chunk N` does (default: 256; 0 = whole prompts only)")
     s.add_argument("--json", dest="json_path", default="bench_generate.json", help="where to write the JSON results")
     s.add_argument("--quick", action="store_true",
                    help="a fast smoke run: a ~50M model, prompts of 32, 8 new tokens, fp32, 3 repeats")
