@@ -3,6 +3,7 @@ line and exit 2 before anything loads."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import subprocess
@@ -44,23 +45,53 @@ def test_every_flag_has_help():
     assert all(a.help for a in serve._actions)
 
 
-def test_serve_subprocess_answers_the_openai_client_and_stops_on_ctrl_c(folder):
+@contextlib.contextmanager
+def _served(folder, *flags):
+    """``moekit serve FOLDER`` in a subprocess on a free port -> (openai client, the output so far);
+    stopped with Ctrl-C on leaving, and its whole output appended to the list."""
     proc = subprocess.Popen([sys.executable, "-m", "moekit", "serve", str(folder), "--port", "0", "--max-batch", "2",
-                             "--served-model-name", "cli-model", "--threads", "1"],
+                             "--served-model-name", "cli-model", "--threads", "1", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
     try:
-        url, seen, deadline = None, [], time.monotonic() + 60
+        url, deadline = None, time.monotonic() + 60
         while url is None and time.monotonic() < deadline:
             line = proc.stdout.readline()
             seen.append(line)
             match = re.search(r"running on (http://127\.0\.0\.1:\d+)", line)
             url = match and match.group(1)
         assert url, "".join(seen)
-        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
-        r = c.chat.completions.create(model="cli-model", messages=[{"role": "user", "content": "hello"}], max_tokens=4)
-        assert r.usage.completion_tokens >= 1 and r.choices[0].message.role == "assistant"
+        yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30), seen
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 130 and "moekit: interrupted" in out, out  # the CLI's exit for Ctrl-C
+        seen.append(out)
+        seen.append(f"exit status {proc.returncode}")
+
+
+def test_serve_subprocess_answers_the_openai_client_and_stops_on_ctrl_c(folder):
+    with _served(folder) as (c, seen):
+        r = c.chat.completions.create(model="cli-model", messages=[{"role": "user", "content": "hello"}], max_tokens=4)
+        assert r.usage.completion_tokens >= 1 and r.choices[0].message.role == "assistant"
+    out = "".join(seen)
+    assert seen[-1] == "exit status 130" and "moekit: interrupted" in out, out  # the CLI's exit for Ctrl-C
     assert "Traceback" not in out and "Application shutdown complete" in out
+
+
+def test_serve_with_offloaded_experts_answers_as_the_in_memory_model(folder):
+    """--expert-cache-gb streams the experts from a disk store behind a cache too small for all
+    of them: greedy completions are the in-memory engine's, token for token."""
+    from moekit.inference.engine import Engine
+    from moekit.inference.loading import load_for_inference
+    from moekit.inference.sampling import SamplingParams
+
+    model, tok, _ = load_for_inference(folder, dtype="fp32")
+    prompts = ["The quick brown fox", "def main():"]
+    expected = [Engine(model, tok, max_batch=1).generate([tok.encode(p)], SamplingParams(
+        max_new_tokens=12, temperature=0))[0].output_ids for p in prompts]
+    with _served(folder, "--expert-cache-gb", "0.0002", "--offload-store", "disk") as (c, seen):
+        got = [c.completions.create(model="cli-model", prompt=p, max_tokens=12, temperature=0, logprobs=None)
+               for p in prompts]
+    out = "".join(seen)
+    assert "Traceback" not in out and "2 of 4 experts cached per MoE layer" in out, out
+    assert [r.choices[0].text for r in got] == [tok.decode(ids) for ids in expected]
