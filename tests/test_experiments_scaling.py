@@ -56,7 +56,10 @@ def test_moe_knobs_each_change_one_default_of_tiny_moe():
     base = get_preset("tiny-moe")
     variants = EXPERIMENTS["moe-knobs"].variants()
     assert variants[0].name == "tiny-moe" and variants[0].model == base and not variants[0].train
-    for v in variants[1:]:
+    by_name = {v.name: v for v in variants}
+    both = by_name.pop("x2-router-0.3x")  # the combination of two single changes
+    assert both.model == by_name["output-x2"].model and both.train == by_name["router-lr-0.3x"].train
+    for v in list(by_name.values())[1:]:
         model_diff = {k for k, val in v.model.moe.to_dict().items() if base.moe.to_dict()[k] != val}
         train_diff = set(v.train)
         assert len(model_diff) + len(train_diff) == 1, (v.name, model_diff, train_diff)

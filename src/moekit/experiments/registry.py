@@ -94,6 +94,9 @@ def moe_knobs() -> list[Variant]:
         Variant("no-z-loss", "no router z-loss", _moe(moe, z_loss_coef=0.0)),
         Variant("router-lr-0.3x", "the routers' learning rate x0.3", moe, train=dict(router_lr_mult=0.3)),
         Variant("router-lr-3x", "the routers' learning rate x3", moe, train=dict(router_lr_mult=3.0)),
+        # Added after the first seed: the two changes that helped without costing balance, together.
+        Variant("x2-router-0.3x", "output x2 and the routers' learning rate x0.3",
+                _moe(moe, routed_scaling_factor=2.0), train=dict(router_lr_mult=0.3)),
     ]
 
 
