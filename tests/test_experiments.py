@@ -131,7 +131,38 @@ def test_experiment_cli_with_calibrated_budget(corpus, tmp_path, capsys):
     assert "aux-free" in capsys.readouterr().out
 
 
+def test_select_variants_keeps_the_experiments_order_and_adds_what_the_chosen_build_on():
+    from moekit.experiments.registry import select_variants
+
+    knobs = EXPERIMENTS["moe-knobs"].variants()
+    chosen, added = select_variants(knobs, ["x2-router-0.3x", "tiny-moe"])
+    assert [v.name for v in chosen] == ["tiny-moe", "x2-router-0.3x"] and added == []
+    assert chosen[1] == next(v for v in knobs if v.name == "x2-router-0.3x")  # the variant itself, unchanged
+    chosen, added = select_variants(EXPERIMENTS["upcycle"].variants(), ["upcycled-copy"])
+    assert [v.name for v in chosen] == ["dense", "upcycled-copy"] and added == ["dense"]
+    chosen, added = select_variants(EXPERIMENTS["distill"].variants(), ["init-distilled", "baseline"])
+    assert [v.name for v in chosen] == ["teacher", "baseline", "init-distilled"] and added == ["teacher"]
+
+
+def test_experiment_cli_trains_only_the_chosen_variants(corpus, tmp_path, capsys):
+    out = tmp_path / "bal"
+    assert main(["experiment", "balancing", "--variants", "aux-free,no-balancing", "--data", str(corpus),
+                 "--tokenizer", "bytes", "--seq-len", "8", "--batch-size", "1", "--eval-batches", "1",
+                 "--steps", "2", "--threads", "1", "--set", "warmup_steps=1", "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["variant"] for r in res["rows"]] == ["no-balancing", "aux-free"]  # the experiment's order
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["aux-free", "no-balancing"]
+    assert "--variants aux-free,no-balancing" in res["command"]
+    assert "tokens to reach no-balancing's final loss" in (out / "results.md").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
+    (["experiment", "balancing", "--variants", "aux-free,nope"], "no variant 'nope' in this experiment; its variants: "
+                                                                   "no-balancing, switch-aux"),
+    (["experiment", "balancing", "--variants", "aux-free,aux-free"], "names a variant twice"),
+    (["experiment", "balancing", "--variants", "aux-free,"], "an empty variant name"),
+    (["experiment", "upcycle", "--variants", "dense"], "only stages"),
     (["experiment", "no-such"], "invalid choice"),
     (["experiment", "balancing", "--steps", "0"], "--steps must be >= 1"),
     (["experiment", "balancing", "--scale", "0"], "must be > 0"),

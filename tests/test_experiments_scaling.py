@@ -121,12 +121,15 @@ def test_scaling_resumes_by_budget_and_reports_from_finished_runs(cfg, tmp_path,
     assert (out / budget_folder(128) / "runs" / "dense-total").is_dir() and report["sanity"]["budget"] == 128
     assert not report["sanity"]["provisional"] and report["sanity"]["status"] in ("passed", "failed")
     assert {p.name for p in out.iterdir()} >= {"scaling.md", "scaling.json", "scaling.png", "budget-64", "budget-128"}
-    # The CLI's --report-only reads the same folder (same tokens per step -> same steps per budget).
+    # The CLI's --report-only reads the same folder (same tokens per step -> same steps per budget),
+    # for the variants --variants names.
     assert main(["experiment", "scaling", "--report-only", "--budgets", "64,128", "--lr-sweep", "1e-2",
-                 "--data", str(cfg.data.sources[0]), "--tokenizer", "bytes", "--seq-len", "8", "--batch-size", "2",
-                 "--out", str(out)]) == 0
+                 "--variants", "tiny-dense,dense-total", "--data", str(cfg.data.sources[0]), "--tokenizer", "bytes",
+                 "--seq-len", "8", "--batch-size", "2", "--out", str(out)]) == 0
     assert report["sanity"]["text"] in capsys.readouterr().out
-    assert json.loads((out / "scaling.json").read_text())["sanity"] == report["sanity"]
+    written = json.loads((out / "scaling.json").read_text())
+    assert written["sanity"] == report["sanity"]
+    assert [[r["variant"] for r in t["rows"]] for t in written["tables"]] == [["tiny-dense", "dense-total"]] * 2
 
 
 def _curve(losses, tokens_per_eval=100, flops_per_token=10.0, moe=False):

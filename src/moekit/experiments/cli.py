@@ -44,6 +44,8 @@ def cmd_experiment(args) -> int:
 
     cfg = build_train_config(args)
     exp = EXPERIMENTS[args.name]
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    variants = _variants(args, exp, log)
     budgets = exp.budgets if args.budgets is None else args.budgets
     sweep = _sweep_config(args, exp)
     if args.threads is not None:
@@ -51,18 +53,30 @@ def cmd_experiment(args) -> int:
 
         torch.set_num_threads(args.threads)
     command, out = _command(args), args.out or f"runs/experiments/{args.name}"
-    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     if budgets:
-        return _run_budgets(args, cfg, list(budgets), sweep, command, out, log)
+        return _run_budgets(args, cfg, list(budgets), sweep, variants, command, out, log)
     if args.report_only:
         raise UsageError("--report-only needs budgets (--budgets, or an experiment with its own: scaling)")
     result = run_experiment(args.name, out, cfg, steps=args.steps, minutes=args.minutes, scale=args.scale,
-                            seeds=args.seeds, overwrite=args.overwrite, sweep=sweep, command=command, log=log)
+                            seeds=args.seeds, overwrite=args.overwrite, variants=variants, sweep=sweep,
+                            command=command, log=log)
     for r in result["rows"]:
         sd = (r["spread"].get("final_val_loss") or {}).get("sd") if args.seeds > 1 else None
         loss = "-" if r["final_val_loss"] is None else f"{r['final_val_loss']:.4f}" + (f" ± {sd:.4f}" if sd else "")
         print(f"{r['variant']:<20} final val loss {loss}  tokens {r['tokens']:,}  train {r['train_seconds'] or 0:.0f}s")
     return 0
+
+
+def _variants(args, exp, log):
+    """--variants -> the chosen variants (with what they build on), None for all of them."""
+    from moekit.experiments.registry import select_variants
+
+    if args.variants is None:
+        return None
+    chosen, added = select_variants(exp.variants(), args.variants)
+    if added:
+        log(f"--variants: also {', '.join(added)}, which the chosen ones start from or learn from")
+    return chosen
 
 
 def _sweep_config(args, exp):
@@ -78,14 +92,15 @@ def _sweep_config(args, exp):
     return SweepConfig(tuple(lrs), args.sweep_fraction)
 
 
-def _run_budgets(args, cfg, budgets, sweep, command: str, out: str, log) -> int:
+def _run_budgets(args, cfg, budgets, sweep, variants, command: str, out: str, log) -> int:
     """One experiment per token budget and the report across them (experiments/scaling.py)."""
     from moekit.experiments.scaling import run_scaling, tokens_label
 
     if args.steps is not None:
         raise UsageError("--steps does not apply with token budgets: pass --budgets 0.5M,2M (and --scale)")
     report = run_scaling(args.name, out, cfg, budgets, scale=args.scale, seeds=args.seeds, sweep=sweep,
-                         overwrite=args.overwrite, report_only=args.report_only, command=command, log=log)
+                         variants=variants, overwrite=args.overwrite, report_only=args.report_only, command=command,
+                         log=log)
     for t in report["tables"]:
         for r in t["rows"]:
             final = r["final"]
@@ -100,14 +115,16 @@ def _command(args) -> str:
     """The command line that reproduces this run, for the results page."""
     parts = ["moekit", "experiment", args.name]
     budgets = args.budgets is not None or bool(EXPERIMENTS[args.name].budgets)
-    for dest in ("minutes", "steps", "scale", "seeds", "budgets", "lr_sweep", "sweep_fraction", "out", "threads",
+    for dest in ("variants", "minutes", "steps", "scale", "seeds", "budgets", "lr_sweep", "sweep_fraction", "out", "threads",
                  *_TRAIN_FLAGS):
         value = getattr(args, dest)
         if value is None or (dest == "minutes" and (args.steps is not None or budgets)) or \
                 (dest in ("scale", "seeds") and value == 1) or (dest == "sweep_fraction" and value == 0.25):
             continue
         flag = "--" + dest.replace("_", "-")
-        if dest in ("budgets", "lr_sweep"):
+        if dest == "variants":
+            parts += [flag, ",".join(value)]
+        elif dest in ("budgets", "lr_sweep"):
             parts += [flag, _list_text(dest, value)]
         else:
             parts += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
@@ -134,6 +151,13 @@ def _token_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _name_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"an empty variant name in {text!r}")
+    return names
+
+
 def _lr_list(text: str) -> list[float]:
     if text.strip().lower() == "none":
         return []
@@ -147,6 +171,10 @@ def _lr_list(text: str) -> list[float]:
 def add_parser(sub) -> None:
     s = sub.add_parser("experiment", help="train an experiment's variants on equal tokens; results table and plots")
     s.add_argument("name", choices=list(EXPERIMENTS), help="which experiment: " + ", ".join(EXPERIMENTS))
+    s.add_argument("--variants", type=_name_list, metavar="NAME,...",
+                   help="train only these of the experiment's variants (and the stages they start from), in "
+                        "the experiment's order, whose first is the baseline; the results page shows only "
+                        "these: --variants tiny-moe,output-x2 (default: all)")
     s.add_argument("--minutes", type=positive_float, default=10.0,
                    help="time for the whole experiment, turned into equal steps per variant by timing a few "
                         "steps first (default: 10); ignored with --steps")

@@ -1,7 +1,7 @@
 """The experiments: named lists of model variants trained on the same data and token budget.
 
-Each checks one of the claims people choose MoEs for. The first variant of each list that is
-not a stage is the baseline that "tokens to reach the baseline's final loss" refers to.
+Each checks one of the claims people choose MoEs for. The first variant of each list (or of the
+subset ``--variants`` chooses) that is not a stage is the baseline that "tokens to reach the baseline's final loss" refers to.
 Everything is built from the tiny presets (4 layers, d_model 256), whose FFNs spend 1024
 hidden units per token. Multi-stage variants (upcycle, finetune, distill) start from an
 earlier variant's final model (experiments/stages.py).
@@ -239,5 +239,31 @@ def get_experiment(name: str) -> Experiment:
     return EXPERIMENTS[name]
 
 
-__all__ = ["Variant", "Experiment", "EXPERIMENTS", "get_experiment", "dense_vs_moe", "scaling", "init_scale", "moe_knobs", "balancing", "top_k",
+def select_variants(variants: list[Variant], names: list[str]) -> tuple[list[Variant], list[str]]:
+    """The named variants, in the experiment's order, plus the earlier variants they start from
+    or learn from (a stage is trained, or reused, before what builds on it) -> (the selection,
+    the names added for that). Unknown or repeated names are a UsageError."""
+    from moekit.errors import UsageError
+
+    by_name = {v.name: v for v in variants}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise UsageError(f"--variants: no variant {unknown[0]!r} in this experiment; its variants: {', '.join(by_name)}")
+    if len(set(names)) != len(names):
+        raise UsageError(f"--variants names a variant twice: {','.join(names)}")
+    wanted, todo = set(names), list(names)
+    while todo:  # the variants a chosen one needs, and the ones those need
+        v = by_name[todo.pop()]
+        for ref in (v.start.variant if v.start else None, v.distill.teacher if v.distill else None):
+            if ref is not None and ref not in wanted:
+                wanted.add(ref)
+                todo.append(ref)
+    chosen = [v for v in variants if v.name in wanted]
+    if all(v.stage for v in chosen):
+        raise UsageError(f"--variants {','.join(names)}: only stages (steps towards the others) were chosen, "
+                         "nothing to compare: add a variant that builds on them")
+    return chosen, [v.name for v in chosen if v.name not in names]
+
+
+__all__ = ["Variant", "Experiment", "EXPERIMENTS", "get_experiment", "select_variants", "dense_vs_moe", "scaling", "init_scale", "moe_knobs", "balancing", "top_k",
            "capacity", "upcycle", "finetune", "distill"]
