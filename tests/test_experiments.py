@@ -119,6 +119,78 @@ def test_runner_resumes_an_interrupted_variant(corpus, tmp_path):
     assert result["rows"][0]["steps"] == 4 and read_metrics(out / "runs" / "moe", "end")[-1]["status"] == "done"
 
 
+_KILLABLE = """
+import dataclasses, sys
+import torch
+from moekit import MoEConfig, ModelConfig
+from moekit.data import DataConfig
+from moekit.experiments import Variant, run_experiment
+from moekit.training import TrainConfig
+moe = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=32,
+                  moe=MoEConfig(d_model=32, d_expert=32, num_experts=4, top_k=2, capacity_factor=1.0))
+cfg = TrainConfig(data=DataConfig(sources=[sys.argv[1]], tokenizer="bytes"), seq_len=16, batch_size=2,
+                  eval_batches=1, warmup_steps=1, cache_dir=sys.argv[3])
+torch.set_num_threads(1)
+run_experiment("balancing", sys.argv[2], cfg, steps=int(sys.argv[4]), variants=[Variant("moe", "an MoE", moe)],
+               log=print)
+"""
+
+
+def test_a_killed_variant_resumes_from_its_periodic_checkpoint_to_the_same_result(corpus, tmp_path):
+    """SIGKILL (a reboot, an OOM: no Ctrl-C checkpoint) after the step-100 checkpoint of a 230-step
+    variant: the rerun resumes from it and ends where an uninterrupted run ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from moekit.experiments.runner import variant_config
+    from moekit.training import read_metrics
+
+    assert variant_config(TrainConfig(), 230).ckpt_every == 100 and variant_config(TrainConfig(), 1953).ckpt_every == 195
+    script, cache = tmp_path / "exp.py", str(tmp_path / "cache")
+    script.write_text(_KILLABLE)
+    run = lambda out: [sys.executable, str(script), str(corpus), str(out), cache, "230"]  # noqa: E731
+    subprocess.run(run(tmp_path / "whole"), check=True, timeout=300, capture_output=True)  # and the data cache
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(run(killed), stdout=subprocess.DEVNULL)
+    ckpt, deadline = killed / "runs" / "moe" / "checkpoints" / "step-00000100", time.monotonic() + 240
+    try:
+        while not ckpt.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert ckpt.is_dir() and proc.poll() is None, "the run ended or stalled before its step-100 checkpoint"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert not read_metrics(killed / "runs" / "moe", "end")  # it died without ending
+    logs = subprocess.run(run(killed), check=True, timeout=300, capture_output=True, text=True).stdout
+    assert "resuming moe" in logs and "training moe" not in logs
+    ends = [read_metrics(out / "runs" / "moe", "end")[-1] for out in (tmp_path / "whole", killed)]
+    assert ends[0]["status"] == ends[1]["status"] == "done" and ends[1]["step"] == 230
+    assert ends[1]["val_loss"] == ends[0]["val_loss"]  # bit-identical: resume is exact
+
+
+def test_a_finished_run_is_reused_whatever_its_checkpoint_and_log_intervals(corpus, tmp_path):
+    """ckpt_every, keep_last and log_every say how a run was carried out, not what it computed
+    (runs finished before checkpoints became periodic stay reusable); any other field is a new run."""
+    cfg = TrainConfig(data=DataConfig(sources=[str(corpus)], tokenizer="bytes"), seq_len=16, batch_size=2,
+                      eval_batches=1, warmup_steps=1, cache_dir=str(tmp_path / "cache"))
+    out, variants = tmp_path / "exp", tiny_variants()[1:]
+    run_experiment("balancing", out, cfg, steps=4, variants=variants, log=lambda s: None)
+    saved = out / "runs" / "moe" / "train_config.json"
+    d = json.loads(saved.read_text())
+    saved.write_text(json.dumps({**d, "ckpt_every": 1, "keep_last": 3, "log_every": 2}))
+    logs: list[str] = []
+    run_experiment("balancing", out, cfg, steps=4, variants=variants, log=logs.append)
+    assert f"reusing the finished run {out / 'runs' / 'moe'}" in logs
+    assert not any(x.startswith(("training", "resuming")) for x in logs)
+    saved.write_text(json.dumps({**d, "warmup_steps": 2}))
+    with pytest.raises(UsageError, match="different run"):
+        run_experiment("balancing", out, cfg, steps=4, variants=variants, log=logs.append)
+
+
 def test_experiment_cli_with_calibrated_budget(corpus, tmp_path, capsys):
     out = tmp_path / "bal"
     assert main(["experiment", "balancing", "--data", str(corpus), "--tokenizer", "bytes", "--seq-len", "8",

@@ -15,7 +15,8 @@ experiment are turned into steps by timing a few steps of every variant first (s
 variants still get equal tokens). ``scale`` multiplies the steps. A variant whose run folder
 already holds a finished run with the same configs is reused, so an interrupted experiment
 continues where it stopped. Ctrl-C checkpoints the variant in training and stops the whole
-experiment (KeyboardInterrupt; the CLI exits 130) without writing results.
+experiment (KeyboardInterrupt; the CLI exits 130) without writing results; a variant also
+checkpoints every tenth of its steps (at least 100), so a killed process resumes from there.
 
 Variants are trained in list order, seed by seed; a multi-stage variant starts from an earlier
 variant's final model of the same seed (experiments/stages.py: continued training, upcycling,
@@ -46,6 +47,11 @@ from moekit.experiments.sweep import SweepConfig, format_lr, lr_folder, tune
 from moekit.training.config import TrainConfig
 
 EVALS_PER_RUN = 8  # validation points per variant (plus the one at step 0)
+# A long variant checkpoints about every tenth of its steps (at most one kept besides the final
+# one), so a killed process (a reboot, an OOM, not just Ctrl-C) loses minutes, not the variant.
+CKPTS_PER_RUN, MIN_CKPT_EVERY = 10, 100
+# How a run is carried out, not what it computes: a finished run is the same run whatever these were.
+OPERATIONAL_FIELDS = ("ckpt_every", "keep_last", "log_every")
 
 
 def seconds_per_step(model_cfg, cfg: TrainConfig, data, device, steps: int = 2) -> float:
@@ -79,8 +85,9 @@ def steps_for_minutes(per_step: list[float], minutes: float, cfg: TrainConfig) -
 
 
 def variant_config(cfg: TrainConfig, steps: int) -> TrainConfig:
+    ckpt_every = min(steps, max(MIN_CKPT_EVERY, steps // CKPTS_PER_RUN))
     return dataclasses.replace(cfg, max_steps=steps, time_budget=None, eval_every=max(1, steps // EVALS_PER_RUN),
-                               ckpt_every=steps, keep_last=1)
+                               ckpt_every=ckpt_every, keep_last=1)
 
 
 def _same_run(run_dir: Path, cfg: TrainConfig, model_cfg) -> bool:
@@ -89,7 +96,9 @@ def _same_run(run_dir: Path, cfg: TrainConfig, model_cfg) -> bool:
 
     saved_cfg, saved_model = read_run_configs(run_dir)
     same_model = dataclasses.replace(model_cfg, vocab_size=saved_model.vocab_size).to_dict() == saved_model.to_dict()
-    return same_model and saved_cfg.to_dict() == cfg.to_dict()
+    operational = {f: getattr(cfg, f) for f in OPERATIONAL_FIELDS}
+    same_train = dataclasses.replace(saved_cfg, **operational).to_dict() == cfg.to_dict()
+    return same_model and same_train
 
 
 def _plan(run_dir: Path, cfg: TrainConfig, model_cfg, overwrite: bool) -> str:
