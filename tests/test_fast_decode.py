@@ -1,7 +1,8 @@
 """Fast decode (inference/fast_decode.py): the small-M matmul equals F.linear; an engine with it
 gives the plain engine's greedy tokens (fp32) and close logits (bf16) on dense, MoE with shared
 experts and GQA models; prefill and training forwards stay the model's own; unsupported
-devices and dtypes fail with one clear error. Shapes are tiny so the kernel compiles fast."""
+devices and dtypes fail with one clear error; the kernel's package is built once and reused from
+disk. The kernel takes every size, so these tiny models exercise it."""
 
 import pytest
 import torch
@@ -16,21 +17,16 @@ from moekit.layers.experts import Experts
 
 
 
-@pytest.fixture(autouse=True)
-def kernel_on_tiny_matrices(monkeypatch):
-    """The compiled kernel for every size, so these tiny models exercise it."""
-    monkeypatch.setattr(fast_decode, "MIN_KERNEL_BYTES", 0)
-
-
 # bf16 keeps 8 mantissa bits: outputs of O(1) agree to a few ulps (sum order, one rounding)
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N,K", [(37, 19), (64, 48), (5, 130)])
+@pytest.mark.parametrize("N,K", [(37, 19), (64, 48), (5, 130), (1, 33), (2, 2), (3000, 7)])
 def test_small_linear_equals_f_linear(dtype, N, K):
-    """Every M the decode path takes (1: the compiled kernel; 2-4: mm(w, x.T).T in fp32; more:
-    F.linear), odd sizes included, against F.linear in float64."""
+    """Every M the decode path takes (1: the compiled kernel, one package for every shape, or
+    F.linear for a one-row weight; 2-4: mm(w, x.T).T in fp32; more: F.linear), odd sizes
+    included, against F.linear in float64."""
     w = torch.randn(N, K, dtype=dtype)
     for M in range(1, fast_decode.MAX_ROWS + 1):
         x = torch.randn(M, K, dtype=dtype)
@@ -40,6 +36,35 @@ def test_small_linear_equals_f_linear(dtype, N, K):
         assert got.shape == (M, N) and got.dtype == dtype and got.is_contiguous()
         scale = want.abs().max()
         assert ((got.double() - want).abs().max() / scale).item() <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_the_kernel_is_built_once_and_then_loaded_from_disk(monkeypatch, tmp_path):
+    """A damaged package on disk (a crash, another torch) is rebuilt, whole under its final name
+    (temp + rename), saying so once; a process that then finds it loads it without compiling."""
+    from torch._inductor.runtime import cache_dir_utils
+
+    dtype = torch.float32
+    monkeypatch.setattr(cache_dir_utils, "cache_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(fast_decode, "_runners", {})
+    path = fast_decode.kernel_path(dtype, torch.get_num_threads())
+    assert path.parent == tmp_path / "moekit"
+    path.parent.mkdir()
+    path.write_bytes(b"not a package")
+    lines: list[str] = []
+    fast_decode.compile_check(dtype, lines.append)
+    assert len(lines) == 1 and "compiling its float32 kernel" in lines[0] and path.stat().st_size > 1000
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+
+    def no_build(*a):
+        raise AssertionError("rebuilt a package that was on disk")
+    monkeypatch.setattr(fast_decode, "_runners", {})  # a new process, as far as the kernel goes
+    monkeypatch.setattr(fast_decode, "_build", no_build)
+    x, w = torch.randn(1, 50), torch.randn(70, 50)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast_decode.small_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    # Another thread count is another kernel (its OpenMP loop is built for it): another file.
+    assert len({fast_decode.kernel_path(dtype, 1), fast_decode.kernel_path(dtype, 3),
+                fast_decode.kernel_path(torch.bfloat16, 1)}) == 3
 
 
 def model(dense: bool = False, shared: int = 0, kv_heads: int = 2, dtype=torch.float32) -> moekit.MoETransformer:

@@ -65,8 +65,8 @@ def _add_generate_parser(bsub) -> None:
     s.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
     s.add_argument("--no-hf", action="store_true", help="skip transformers (engine figures only)")
     s.add_argument("--fast-decode", action="store_true",
-                   help="also time the engine with fast decode (decode steps through a kernel compiled with "
-                        "torch.compile; needs a C++ compiler), interleaved with the plain engine and transformers")
+                   help="also time the engine with fast decode (decode steps through a kernel built by "
+                        "AOTInductor; needs a C++ compiler), interleaved with the plain engine and transformers")
     s.add_argument("--memory-prefill-chunk", type=nonneg_int, default=256, metavar="N",
                    help="also measure peak memory with prompts prefilled N tokens per forward, as "
                         "`moekit generate --prefill-chunk N` does (default: 256; 0 = whole prompts only)")

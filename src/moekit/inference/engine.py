@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -85,6 +86,10 @@ def _stop_prefix_len(text: str, stops: Seq[str]) -> int:
     return best
 
 
+def _stderr(message: str) -> None:  # fast decode's one-off "compiling its kernel" line
+    print(message, file=sys.stderr, flush=True)
+
+
 @dataclass
 class EngineStats:
     """Counters for --json output and benchmarks (seconds are wall time of the forwards + sampling)."""
@@ -126,7 +131,7 @@ class Engine:
         self._routing: dict[int, torch.Tensor] = {}
         self._hooks = self._record_routing() if record_routing else []
         # fast_decode: decode steps use a compiled small-M matmul (inference/fast_decode.py); CPU fp32/bf16
-        self._decoding = fast_decode_install(model).decoding if fast_decode else contextlib.nullcontext
+        self._decoding = fast_decode_install(model, log=_stderr).decoding if fast_decode else contextlib.nullcontext
 
     # -- the server-facing surface -------------------------------------------------------------
 

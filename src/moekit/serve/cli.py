@@ -118,10 +118,10 @@ def add_parser(sub) -> None:
                         "chunks over several steps while running requests keep decoding in between "
                         f"(chunked prefill; default: {SERVE_PREFILL_CHUNK})")
     s.add_argument("--fast-decode", action="store_true",
-                   help="decode steps take a matrix-vector kernel compiled with torch.compile for their "
-                        "one-row matmuls (CPU, fp32 or bf16; needs a C++ compiler; compiles for ~5-20 s at "
-                        "start). It speeds batch-1 decode most; a busy server's steps carry many rows "
-                        "(default: off)")
+                   help="decode steps take a matrix-vector kernel built by AOTInductor for their one-row "
+                        "matmuls (CPU, fp32 or bf16; needs a C++ compiler; the first start on a machine builds "
+                        "it for ~10-25 s, later starts load it). It speeds batch-1 decode most; a busy "
+                        "server's steps carry many rows (default: off)")
     s.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's)")
     s.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
     add_load_args(s)  # --quantize, --group-size, --quantize-scope, --reference
