@@ -44,6 +44,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 MAX_ROWS = 8  # above this a decode matmul is a GEMM, and BLAS is already at its best
 MM_T_MAX_ROWS = 4  # fp32 rows up to which mm(w, x.T).T beats MKL's F.linear (~2x at M = 2..4)
 KERNEL_VERSION = 2  # part of the kernel cache's key: bump when _gemv or the way it is built changes
+MAX_N, MAX_K = 1 << 24, 1 << 20  # the shapes the kernel is built for (any vocabulary or width in use)
 
 
 def _gemv(x_1K: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,7 @@ def _build(path: Path, dtype: torch.dtype, threads: int) -> None:
     compile it; written to a temporary name and renamed, so a package on disk is whole."""
     import torch._inductor
 
-    N, K = torch.export.Dim("N", min=2, max=1 << 24), torch.export.Dim("K", min=2, max=1 << 20)
+    N, K = torch.export.Dim("N", min=2, max=MAX_N), torch.export.Dim("K", min=2, max=MAX_K)
     example = (torch.randn(1, 64, dtype=dtype), torch.randn(128, 64, dtype=dtype))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.pt2")  # AOTInductor wants the suffix
@@ -146,7 +147,7 @@ def small_linear(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     for that M and dtype on CPU (module docstring)."""
     M, K = x_MK.shape
     N = w_NK.shape[0]
-    if M == 1 and N >= 2 and K >= 2 and w_NK.dtype == x_MK.dtype and w_NK.is_contiguous():
+    if M == 1 and 2 <= N <= MAX_N and 2 <= K <= MAX_K and w_NK.dtype == x_MK.dtype and w_NK.is_contiguous():
         return _kernel(x_MK.dtype).run([x_MK.contiguous(), w_NK.detach()])[0]
     if M <= MM_T_MAX_ROWS and x_MK.dtype == torch.float32:
         return torch.mm(w_NK, x_MK.t()).t().contiguous()  # [N, M] -> [M, N]; the copy is M*N, tiny
