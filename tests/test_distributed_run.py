@@ -203,6 +203,22 @@ def test_ep_without_torchrun_is_a_usage_error(corpus, tmp_path, capsys):
     assert err.startswith("moekit train: error: --ep/--dp/--fsdp need several processes") and err.count("\n") == 1
 
 
+def test_a_rank_other_than_0_waits_for_rank_0_to_say_what_is_wrong(monkeypatch, capsys):
+    """torchrun stops all ranks at the first exit: with bad input, rank 1 must not exit before
+    rank 0 has printed the one line (CI lost it once when rank 1 reached the check first)."""
+    import moekit.cli
+
+    slept: list[float] = []
+    monkeypatch.setattr(moekit.cli.time, "sleep", slept.append)
+    for rank, line, waits in (("1", "", [moekit.cli.RANK_ERROR_GRACE_S]), ("0", "moekit train: error: ", [])):
+        monkeypatch.setenv("RANK", rank)
+        slept.clear()
+        assert moekit.cli.main(["train", "--set", "no_such_field=1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(line) and bool(err) == bool(line) and slept == waits, (rank, err, slept)
+    assert moekit.cli.RANK_ERROR_GRACE_S >= 1
+
+
 def test_resume_at_a_world_size_that_cannot_split_the_batch(corpus, tmp_path):
     """A run sharded over 2 ranks reshards onto any world size that splits its global batch; one
     that does not (3 ranks, batch 4) is one line from rank 0, exit 2 on every rank, no hang."""

@@ -19,6 +19,11 @@ from moekit.errors import UsageError
 from moekit.resolve import resolve_config
 from moekit.training.cli import add_resource_args, apply_threads
 
+# Bad input under torchrun: ranks other than 0 wait this long before exiting, since torchrun's
+# agent stops all ranks at the first exit and rank 0 (which fails alike) is the one that says why.
+# (CI once lost rank 0's line when rank 1 reached the check first.)
+RANK_ERROR_GRACE_S = 3.0
+
 # Packages whose cli module registers more subcommands: add_parser(sub) adds each one with its
 # plain function. Imported when the parser is built; they import torch only inside commands,
 # so `moekit --help` and `moekit presets` start without it.
@@ -205,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:  # bad input only: anything else is a bug and keeps its traceback
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says it
             print(f"moekit {args.command}: error: {e}", file=sys.stderr)
+        else:  # torchrun stops every rank when the first one exits: let rank 0 get its line out first
+            time.sleep(RANK_ERROR_GRACE_S)
         return 2
     except KeyboardInterrupt:
         print("moekit: interrupted", file=sys.stderr)

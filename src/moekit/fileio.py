@@ -45,15 +45,16 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success it is fsynced and renamed onto it.
 
-    For writers that want a file name (torch.save, safetensors, matplotlib). On error the
-    temporary file is removed and ``target`` is untouched.
+    For writers that want a file name (torch.save, safetensors, matplotlib; ``suffix`` for
+    those that insist on one, like AOTInductor's ``.pt2``). On error the temporary file is
+    removed and ``target`` is untouched.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp gives 0600; a plain open() would not

@@ -28,7 +28,6 @@ Plan:
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moekit.errors import UsageError
+from moekit.fileio import atomic_path
 from moekit.layers.experts import Experts
 from moekit.layers.mlp import MLP, activate
 
@@ -83,21 +83,15 @@ def kernel_path(dtype: torch.dtype, threads: int) -> Path:
 
 def _build(path: Path, dtype: torch.dtype, threads: int) -> None:
     """Export ``_gemv`` with dynamic N and K (one package for every matrix of a model) and
-    compile it; written to a temporary name and renamed, so a package on disk is whole."""
+    compile it; written to a temporary name and renamed (moekit.fileio), so a package on disk
+    is whole."""
     import torch._inductor
 
     N, K = torch.export.Dim("N", min=2, max=MAX_N), torch.export.Dim("K", min=2, max=MAX_K)
     example = (torch.randn(1, 64, dtype=dtype), torch.randn(128, 64, dtype=dtype))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.pt2")  # AOTInductor wants the suffix
-    try:
-        with _quiet_torch():
-            ep = torch.export.export(_Gemv(), example, dynamic_shapes=({1: K}, {0: N, 1: K}))
-            torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp),
-                                                     inductor_configs={"cpp.threads": threads})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path, suffix=".pt2") as tmp, _quiet_torch():  # AOTInductor wants the suffix
+        ep = torch.export.export(_Gemv(), example, dynamic_shapes=({1: K}, {0: N, 1: K}))
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs={"cpp.threads": threads})
 
 
 def _load(path: Path):
