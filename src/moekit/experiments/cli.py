@@ -115,7 +115,8 @@ def _command(args) -> str:
     """The command line that reproduces this run, for the results page."""
     parts = ["moekit", "experiment", args.name]
     budgets = args.budgets is not None or bool(EXPERIMENTS[args.name].budgets)
-    for dest in ("variants", "minutes", "steps", "scale", "seeds", "budgets", "lr_sweep", "sweep_fraction", "out", "threads",
+    for dest in ("variants", "minutes", "steps", "scale", "seeds", "budgets", "lr_sweep", "sweep_fraction", "out",
+                 "threads",
                  *_TRAIN_FLAGS):
         value = getattr(args, dest)
         if value is None or (dest == "minutes" and (args.steps is not None or budgets)) or \

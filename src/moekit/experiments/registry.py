@@ -1,7 +1,8 @@
 """The experiments: named lists of model variants trained on the same data and token budget.
 
 Each checks one of the claims people choose MoEs for. The first variant of each list (or of the
-subset ``--variants`` chooses) that is not a stage is the baseline that "tokens to reach the baseline's final loss" refers to.
+subset ``--variants`` chooses) that is not a stage is the baseline that "tokens to reach the
+baseline's final loss" refers to.
 Everything is built from the tiny presets (4 layers, d_model 256), whose FFNs spend 1024
 hidden units per token. Multi-stage variants (upcycle, finetune, distill) start from an
 earlier variant's final model (experiments/stages.py).
@@ -248,7 +249,8 @@ def select_variants(variants: list[Variant], names: list[str]) -> tuple[list[Var
     by_name = {v.name: v for v in variants}
     unknown = [n for n in names if n not in by_name]
     if unknown:
-        raise UsageError(f"--variants: no variant {unknown[0]!r} in this experiment; its variants: {', '.join(by_name)}")
+        raise UsageError(f"--variants: no variant {unknown[0]!r} in this experiment; its variants: "
+                         f"{', '.join(by_name)}")
     if len(set(names)) != len(names):
         raise UsageError(f"--variants names a variant twice: {','.join(names)}")
     wanted, todo = set(names), list(names)
@@ -265,5 +267,6 @@ def select_variants(variants: list[Variant], names: list[str]) -> tuple[list[Var
     return chosen, [v.name for v in chosen if v.name not in names]
 
 
-__all__ = ["Variant", "Experiment", "EXPERIMENTS", "get_experiment", "select_variants", "dense_vs_moe", "scaling", "init_scale", "moe_knobs", "balancing", "top_k",
+__all__ = ["Variant", "Experiment", "EXPERIMENTS", "get_experiment", "select_variants", "dense_vs_moe", "scaling",
+           "init_scale", "moe_knobs", "balancing", "top_k",
            "capacity", "upcycle", "finetune", "distill"]

@@ -43,8 +43,8 @@ def _sampling_args(s, default_max: str) -> None:
     s.add_argument("--fast-decode", action="store_true",
                    help="decode steps use a matrix-vector kernel built by AOTInductor (CPU, fp32 or bf16; needs "
                         "a C++ compiler; the first run on a machine builds it for ~10-25 s, later runs load "
-                        "it): ~1.2-1.5x decode tokens/s at batch 1 on the bench model in fp32, ~2x in bf16; prefill is unchanged "
-                        "(default: off)")
+                        "it): ~1.2-1.5x decode tokens/s at batch 1 on the bench model in fp32, ~2x in bf16; "
+                        "prefill is unchanged (default: off)")
     loading_args(s)
     add_load_args(s)
     offload_args(s)
